@@ -1,0 +1,13 @@
+"""mtl_jax: multi-task optimisation in JAX.
+
+Distributed Multi-Task Relationship Learning (Liu, Pan, Ho, KDD 2017) and loss-driven task weighting
+(Huq and Pervin, IJ-AI 2022) as pure functional modules. See DESIGN.md for the mathematics.
+
+    import mtl_jax
+    result = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)   # result.W (m, d), result.Omega (m, m)
+    mtl_jax.objective(result.W, X, y, task, lam1=0.1, lam2=1.0)
+"""
+from mtl_jax.api import FitResult, fit, objective
+
+__all__ = ["FitResult", "fit", "objective"]
+__version__ = "0.1.0"

@@ -1,0 +1,140 @@
+"""The public entry points ``mtl_jax.fit`` and ``mtl_jax.objective`` (DESIGN section 6)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.data.sites import to_sites
+from mtl_jax.data.validation import validate_dataset, validate_lams
+from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
+from mtl_jax.solvers import centralized
+
+SOLVERS = ("centralized",)
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """What :func:`fit` returns.
+
+    Attributes:
+      W: (m, d) task weights, row t is task t's model.
+      omega: the task covariance in factored form ``U diag(a) U^T + b (I - U U^T)``.
+      history: per-round :class:`~mtl_jax.solvers.centralized.HistoryRecord` rows
+        (round, objective J, duality gap, bytes communicated, seconds).
+      objective: J(W) at the end.
+      gap: the final duality gap of J, an upper bound on ``J(W) - min J``.
+      converged: whether ``gap <= tol * J(W)`` was reached.
+      iterations: iterations (APG) or alternations run.
+      config: the arguments of the fit, for the record.
+      alpha: (N,) the certificate's dual variables, one per sample, in the input order.
+      compile_seconds, solve_seconds: time to compile and time to run (excluding compilation).
+    """
+
+    W: np.ndarray
+    omega: SpectralMatrix
+    history: tuple
+    objective: float
+    gap: float
+    converged: bool
+    iterations: int
+    config: dict = field(default_factory=dict)
+    alpha: np.ndarray | None = None
+    compile_seconds: float = 0.0
+    solve_seconds: float = 0.0
+
+    @property
+    def Omega(self) -> np.ndarray:
+        """The (m, m) task covariance, materialised from :attr:`omega` (O(m^2) memory)."""
+        return np.asarray(self.omega.dense())
+
+    @property
+    def relative_gap(self) -> float:
+        return self.gap / abs(self.objective) if self.objective else float("inf")
+
+    def history_arrays(self) -> dict[str, np.ndarray]:
+        """The history as a dict of arrays keyed by the :class:`HistoryRecord` field names."""
+        fields = centralized.HistoryRecord._fields
+        rows = np.array([tuple(r) for r in self.history], dtype=float).reshape(-1, len(fields))
+        return {name: rows[:, i] for i, name in enumerate(fields)}
+
+
+def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method="apg", tol=1e-6,
+        max_iter=None, W0=None, num_tasks=None, eps=DEFAULT_EPS, **solver_options) -> FitResult:
+    """Learn MTRL task models ``W`` and the task covariance ``Omega`` (Zhang and Yeung 2010; DMTRL 2017).
+
+    Minimises ``J(W) = sum_t (1/n_t) sum_i loss(y_ti, <w_t, x_ti>) + (lam1/2)||W||_F^2
+    + (lam2/2)||W||_*^2`` (= ``min_Omega P(W, Omega)``) and returns ``Omega = (W W^T)^{1/2} / tr``.
+    No intercept is added: append a constant feature (``mtl_jax.data.add_intercept``) or centre each
+    task (``mtl_jax.data.center_by_task``) first. Computation follows the dtype of ``X`` where JAX
+    allows it (float64 needs ``jax.config.update("jax_enable_x64", True)``).
+
+    Args:
+      X: (N, d) features. y: (N,) targets ({-1, +1} for hinge and logistic).
+      task: (N,) integer task ids 0..m-1; every task needs at least one sample.
+      lam1: > 0, the Frobenius weight. lam2: >= 0, the task-relationship weight.
+      loss: "squared" ``(y - a)^2``, "hinge" or "logistic".
+      solver: "centralized" (the distributed "dmtrl" solver comes with its own issue).
+      method: "apg" (fast, certified; default), "alternating" (classic MTRL), "apg_primal", "apg_dual".
+      tol: relative duality-gap tolerance on J.
+      max_iter: iteration cap (APG, default 5000) or alternation cap (default 100).
+      W0: (m, d) warm start (primal methods), e.g. the ``W`` of an earlier result.
+      num_tasks: m, when it is larger than ``max(task) + 1`` would say (every task still needs data).
+      eps: relative eigenvalue floor of the Omega-step.
+      **solver_options: ``inner_tol``, ``inner_max_iter`` of the alternation's W-step.
+
+    Returns:
+      a :class:`FitResult`.
+    """
+    X, y, task, m = validate_dataset(X, y, task, loss=loss, num_tasks=num_tasks)
+    lam1, lam2 = validate_lams(lam1, lam2)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    if method not in centralized.METHODS:
+        raise ValueError(f"method must be one of {centralized.METHODS}, got {method!r}")
+    if not (np.isfinite(tol) and tol >= 0):
+        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
+    if max_iter is not None and (int(max_iter) != max_iter or max_iter < 1):
+        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+    if W0 is not None:
+        W0 = np.asarray(W0, dtype=X.dtype)
+        if W0.shape != (m, X.shape[1]) or not np.all(np.isfinite(W0)):
+            raise ValueError(f"W0 must be a finite ({m}, {X.shape[1]}) array, got shape {W0.shape}")
+    unknown = set(solver_options) - {"inner_tol", "inner_max_iter"}
+    if unknown:
+        raise ValueError(f"unknown solver option(s) {sorted(unknown)}")
+
+    sites = to_sites(X, y, task, num_tasks=m)
+    out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
+                            max_iter=max_iter, W0=W0, eps=eps, **solver_options)
+    alpha = np.zeros(len(y), dtype=out.alpha.dtype)
+    index = np.asarray(sites.index)
+    alpha[index[index >= 0]] = out.alpha[index >= 0]
+    config = dict(lam1=float(lam1), lam2=float(lam2), loss=loss, solver=solver, method=method,
+                  tol=float(tol), max_iter=max_iter, eps=float(eps), num_tasks=m, dim=int(X.shape[1]),
+                  num_samples=int(len(y)), **solver_options)
+    return FitResult(W=out.W, omega=out.omega, history=out.history, objective=out.objective,
+                     gap=out.gap, converged=out.converged, iterations=out.iterations, config=config,
+                     alpha=alpha, compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)
+
+
+def objective(W, X, y, task, *, lam1, lam2, loss="squared"):
+    """``J(W) = sum_t (1/n_t) sum_i loss(y_ti, <w_t, x_ti>) + (lam1/2)||W||_F^2 + (lam2/2)||W||_*^2``.
+
+    Args:
+      W: (m, d) task weights. X (N, d), y (N,), task (N,) as in :func:`fit`.
+
+    Returns:
+      J(W) as a Python float.
+    """
+    W = np.asarray(W)
+    if W.ndim != 2:
+        raise ValueError(f"W must be a 2-D (m, d) array, got shape {W.shape}")
+    if not np.all(np.isfinite(W)):
+        raise ValueError("W contains NaN or Inf")
+    X, y, task, m = validate_dataset(X, y, task, loss=loss, num_tasks=W.shape[0])
+    lam1, lam2 = validate_lams(lam1, lam2)
+    if W.shape != (m, X.shape[1]):
+        raise ValueError(f"W must have shape ({m}, {X.shape[1]}) to match task and X, got {W.shape}")
+    sites = to_sites(X, y, task, num_tasks=m)
+    return float(objective_J(jnp.asarray(W, sites.X.dtype), sites, lam1=lam1, lam2=lam2, loss=loss))

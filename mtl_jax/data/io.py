@@ -1,0 +1,205 @@
+"""Data files: ``.npz`` (arrays ``X``, ``y``, ``task``; never unpickled) and CSV with a task column.
+
+Writers are atomic: the data go to a temporary file in the target's directory, are flushed and
+fsynced, and only then renamed over the target with ``os.replace``, so a reader never sees a
+partial file and a crash leaves the old file (or none) in place.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .validation import validate_dataset
+
+SUPPORTED_EXTENSIONS = (".npz", ".csv")
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = "wb"):
+    """Open a temporary file next to ``path`` for writing; on success fsync it and rename it to ``path``.
+
+    ``with atomic_write("out.npz") as f: ...`` — if the block raises, the temporary file is
+    removed and ``path`` is untouched. The temporary name keeps the extension of ``path`` (so
+    ``np.savez`` never appends another ``.npz``) and starts with a dot.
+    """
+    path = os.fspath(path)
+    directory, name = os.path.split(os.path.abspath(path))
+    suffix = os.path.splitext(name)[1]
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=f".tmp{suffix}")
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"newline": "", "encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+    with contextlib.suppress(OSError):  # make the rename itself durable (POSIX)
+        dir_fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def save_npz(path, **arrays) -> None:
+    """Write ``arrays`` to the ``.npz`` file ``path`` atomically (uncompressed ``np.savez`` format).
+
+    ``path`` must end in ``.npz``. Object arrays are refused: they would need pickle, and
+    :func:`load` reads with ``allow_pickle=False``.
+    """
+    path = os.fspath(path)
+    if not path.lower().endswith(".npz"):
+        raise ValueError(f"path: {path!r} must end in .npz")
+    if not arrays:
+        raise ValueError("arrays: nothing to save")
+    converted = {}
+    for name, value in arrays.items():
+        a = np.asarray(value)
+        if a.dtype.hasobject:
+            raise ValueError(f"{name}: object arrays cannot be saved (they would need pickle)")
+        converted[name] = a
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **converted)
+
+
+def save_csv(path, X, y, task, feature_names=None, *, task_column: str = "task", target_column: str = "y") -> None:
+    """Write a dataset as CSV atomically: a header, the feature columns, then the target and task columns.
+
+    Floats are written with ``repr`` precision, so :func:`load` reads back exactly the same
+    float64 values. ``feature_names`` defaults to ``x0, x1, ...``.
+    """
+    X, y, task, _ = validate_dataset(X, y, task)
+    d = X.shape[1]
+    if feature_names is None:
+        feature_names = [f"x{j}" for j in range(d)]
+    feature_names = [str(c) for c in feature_names]
+    if len(feature_names) != d:
+        raise ValueError(f"feature_names: {len(feature_names)} names for {d} feature columns")
+    header = [*feature_names, target_column, task_column]
+    if len(set(header)) != len(header):
+        raise ValueError(f"feature_names: column names must be unique and differ from the target/task columns, got {header}")
+    with atomic_write(path, "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        for xi, yi, ti in zip(X.tolist(), y.tolist(), task.tolist()):
+            writer.writerow([*map(repr, xi), repr(yi), ti])
+
+
+def load(path, *, task_column: str = "task", target_column: str = "y"):
+    """Read a dataset file, choosing the format by extension.
+
+    * ``.npz``: arrays ``X`` (N, d), ``y`` (N,), ``task`` (N,), read with ``allow_pickle=False``
+      (other arrays in the file are ignored).
+    * ``.csv``: a header row; the columns named ``task_column`` and ``target_column``; every
+      other column is a numeric feature, in file order.
+
+    Returns:
+      ``(X, y, task)`` as checked by :func:`~mtl_jax.data.validate_dataset` (float ``X``/``y``,
+      int64 ``task``; labels are not checked against a loss here).
+
+    Raises:
+      ValueError: naming the path and what is wrong (unknown extension, not a valid npz, a
+        missing array or column, an object array, non-numeric values, wrong shapes, an empty
+        file, or any :func:`validate_dataset` failure).
+      FileNotFoundError: the file does not exist.
+    """
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npz":
+        X, y, task = _read_npz(path)
+    elif ext == ".csv":
+        X, y, task = _read_csv(path, task_column, target_column)
+    else:
+        raise ValueError(
+            f"{path}: unsupported file extension {ext or '(none)'!r}; expected one of {', '.join(SUPPORTED_EXTENSIONS)}"
+        )
+    try:
+        X, y, task, _ = validate_dataset(X, y, task)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+    return X, y, task
+
+
+def _read_npz(path):
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: not a valid .npz file (not a zip archive)")
+    try:
+        data = np.load(path, allow_pickle=False)
+    except Exception as e:  # BadZipFile, truncated archive, ...
+        raise ValueError(f"{path}: not a valid .npz file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise ValueError(f"{path}: not a valid .npz file")
+    with data:
+        missing = [k for k in ("X", "y", "task") if k not in data.files]
+        if missing:
+            raise ValueError(f"{path}: missing array(s) {', '.join(missing)} (found: {', '.join(data.files) or 'none'})")
+        arrays = {}
+        for k in ("X", "y", "task"):
+            try:
+                arrays[k] = data[k]
+            except Exception as e:  # object arrays refuse to load without pickle; corrupt members
+                raise ValueError(f"{path}: array {k!r} cannot be read ({type(e).__name__}: {e})") from None
+    for k, ndim in (("X", 2), ("y", 1), ("task", 1)):
+        if arrays[k].ndim != ndim:
+            raise ValueError(f"{path}: array {k!r} must be {ndim}-D, got shape {arrays[k].shape}")
+    return arrays["X"], arrays["y"], arrays["task"]
+
+
+def _read_csv(path, task_column, target_column):
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise ValueError(f"{path}: empty file (no header row)") from None
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid CSV file ({e})") from None
+        header = [h.strip() for h in header]
+        if len(set(header)) != len(header):
+            dup = sorted({h for h in header if header.count(h) > 1})
+            raise ValueError(f"{path}: duplicate column name(s) {dup}")
+        for role, col in (("task_column", task_column), ("target_column", target_column)):
+            if col not in header:
+                raise ValueError(f"{path}: missing {role} {col!r} (columns: {header})")
+        ti, yi = header.index(task_column), header.index(target_column)
+        fi = [j for j in range(len(header)) if j not in (ti, yi)]
+        rows = []
+        try:
+            for row in reader:
+                if not row or all(not c.strip() for c in row):
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise ValueError(
+                        f"{path}: line {reader.line_num} has {len(row)} fields, the header has {len(header)}"
+                    )
+                try:
+                    rows.append([float(c) for c in row])
+                except ValueError:
+                    j = next(j for j, c in enumerate(row) if not _is_float(c))
+                    raise ValueError(
+                        f"{path}: non-numeric value {row[j]!r} in column {header[j]!r} at line {reader.line_num}"
+                    ) from None
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}: not a valid CSV file ({e})") from None
+    if not rows:
+        raise ValueError(f"{path}: no data rows")
+    data = np.asarray(rows, dtype=np.float64)
+    return data[:, fi], data[:, yi], data[:, ti]
+
+
+def _is_float(s: str) -> bool:
+    try:
+        float(s)
+    except ValueError:
+        return False
+    return True

@@ -1,0 +1,179 @@
+"""The one boundary check for multi-task datasets and regularisation weights.
+
+Every public entry point (``mtl_jax.fit``, ``mtl_jax.objective``, the loaders, ``to_sites``) calls
+:func:`validate_dataset` once, outside ``jit``; code inside ``jit`` trusts its inputs. Each failure
+raises ``ValueError`` whose message starts with the name of the offending argument (``X``, ``y``,
+``task``, ``num_tasks``, ``loss``, ``lam1``, ``lam2``) and says what is wrong.
+"""
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+KNOWN_LOSSES = ("squared", "hinge", "logistic")
+CLASSIFICATION_LOSSES = ("hinge", "logistic")
+
+_MAX_IDS_SHOWN = 10
+
+
+def _show_ids(ids) -> str:
+    ids = [int(i) for i in ids]
+    head = ", ".join(str(i) for i in ids[:_MAX_IDS_SHOWN])
+    return head + (f", ... ({len(ids)} in all)" if len(ids) > _MAX_IDS_SHOWN else "")
+
+
+def check_loss(loss):
+    """Return ``loss`` if it is one of :data:`KNOWN_LOSSES` (or None), else raise ``ValueError``."""
+    if loss is None:
+        return None
+    if not isinstance(loss, str) or loss not in KNOWN_LOSSES:
+        raise ValueError(f"loss: unknown loss {loss!r}; expected one of {', '.join(map(repr, KNOWN_LOSSES))}")
+    return loss
+
+
+def _as_numeric(name: str, a) -> np.ndarray:
+    try:
+        arr = np.asarray(a)
+    except Exception as e:  # ragged lists and the like
+        raise ValueError(f"{name}: cannot be converted to an array ({e})") from None
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name}: must be real numbers, got an array of dtype {arr.dtype}")
+    return arr
+
+
+def _task_ids(task) -> np.ndarray:
+    try:
+        t = np.asarray(task)
+    except Exception as e:
+        raise ValueError(f"task: cannot be converted to an array ({e})") from None
+    if t.ndim != 1:
+        raise ValueError(f"task: must be 1-D (N,), got shape {t.shape}")
+    if t.dtype.kind == "b" or t.dtype.kind not in "iuf":
+        raise ValueError(f"task: ids must be integers, got an array of dtype {t.dtype}")
+    if t.dtype.kind == "f":
+        bad = ~np.isfinite(t) | (t != np.round(t))
+        if bad.any():
+            raise ValueError(
+                f"task: ids must be whole numbers; got {t[bad][:_MAX_IDS_SHOWN].tolist()} "
+                f"at rows {_show_ids(np.flatnonzero(bad))}"
+            )
+    if t.size and t.min() < 0:
+        neg = np.flatnonzero(t < 0)
+        raise ValueError(f"task: ids must be >= 0; negative ids at rows {_show_ids(neg)}")
+    if t.dtype.kind == "u" and t.size and t.max() > np.iinfo(np.int64).max:
+        raise ValueError("task: ids too large for int64")
+    return t.astype(np.int64)
+
+
+def validate_dataset(X, y, task, *, loss=None, num_tasks=None):
+    """Check a flat multi-task dataset and return it in canonical form.
+
+    Args:
+      X: (N, d) features. float32 and float64 are kept; integers, booleans and other floats become float64.
+      y: (N,) targets, cast to the dtype of the returned ``X``. In {-1, +1} when ``loss`` is
+        ``"hinge"`` or ``"logistic"``.
+      task: (N,) task ids in 0..m-1. Integers, or floats that are whole numbers.
+      loss: None (no label check), ``"squared"``, ``"hinge"`` or ``"logistic"``.
+      num_tasks: m; defaults to ``max(task) + 1``. Every id in 0..m-1 must have at least one sample.
+
+    Returns:
+      ``(X, y, task, num_tasks)`` as NumPy arrays: ``X`` (N, d) float, ``y`` (N,) same dtype,
+      ``task`` (N,) int64, ``num_tasks`` a Python int.
+
+    Raises:
+      ValueError: naming the argument (``X``, ``y``, ``task``, ``num_tasks`` or ``loss``) and what
+        is wrong: wrong number of dimensions, lengths that differ, an empty dataset, NaN/Inf,
+        negative, non-integer or out-of-range task ids, a task id with no samples, labels outside
+        {-1, +1} for a classification loss, or an unknown loss.
+    """
+    loss = check_loss(loss)
+
+    X = _as_numeric("X", X)
+    if X.ndim != 2:
+        raise ValueError(f"X: must be 2-D (N, d), got shape {X.shape}")
+    y = _as_numeric("y", y)
+    if y.ndim != 1:
+        raise ValueError(f"y: must be 1-D (N,), got shape {y.shape}")
+    t = _task_ids(task)
+
+    n, d = X.shape
+    for name, other in (("y", y), ("task", t)):
+        if len(other) != n:
+            raise ValueError(f"{name}: has {len(other)} entries but X has {n} rows; lengths must match")
+    if n == 0:
+        raise ValueError("X: empty dataset (no rows)")
+    if d == 0:
+        raise ValueError("X: empty dataset (no feature columns)")
+
+    dtype = X.dtype if X.dtype in (np.float32, np.float64) else np.float64
+    X = X.astype(dtype, copy=False)
+    y = y.astype(dtype, copy=False)
+    if not np.isfinite(X).all():
+        rows = np.flatnonzero(~np.isfinite(X).all(axis=1))
+        raise ValueError(f"X: contains NaN or Inf (rows {_show_ids(rows)})")
+    if not np.isfinite(y).all():
+        rows = np.flatnonzero(~np.isfinite(y))
+        raise ValueError(f"y: contains NaN or Inf (rows {_show_ids(rows)})")
+
+    largest = int(t.max())
+    if num_tasks is None:
+        m = largest + 1
+    else:
+        if isinstance(num_tasks, (bool, np.bool_)) or not isinstance(num_tasks, numbers.Integral):
+            raise ValueError(f"num_tasks: must be a positive integer, got {num_tasks!r}")
+        m = int(num_tasks)
+        if m < 1:
+            raise ValueError(f"num_tasks: must be a positive integer, got {m}")
+        if largest >= m:
+            raise ValueError(
+                f"task: ids must be < num_tasks = {m}; got id {largest} "
+                f"(rows {_show_ids(np.flatnonzero(t >= m))})"
+            )
+    counts = np.bincount(t, minlength=m)
+    empty = np.flatnonzero(counts == 0)
+    if empty.size:
+        raise ValueError(
+            f"task: task ids {_show_ids(empty)} have no samples; every id in 0..{m - 1} needs at "
+            "least one row (renumber the tasks, or pass a smaller num_tasks)"
+        )
+
+    if loss in CLASSIFICATION_LOSSES:
+        bad = (y != 1) & (y != -1)
+        if bad.any():
+            raise ValueError(
+                f"y: labels must be -1 or +1 for loss={loss!r}; got {np.unique(y[bad])[:_MAX_IDS_SHOWN].tolist()} "
+                f"at rows {_show_ids(np.flatnonzero(bad))}"
+            )
+    return X, y, t, m
+
+
+def _check_lam(name: str, value, *, positive: bool):
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: must be a number, got {value!r}")
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        raise ValueError(f"{name}: must be a number, got {value!r}") from None
+    if arr.dtype.kind not in "iuf" or arr.size == 0:
+        raise ValueError(f"{name}: must be a number, got {value!r}")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: must be finite, got {value!r}")
+    if positive and not (arr > 0).all():
+        raise ValueError(f"{name}: must be > 0, got {value!r}")
+    if not positive and not (arr >= 0).all():
+        raise ValueError(f"{name}: must be >= 0, got {value!r}")
+    return float(arr) if arr.ndim == 0 else arr
+
+
+def validate_lams(lam1, lam2):
+    """Check the regularisation weights: ``lam1`` finite and > 0, ``lam2`` finite and >= 0.
+
+    Scalars are returned as Python floats. Arrays (a sweep's grid) are accepted too and every
+    entry is checked; they come back as float64 NumPy arrays.
+
+    Raises:
+      ValueError: naming ``lam1`` or ``lam2``.
+    """
+    return _check_lam("lam1", lam1, positive=True), _check_lam("lam2", lam2, positive=False)

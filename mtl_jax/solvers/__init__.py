@@ -1,0 +1,1 @@
+"""Solvers for MTRL: centralized (fast certified APG, classic alternation); distributed DMTRL later."""

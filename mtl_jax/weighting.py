@@ -1,0 +1,554 @@
+"""Loss-driven task weighting for deep multi-task networks (DESIGN section 4).
+
+Every scheme is an optax-style pair of pure functions bundled in a :class:`Weighting`::
+
+    scheme = weighting.dwa(temperature=2.0)
+    state = scheme.init(num_tasks)                      # or scheme.init(num_tasks, key) for rlw
+    weights, state = scheme.update(task_losses, state)  # inside the jitted training step
+    total = jnp.sum(weights * task_losses)
+
+Contract shared by all schemes:
+
+- ``update`` is pure, jit-able and vmap-able (map it over a stacked state and stacked losses to run
+  several seeds as one program); it never branches in Python on traced values.
+- The returned weights carry no gradient (``jax.lax.stop_gradient``), are positive, and sum to the
+  number of tasks ``K`` -- except ``uncertainty``, which returns its loss multipliers ``exp(-s_k)/2``.
+- A scheme is fully described by its weights and its own state update: the training loop only ever
+  forms ``sum(weights * task_losses)``. A scheme that needs more than the losses lists the extra
+  keyword inputs of ``update`` in ``Weighting.needs`` (only ``gradnorm``: ``("grad_norms",)``).
+  Loss-only schemes accept and ignore extra keywords, so a loop may pass them uniformly.
+- Losses are assumed positive where a scheme divides by them or takes their log (dwa, famo,
+  gradnorm, huq_pervin "relative"), as in the papers.
+- Randomness lives in the state: ``init(num_tasks, key)`` stores a PRNG key (rlw); the other schemes
+  ignore ``key``.
+- State dtypes are fixed at ``init`` (the default float dtype); weights come back in the dtype of the
+  losses.
+
+Factories validate their arguments once, in Python, and raise ``ValueError`` naming the argument;
+a hyper-parameter passed as a traced array (a sweep under ``vmap``) is not checked.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "Weighting",
+    "SCHEMES",
+    "get",
+    "equal",
+    "huq_pervin",
+    "dwa",
+    "uncertainty",
+    "rlw",
+    "famo",
+    "gradnorm",
+    "EqualState",
+    "HuqPervinState",
+    "DWAState",
+    "UncertaintyState",
+    "RLWState",
+    "FAMOState",
+    "GradNormState",
+]
+
+
+class Weighting(NamedTuple):
+    """A task-weighting scheme: ``init(num_tasks, key=None) -> state`` and
+    ``update(task_losses, state, **extra) -> (weights, new_state)``; ``needs`` names the extra
+    keyword inputs that ``update`` requires."""
+
+    init: Callable
+    update: Callable
+    needs: tuple = ()
+
+
+# ----------------------------------------------------------------------------------------------
+# Small shared helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def _is_traced(value: Any) -> bool:
+    return isinstance(value, jax.core.Tracer)
+
+
+def _check_number(name: str, value: Any) -> float | None:
+    """Return ``value`` as a float, or None when it is traced (not checkable); raise if not a finite real."""
+    if _is_traced(value):
+        return None
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        arr = np.asarray(value, dtype=float)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+    if arr.shape != () or not np.isfinite(arr):
+        raise ValueError(f"{name} must be a finite real scalar, got {value!r}")
+    return float(arr)
+
+
+def _check_positive(name: str, value: Any) -> None:
+    v = _check_number(name, value)
+    if v is not None and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_nonnegative(name: str, value: Any) -> None:
+    v = _check_number(name, value)
+    if v is not None and v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
+
+
+def _check_num_tasks(num_tasks: Any) -> int:
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
+        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
+    return int(num_tasks)
+
+
+def _float_zeros(num_tasks: int) -> jax.Array:
+    return jnp.zeros((num_tasks,), dtype=jnp.result_type(float))
+
+
+def _float_ones(num_tasks: int) -> jax.Array:
+    return jnp.ones((num_tasks,), dtype=jnp.result_type(float))
+
+
+def _count() -> jax.Array:
+    return jnp.zeros((), dtype=jnp.int32)
+
+
+def _as_input(x: Any) -> jax.Array:
+    """An input of ``update`` as a float array that no gradient flows back into."""
+    x = jnp.asarray(x)
+    if not jnp.issubdtype(x.dtype, jnp.inexact):
+        x = x.astype(jnp.result_type(float))
+    return jax.lax.stop_gradient(x)
+
+
+def _k_softmax(logits: jax.Array) -> jax.Array:
+    """``K * softmax(logits)``: positive weights summing to ``K = logits.shape[-1]``."""
+    return logits.shape[-1] * jax.nn.softmax(logits, axis=-1)
+
+
+def _sum_to_k(w: jax.Array) -> jax.Array:
+    """Rescale positive ``w`` so that it sums to its length K."""
+    return w * (w.shape[-1] / jnp.sum(w, axis=-1, keepdims=True))
+
+
+def _finish(weights: jax.Array, losses: jax.Array, new_state: Any, old_state: Any):
+    """Common tail of every ``update``: weights without gradient, in the losses' dtype; the state
+    keeps the dtypes it was initialised with (so it can be a ``lax.scan`` carry)."""
+
+    def keep(new, old):
+        old_dtype = jnp.asarray(old).dtype
+        if jnp.issubdtype(old_dtype, jnp.inexact):
+            return jnp.asarray(new).astype(old_dtype)
+        return new
+
+    new_state = jax.tree.map(keep, new_state, old_state)
+    return jax.lax.stop_gradient(weights.astype(losses.dtype)), new_state
+
+
+def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
+    """Leaf-wise ``jnp.where`` over two pytrees of the same structure (vmap-friendly ``cond``)."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+# ----------------------------------------------------------------------------------------------
+# equal
+# ----------------------------------------------------------------------------------------------
+
+
+class EqualState(NamedTuple):
+    """Equal weighting keeps no state."""
+
+
+def equal() -> Weighting:
+    """Equal weighting: ``w_k = 1`` for every task, i.e. ``total = sum_k L_k``.
+
+    The multi-task baseline of every paper below (e.g. Liu et al. CVPR 2019, Lin et al. TMLR 2022).
+    """
+
+    def init(num_tasks, key=None):
+        _check_num_tasks(num_tasks)
+        return EqualState()
+
+    def update(task_losses, state, **extra):
+        losses = _as_input(task_losses)
+        return _finish(jnp.ones_like(losses), losses, state, state)
+
+    return Weighting(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# Huq and Pervin
+# ----------------------------------------------------------------------------------------------
+
+_HUQ_MODES = ("raw", "relative", "ema")
+
+
+class HuqPervinState(NamedTuple):
+    initial: jax.Array  # (K,) losses at the first update (mode "relative")
+    ema: jax.Array      # (K,) exponential moving average of the losses (mode "ema")
+    count: jax.Array    # () int32, number of updates so far
+
+
+def huq_pervin(temperature: float = 1.0, mode: str = "raw", beta: float = 0.9) -> Weighting:
+    """Adaptive, loss-driven weights: a task with a higher loss gets a higher weight.
+
+    Implemented formula (the "natural reading", see the source note below)::
+
+        w = K * softmax(a / T),    i.e.  w_k = K exp(a_k / T) / sum_j exp(a_j / T),
+
+    where ``T = temperature`` and the loss signal ``a`` depends on ``mode``:
+
+    - ``"raw"``:      ``a_k = L_k(t)``, the current losses;
+    - ``"relative"``: ``a_k = L_k(t) / L_k(0)``, losses relative to their value at the first update
+      (so the first update gives ``w = 1``);
+    - ``"ema"``:      ``a_k = m_k(t)`` with ``m(0) = L(0)`` and ``m(t) = beta m(t-1) + (1 - beta) L(t)``
+      (``beta = 0`` is ``"raw"``).
+
+    The weights are positive, sum to ``K``, increase strictly with a task's own signal, and are
+    equivariant under a permutation of the tasks. ``T`` sets how strongly they follow the losses:
+    ``T -> inf`` gives equal weights, a small ``T`` concentrates the weight on the hardest task. With
+    ``mode="raw"`` the weights depend on the losses' scale, so choose ``T`` on the scale of the loss
+    differences (or use ``"relative"``, which is scale-free).
+
+    Source: A. Huq and M. T. Pervin, "Adaptive weight assignment scheme for multi-task learning",
+    IAES Int. J. Artificial Intelligence (IJ-AI) 11(1):173-178, 2022, doi 10.11591/ijai.v11.i1.pp173-178,
+    arXiv 2303.07278. Only the paper's abstract could be consulted when this was written (the full
+    text was not available to us); the abstract states the goal -- more weight to the more difficult,
+    higher-loss tasks, computed adaptively from the task losses, compared against DWA and uncertainty
+    weighting -- but not the formula. The softmax form above is therefore our reading, not a
+    transcription of the paper's equation; check it against the paper before citing numbers as theirs.
+    """
+    _check_positive("temperature", temperature)
+    if not isinstance(mode, str) or mode not in _HUQ_MODES:
+        raise ValueError(f"mode must be one of {_HUQ_MODES}, got {mode!r}")
+    b = _check_number("beta", beta)
+    if b is not None and not 0.0 <= b < 1.0:
+        raise ValueError(f"beta must be in [0, 1), got {beta!r}")
+
+    def init(num_tasks, key=None):
+        k = _check_num_tasks(num_tasks)
+        return HuqPervinState(initial=_float_ones(k), ema=_float_zeros(k), count=_count())
+
+    def update(task_losses, state, **extra):
+        losses = _as_input(task_losses)
+        first = state.count == 0
+        initial = jnp.where(first, losses, state.initial)
+        ema = jnp.where(first, losses, beta * state.ema + (1.0 - beta) * losses)
+        if mode == "raw":
+            signal = losses
+        elif mode == "relative":
+            signal = losses / initial
+        else:
+            signal = ema
+        weights = _k_softmax(signal / temperature)
+        new_state = HuqPervinState(initial=initial, ema=ema, count=state.count + 1)
+        return _finish(weights, losses, new_state, state)
+
+    return Weighting(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# DWA
+# ----------------------------------------------------------------------------------------------
+
+
+class DWAState(NamedTuple):
+    last: jax.Array         # (K,) losses passed to the previous update, L(t-1)
+    before_last: jax.Array  # (K,) losses passed to the one before, L(t-2)
+    count: jax.Array        # () int32, number of updates so far
+
+
+def dwa(temperature: float = 2.0) -> Weighting:
+    """Dynamic Weight Average (Liu, Johns, Davison, "End-to-end multi-task learning with attention",
+    CVPR 2019)::
+
+        w_k(t) = K exp(r_k(t-1) / T) / sum_j exp(r_j(t-1) / T),   r_k(t-1) = L_k(t-1) / L_k(t-2),
+
+    with ``T = 2`` in the paper. As in the paper, the weights at update ``t`` use only the two
+    previous updates' losses (the losses passed now are stored for later), and ``w = 1`` for the
+    first two updates (t = 0, 1). The paper calls it once per epoch with the epoch's average losses;
+    calling it once per step with batch losses is allowed but noisier.
+    """
+    _check_positive("temperature", temperature)
+
+    def init(num_tasks, key=None):
+        k = _check_num_tasks(num_tasks)
+        return DWAState(last=_float_ones(k), before_last=_float_ones(k), count=_count())
+
+    def update(task_losses, state, **extra):
+        losses = _as_input(task_losses)
+        ratio = state.last / state.before_last
+        weights = jnp.where(state.count >= 2, _k_softmax(ratio / temperature), jnp.ones_like(ratio))
+        new_state = DWAState(last=losses, before_last=state.last, count=state.count + 1)
+        return _finish(weights, losses, new_state, state)
+
+    return Weighting(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# Uncertainty weighting
+# ----------------------------------------------------------------------------------------------
+
+
+class UncertaintyState(NamedTuple):
+    log_vars: jax.Array  # (K,) s_k = log sigma_k^2, initialised at 0
+    opt_state: Any       # the optax state of the optimizer on s
+
+
+def uncertainty(learning_rate: float = 1e-3, optimizer: optax.GradientTransformation | None = None) -> Weighting:
+    """Homoscedastic-uncertainty weighting (Kendall, Gal, Cipolla, "Multi-task learning using
+    uncertainty to weigh losses for scene geometry and semantics", CVPR 2018).
+
+    Joint objective over the model parameters ``theta`` and the log-variances ``s`` (K,)::
+
+        total(theta, s) = sum_k (exp(-s_k) L_k(theta) + s_k) / 2 .
+
+    ``update`` returns the multipliers ``w_k = exp(-s_k) / 2`` (not summing to K; ``w = 1/2`` at the
+    start, since ``s = 0``) and takes one optimizer step on ``s`` with the closed-form gradient::
+
+        d total / d s_k = (1 - exp(-s_k) L_k) / 2 .
+
+    Equivalence to training ``s`` jointly with the model: with ``w`` held fixed, the model gradient of
+    ``sum_k w_k L_k`` equals ``d total / d theta`` (the ``s_k / 2`` term has no ``theta`` gradient), and
+    the ``s`` step uses the gradient of ``total`` at the same point ``(theta_t, s_t)`` -- the weights
+    returned are those of ``s_t``, the state carries ``s_{t+1}``. So this is exactly a simultaneous
+    gradient step on ``(theta, s)``, provided ``s`` uses the same kind of optimizer as the model
+    (default ``optax.adam(learning_rate)``; Adam acts per coordinate, so one Adam over ``(theta, s)``
+    equals two Adams with the same hyper-parameters, unless something couples them such as clipping
+    by the global norm). Pass ``optimizer`` to use another optax transformation on ``s``. The logged
+    ``sum(w * L)`` omits the constant-in-theta term ``sum(s) / 2`` of ``total``.
+    """
+    if optimizer is None:
+        _check_positive("learning_rate", learning_rate)
+        optimizer = optax.adam(learning_rate)
+    elif not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation or None, got {optimizer!r}")
+
+    def init(num_tasks, key=None):
+        s = _float_zeros(_check_num_tasks(num_tasks))
+        return UncertaintyState(log_vars=s, opt_state=optimizer.init(s))
+
+    def update(task_losses, state, **extra):
+        losses = _as_input(task_losses)
+        s = state.log_vars
+        precision = jnp.exp(-s)
+        grad = 0.5 * (1.0 - precision * losses)
+        updates, opt_state = optimizer.update(grad.astype(s.dtype), state.opt_state, s)
+        new_state = UncertaintyState(log_vars=optax.apply_updates(s, updates), opt_state=opt_state)
+        return _finish(0.5 * precision, losses, new_state, state)
+
+    return Weighting(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# RLW
+# ----------------------------------------------------------------------------------------------
+
+
+class RLWState(NamedTuple):
+    key: jax.Array  # PRNG key, split at every update
+
+
+def rlw(std: float = 1.0) -> Weighting:
+    """Random loss weighting (Lin et al., "Reasonable effectiveness of random weighting: a litmus test
+    for multi-task learning", TMLR 2022), its normal-softmax variant::
+
+        w = K softmax(z),   z ~ N(0, std^2 I),  drawn fresh at every update.
+
+    The key lives in the state: ``update`` does ``key, sub = jax.random.split(state.key)``, draws
+    ``z = std * jax.random.normal(sub, (K,))`` and stores ``key``. ``init`` needs a key.
+    """
+    _check_positive("std", std)
+
+    def init(num_tasks, key=None):
+        _check_num_tasks(num_tasks)
+        if key is None:
+            raise ValueError("key must be a PRNG key for rlw (its randomness lives in the state), got None")
+        return RLWState(key=key)
+
+    def update(task_losses, state, **extra):
+        losses = _as_input(task_losses)
+        key, sub = jax.random.split(state.key)
+        z = std * jax.random.normal(sub, losses.shape, dtype=jnp.result_type(float))
+        return _finish(_k_softmax(z), losses, RLWState(key=key), state)
+
+    return Weighting(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# FAMO
+# ----------------------------------------------------------------------------------------------
+
+
+class FAMOState(NamedTuple):
+    logits: jax.Array       # (K,) xi, initialised at 0 (z = softmax(xi) uniform)
+    opt_state: Any          # optax state of the logits' optimizer
+    prev_losses: jax.Array  # (K,) losses passed to the previous update
+    count: jax.Array        # () int32, number of updates so far
+
+
+def famo(learning_rate: float = 0.025, weight_decay: float = 1e-3, eps: float = 1e-8,
+         optimizer: optax.GradientTransformation | None = None) -> Weighting:
+    """FAMO: Fast Adaptive Multitask Optimization (B. Liu, Y. Feng, P. Stone, Q. Liu, NeurIPS 2023,
+    arXiv 2306.03792).
+
+    Logits ``xi`` (K,), ``z = softmax(xi)``, ``D_k = L_k + eps``. The model step minimises
+    ``sum_k z_k log D_k`` scaled by ``c = (sum_k z_k / D_k)^{-1}``, whose parameter gradient is the
+    one of ``sum_k w_k L_k`` with the (stop-gradient) weights::
+
+        w_k = c z_k / D_k     (paper: sum_k w_k = 1);   returned here: K w_k  (sum = K).
+
+    After the model step the logits follow the decrease of the log-losses::
+
+        delta_k = log D_k(t) - log D_k(t+1),
+        g       = (d z / d xi)^T delta = z * (delta - <z, delta>),
+        xi     <- optimizer step on g,  default Adam(learning_rate) with L2 weight decay
+                  (g + weight_decay * xi fed to Adam; i.e. torch.optim.Adam(weight_decay=gamma)).
+
+    What we followed: the official implementation, repository Cranial-XIX/FAMO, file ``famo.py``
+    (commit 250873e; ``get_weighted_loss`` and ``update``): ``D = losses - min_losses + 1e-8`` with
+    ``min_losses = 0`` by default (we drop ``min_losses``), ``c_code = sum(z / D)`` (the inverse of the
+    ``c`` above), loss ``sum(log(D) z / c_code)``,
+    ``delta = log(D_prev) - log(D_curr)``, the logit gradient through ``softmax`` by autograd, and
+    ``torch.optim.Adam([w], lr=0.025, weight_decay=gamma)``. Defaults: ``learning_rate = 0.025`` (that
+    file's ``w_lr``); ``weight_decay = 1e-3``, the paper's gamma as we understand it (not checked
+    against the paper's text here; that file's default is ``gamma = 0.01``, pass it to reproduce the
+    code). Pass ``optimizer`` to replace the default chain, e.g. ``optax.chain(
+    optax.add_decayed_weights(gamma), optax.sgd(beta))`` for the plain step
+    ``xi <- xi - beta (g + gamma xi)``.
+
+    Loss-only interface: the official loop recomputes the losses on the same batch after the model
+    step to form ``delta``. Here ``update`` at step ``t+1`` receives ``L(t+1)`` (the next batch's
+    losses, before the next model step), first updates the logits with ``delta = log D(t) - log D(t+1)``
+    using the losses stored at step ``t``, then returns the weights for ``L(t+1)`` with the new logits.
+    The first update makes no logit step (uniform ``z``, so ``w_k`` is proportional to ``1 / D_k``).
+    The ``delta`` is thus noisier (it mixes the batch change with the model change) but costs no extra
+    forward pass.
+
+    Scaling: we return ``K`` times the paper's weights so that every scheme is on the scale of
+    ``equal`` (sum ``K``). With Adam-type model optimizers this is harmless (Adam is invariant to a
+    constant gradient scale, up to its ``eps``); with SGD it multiplies the model's learning rate by
+    ``K``, and it changes when gradient clipping by norm (the official code clips at 1.0) engages.
+    """
+    _check_positive("eps", eps)
+    if optimizer is None:
+        _check_positive("learning_rate", learning_rate)
+        _check_nonnegative("weight_decay", weight_decay)
+        optimizer = optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(learning_rate))
+    elif not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation or None, got {optimizer!r}")
+
+    def init(num_tasks, key=None):
+        k = _check_num_tasks(num_tasks)
+        xi = _float_zeros(k)
+        return FAMOState(logits=xi, opt_state=optimizer.init(xi), prev_losses=_float_ones(k), count=_count())
+
+    def update(task_losses, state, **extra):
+        losses = _as_input(task_losses)
+        xi = state.logits
+        z = jax.nn.softmax(xi)
+        delta = jnp.log(state.prev_losses + eps) - jnp.log(losses + eps)
+        grad = (z * (delta - jnp.sum(z * delta))).astype(xi.dtype)
+        updates, stepped_opt = optimizer.update(grad, state.opt_state, xi)
+        stepped_xi = optax.apply_updates(xi, updates)
+        has_prev = state.count > 0
+        xi, opt_state = _select(has_prev, (stepped_xi, stepped_opt), (xi, state.opt_state))
+        z = jax.nn.softmax(xi)
+        weights = _sum_to_k(z / (losses + eps))
+        new_state = FAMOState(logits=xi, opt_state=opt_state, prev_losses=losses, count=state.count + 1)
+        return _finish(weights, losses, new_state, state)
+
+    return Weighting(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
+# GradNorm
+# ----------------------------------------------------------------------------------------------
+
+
+class GradNormState(NamedTuple):
+    weights: jax.Array         # (K,) w(t), positive, summing to K; ones at init
+    initial_losses: jax.Array  # (K,) L(0), stored at the first update
+    count: jax.Array           # () int32, number of updates so far
+
+
+def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e-3) -> Weighting:
+    """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, "GradNorm: gradient normalization for adaptive
+    loss balancing in deep multitask networks", ICML 2018, Algorithm 1).
+
+    ``update(task_losses, state, grad_norms=G)``, where ``G_k = ||grad_W L_k||`` is the norm of the
+    gradient of the UNWEIGHTED task loss ``L_k`` with respect to the last shared layer ``W`` (computed by
+    the training loop at the same parameters as ``task_losses``). With the current weights ``w``::
+
+        G_w,k    = w_k G_k,                 Gbar = mean_k G_w,k
+        Ltilde_k = L_k / L_k(0),            r_k  = Ltilde_k / mean_j Ltilde_j
+        target_k = Gbar * r_k^alpha         (held constant, as in the paper)
+        L_grad   = sum_k |G_w,k - target_k|,   d L_grad / d w_k = sign(G_w,k - target_k) G_k
+        w'       = w - learning_rate * d L_grad / d w          (one plain gradient step)
+        w_new    = K * max(w', floor) / sum_j max(w', floor)   (renormalised, kept positive)
+
+    ``update`` returns the current weights ``w(t)`` -- the ones the model step must use, as in the
+    paper's Algorithm 1 -- and stores ``w(t+1) = w_new``. At the first update it returns ``w = 1``
+    (all ones), stores ``L(0) = task_losses``, and already takes a step with ``r = 1`` (all tasks at the
+    same relative rate, so ``target = Gbar`` equalises the weighted gradient norms). ``alpha = 1.5`` is
+    the paper's value for its imbalanced regression. ``learning_rate`` is ours (the paper trains ``w``
+    with the network's optimizer); since the step is ``learning_rate * G``, pick it for the scale of the
+    gradient norms. ``floor`` (absolute, before renormalisation) keeps the weights positive.
+    """
+    _check_nonnegative("alpha", alpha)
+    _check_positive("learning_rate", learning_rate)
+    _check_positive("floor", floor)
+
+    def init(num_tasks, key=None):
+        k = _check_num_tasks(num_tasks)
+        return GradNormState(weights=_float_ones(k), initial_losses=_float_ones(k), count=_count())
+
+    def update(task_losses, state, grad_norms=None, **extra):
+        if grad_norms is None:
+            raise ValueError("grad_norms is required by gradnorm: the (K,) norms of each unweighted task "
+                             "loss's gradient w.r.t. the last shared layer")
+        losses = _as_input(task_losses)
+        norms = _as_input(grad_norms)
+        initial = jnp.where(state.count == 0, losses, state.initial_losses)
+        w = state.weights
+        weighted_norms = w * norms
+        rel = losses / initial
+        target = jnp.mean(weighted_norms) * (rel / jnp.mean(rel)) ** alpha
+        grad = jnp.sign(weighted_norms - target) * norms
+        w_new = _sum_to_k(jnp.maximum(w - learning_rate * grad, floor))
+        new_state = GradNormState(weights=w_new, initial_losses=initial, count=state.count + 1)
+        return _finish(w, losses, new_state, state)
+
+    return Weighting(init, update, needs=("grad_norms",))
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------
+
+_FACTORIES: dict[str, Callable[..., Weighting]] = {
+    "equal": equal,
+    "huq_pervin": huq_pervin,
+    "dwa": dwa,
+    "uncertainty": uncertainty,
+    "rlw": rlw,
+    "famo": famo,
+    "gradnorm": gradnorm,
+}
+
+SCHEMES: tuple[str, ...] = tuple(_FACTORIES)
+
+
+def get(name: str, **kwargs) -> Weighting:
+    """The scheme called ``name`` (one of :data:`SCHEMES`), built with ``kwargs``."""
+    if not isinstance(name, str) or name not in _FACTORIES:
+        raise ValueError(f"name must be one of {SCHEMES}, got {name!r}")
+    return _FACTORIES[name](**kwargs)

@@ -1,0 +1,125 @@
+"""load / save_npz / save_csv: round trips, atomic writes, files that are not what they claim."""
+import os
+
+import numpy as np
+import pytest
+
+from mtl_jax.data import load, save_csv, save_npz
+
+
+@pytest.fixture
+def data(rng):
+    task = np.array([0, 1, 1, 2, 0, 2, 2])
+    return rng.normal(size=(7, 3)), rng.normal(size=7), task
+
+
+def test_npz_round_trip(tmp_path, data):
+    X, y, task = data
+    path = tmp_path / "d.npz"
+    save_npz(path, X=X, y=y, task=task)
+    for got, want in zip(load(path), data):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_csv_round_trip(tmp_path, data):
+    X, y, task = data
+    path = tmp_path / "d.csv"
+    save_csv(path, X, y, task, feature_names=["a", "b", "c"])
+    assert path.read_text().splitlines()[0] == "a,b,c,y,task"
+    for got, want in zip(load(path), data):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_csv_custom_columns_any_order(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("school,f1,score,f2\n3,1.5,2.0,0\n0,2.5,1.0,1\n1,0,0,0\n2,1,1,1\n")
+    X, y, task = load(path, task_column="school", target_column="score")
+    np.testing.assert_array_equal(X, [[1.5, 0], [2.5, 1], [0, 0], [1, 1]])
+    np.testing.assert_array_equal(y, [2.0, 1.0, 0, 1])
+    np.testing.assert_array_equal(task, [3, 0, 1, 2])
+
+
+def test_saves_leave_no_temp_files(tmp_path, data):
+    X, y, task = data
+    save_npz(tmp_path / "a.npz", X=X, y=y, task=task)
+    save_npz(tmp_path / "a.npz", X=X, y=y, task=task)  # overwrite in place
+    save_csv(tmp_path / "b.csv", X, y, task)
+    assert sorted(os.listdir(tmp_path)) == ["a.npz", "b.csv"]
+
+
+def test_failed_save_leaves_nothing_and_keeps_old_file(tmp_path, data):
+    X, y, task = data
+    path = tmp_path / "a.npz"
+    save_npz(path, X=X, y=y, task=task)
+    before = path.read_bytes()
+    with pytest.raises(ValueError):
+        save_npz(path, X=np.array([object()], dtype=object))
+    with pytest.raises(ValueError):
+        save_csv(tmp_path / "b.csv", X, y, task, feature_names=["only_one"])
+    assert os.listdir(tmp_path) == ["a.npz"] and path.read_bytes() == before
+
+
+def test_text_renamed_npz_raises(tmp_path):
+    path = tmp_path / "fake.npz"
+    path.write_text("X,y,task\n1,2,0\n")
+    with pytest.raises(ValueError, match="fake.npz.*not a valid .npz"):
+        load(path)
+
+
+def test_npz_object_array_raises(tmp_path, data):
+    X, y, task = data
+    path = tmp_path / "obj.npz"
+    np.savez(path, X=X, y=y, task=np.array([0, 1, 1, 2, 0, 2, "x"], dtype=object))  # needs pickle
+    with pytest.raises(ValueError, match="obj.npz.*'task'"):
+        load(path)
+
+
+def test_npz_missing_array_raises(tmp_path, data):
+    X, y, _ = data
+    path = tmp_path / "m.npz"
+    np.savez(path, X=X, y=y)
+    with pytest.raises(ValueError, match="m.npz.*missing.*task"):
+        load(path)
+
+
+def test_npz_wrong_shape_raises(tmp_path, data):
+    X, y, task = data
+    path = tmp_path / "s.npz"
+    np.savez(path, X=X.ravel(), y=y, task=task)
+    with pytest.raises(ValueError, match="s.npz.*'X'"):
+        load(path)
+
+
+def test_csv_missing_column_raises(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("x0,y\n1,2\n")
+    with pytest.raises(ValueError, match="c.csv.*'task'"):
+        load(path)
+
+
+def test_csv_non_numeric_value_raises(tmp_path):
+    path = tmp_path / "c.csv"
+    path.write_text("x0,y,task\n1,2,0\nabc,1,0\n")
+    with pytest.raises(ValueError, match=r"c.csv.*'abc'.*'x0'.*line 3"):
+        load(path)
+
+
+def test_csv_empty_file_raises(tmp_path):
+    path = tmp_path / "e.csv"
+    path.write_text("")
+    with pytest.raises(ValueError, match="e.csv.*empty"):
+        load(path)
+
+
+def test_csv_bad_data_is_named_with_path(tmp_path):
+    path = tmp_path / "n.csv"
+    path.write_text("x0,y,task\n1,nan,0\n")
+    with pytest.raises(ValueError, match="n.csv: y.*NaN"):
+        load(path)
+
+
+def test_unknown_extension_raises(tmp_path):
+    path = tmp_path / "d.parquet"
+    path.write_bytes(b"")
+    with pytest.raises(ValueError, match="d.parquet.*extension"):
+        load(path)

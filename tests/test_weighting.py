@@ -1,0 +1,387 @@
+"""Task-weighting schemes against NumPy re-implementations written here, on fixed loss sequences."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from mtl_jax import weighting
+
+K = 3
+
+# A fixed sequence of positive task losses (6 updates, 3 tasks): task 0 falls fast, task 1 slowly,
+# task 2 stalls and rises.
+LOSSES = np.array([
+    [2.00, 1.00, 0.50],
+    [1.50, 0.95, 0.52],
+    [1.00, 0.90, 0.55],
+    [0.80, 0.88, 0.60],
+    [0.50, 0.80, 0.58],
+    [0.40, 0.79, 0.61],
+])
+# Per-step gradient norms of the unweighted task losses (for gradnorm).
+GRAD_NORMS = np.array([
+    [3.0, 1.0, 0.2],
+    [2.5, 1.1, 0.3],
+    [2.0, 1.2, 0.3],
+    [1.8, 1.0, 0.4],
+    [1.5, 0.9, 0.4],
+    [1.2, 0.9, 0.5],
+])
+
+
+def np_k_softmax(x):
+    e = np.exp(x - np.max(x))
+    return len(x) * e / e.sum()
+
+
+def extra_for(scheme, step):
+    return {"grad_norms": jnp.asarray(GRAD_NORMS[step])} if "grad_norms" in scheme.needs else {}
+
+
+def run(scheme, losses=LOSSES, key=0, update=None):
+    """All weights of ``scheme`` over a loss sequence, and the states before each update."""
+    update = update or scheme.update
+    state = scheme.init(losses.shape[1], jax.random.key(key))
+    weights, states = [], []
+    for t, loss in enumerate(losses):
+        states.append(state)
+        w, state = update(jnp.asarray(loss), state, **extra_for(scheme, t))
+        weights.append(np.asarray(w))
+    return np.array(weights), states
+
+
+# ------------------------------------------------------------------------------------------------
+# Every scheme
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", weighting.SCHEMES)
+def test_weights_are_positive_and_sum_to_num_tasks(name):
+    scheme = weighting.get(name)
+    weights, states = run(scheme)
+    assert np.all(weights > 0)
+    if name == "uncertainty":
+        s = np.array([np.asarray(st.log_vars) for st in states])
+        np.testing.assert_allclose(weights, np.exp(-s) / 2, rtol=1e-12)
+    else:
+        np.testing.assert_allclose(weights.sum(axis=1), K, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", weighting.SCHEMES)
+def test_no_gradient_flows_through_the_weights(name):
+    scheme = weighting.get(name)
+    _, states = run(scheme)
+    state, loss, extra = states[3], jnp.asarray(LOSSES[3]), extra_for(scheme, 3)
+
+    def total(loss):
+        w, _ = scheme.update(loss, state, **extra)
+        return jnp.sum(w * loss)
+
+    w, _ = scheme.update(loss, state, **extra)
+    np.testing.assert_allclose(jax.grad(total)(loss), w, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", weighting.SCHEMES)
+def test_update_under_jit_matches_eager(name):
+    scheme = weighting.get(name)
+    eager, _ = run(scheme)
+    jitted, _ = run(scheme, update=jax.jit(scheme.update))
+    np.testing.assert_allclose(jitted, eager, rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", weighting.SCHEMES)
+def test_vmap_over_three_seeds_matches_three_separate_runs(name):
+    scheme = weighting.get(name)
+    seeds = np.array([0, 1, 2])
+    scales = np.array([[1.0, 1.0, 1.0], [0.5, 2.0, 1.0], [3.0, 0.2, 1.5]])
+    losses = LOSSES[None, :4] * scales[:, None, :]  # (seed, step, task)
+
+    separate = [run(scheme, losses[i], key=int(seeds[i]))[0] for i in range(3)]
+
+    keys = jax.vmap(jax.random.key)(seeds)
+    state = jax.vmap(lambda k: scheme.init(K, k))(keys)
+    step = jax.jit(jax.vmap(scheme.update))
+    vmapped = []
+    for t in range(losses.shape[1]):
+        extra = {n: jnp.broadcast_to(v, (3, K)) for n, v in extra_for(scheme, t).items()}
+        w, state = step(jnp.asarray(losses[:, t]), state, **extra)
+        vmapped.append(np.asarray(w))
+    vmapped = np.stack(vmapped, axis=1)  # (seed, step, task)
+    np.testing.assert_allclose(vmapped, np.array(separate), rtol=1e-12)
+
+
+@pytest.mark.parametrize("name", weighting.SCHEMES)
+def test_state_is_a_scan_carry_and_weights_take_the_losses_dtype(name):
+    scheme = weighting.get(name)
+    losses = jnp.asarray(LOSSES, dtype=jnp.float32)
+    norms = jnp.asarray(GRAD_NORMS, dtype=jnp.float32)
+
+    def step(state, inputs):
+        loss, g = inputs
+        extra = {"grad_norms": g} if scheme.needs else {}
+        weights, state = scheme.update(loss, state, **extra)
+        return state, weights
+
+    _, weights = jax.lax.scan(step, scheme.init(K, jax.random.key(0)), (losses, norms))
+    assert weights.dtype == jnp.float32
+    np.testing.assert_allclose(weights, run(scheme)[0], rtol=1e-5)
+
+
+def test_init_rejects_a_bad_num_tasks():
+    with pytest.raises(ValueError, match="num_tasks"):
+        weighting.equal().init(0)
+
+
+# ------------------------------------------------------------------------------------------------
+# DWA
+# ------------------------------------------------------------------------------------------------
+
+
+def test_dwa_gives_ones_then_k_softmax_of_loss_ratios():
+    T = 2.0
+    weights, _ = run(weighting.dwa(temperature=T))
+    expected = [np.ones(K), np.ones(K)]
+    for t in range(2, len(LOSSES)):
+        expected.append(np_k_softmax((LOSSES[t - 1] / LOSSES[t - 2]) / T))
+    np.testing.assert_allclose(weights, np.array(expected), rtol=1e-12)
+    assert not np.allclose(weights[2:], 1.0)
+
+
+# ------------------------------------------------------------------------------------------------
+# FAMO
+# ------------------------------------------------------------------------------------------------
+
+
+def np_famo(losses, lr=0.025, gamma=1e-3, eps=1e-8, b1=0.9, b2=0.999, adam_eps=1e-8):
+    """FAMO weights (rescaled to sum K) with the logit update of Cranial-XIX/FAMO famo.py:
+    Adam with L2 weight decay on the gradient J_softmax(xi)^T delta."""
+    k = losses.shape[1]
+    xi, m, v, n = np.zeros(k), np.zeros(k), np.zeros(k), 0
+    out = []
+    for t, loss in enumerate(losses):
+        if t > 0:
+            delta = np.log(losses[t - 1] + eps) - np.log(loss + eps)
+            z = np.exp(xi) / np.exp(xi).sum()
+            jac = np.diag(z) - np.outer(z, z)          # d z_i / d xi_j, symmetric
+            g = jac.T @ delta + gamma * xi             # torch Adam's weight_decay: L2 added to the grad
+            n += 1
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g ** 2
+            xi = xi - lr * (m / (1 - b1 ** n)) / (np.sqrt(v / (1 - b2 ** n)) + adam_eps)
+        z = np.exp(xi) / np.exp(xi).sum()
+        c = 1.0 / np.sum(z / (loss + eps))
+        out.append(k * c * z / (loss + eps))           # the paper's weights sum to 1; ours to K
+    return np.array(out), xi
+
+
+def test_famo_matches_numpy_logit_update():
+    weights, _ = run(weighting.famo(learning_rate=0.025, weight_decay=1e-3))
+    expected, _ = np_famo(LOSSES)
+    np.testing.assert_allclose(weights, expected, rtol=1e-10)
+
+
+def test_famo_logits_match_numpy_with_a_large_learning_rate():
+    scheme = weighting.famo(learning_rate=0.5, weight_decay=0.01)
+    _, states = run(scheme)  # states[5] is the state before the last update
+    w, state = scheme.update(jnp.asarray(LOSSES[5]), states[5])
+    expected_w, expected_xi = np_famo(LOSSES, lr=0.5, gamma=0.01)
+    np.testing.assert_allclose(state.logits, expected_xi, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(w, expected_w[-1], rtol=1e-10)
+    assert np.ptp(expected_xi) > 0.1  # the logits really moved
+
+
+# ------------------------------------------------------------------------------------------------
+# Uncertainty
+# ------------------------------------------------------------------------------------------------
+
+
+def test_uncertainty_closed_form_gradient_equals_autodiff(rng):
+    s = rng.normal(size=K)
+    loss = LOSSES[1]
+    auto = jax.grad(lambda s: jnp.sum((jnp.exp(-s) * loss + s) / 2))(jnp.asarray(s))
+    np.testing.assert_allclose(auto, (1 - np.exp(-s) * loss) / 2, rtol=1e-12)
+
+
+def test_uncertainty_log_variance_step_equals_optax_step_on_closed_form_gradient():
+    lr = 0.1
+    scheme = weighting.uncertainty(learning_rate=lr)
+    state = scheme.init(K)
+    opt = optax.adam(lr)
+    s = np.zeros(K)
+    opt_state = opt.init(jnp.asarray(s))
+    for loss in LOSSES:
+        w, state = scheme.update(jnp.asarray(loss), state)
+        np.testing.assert_allclose(w, np.exp(-s) / 2, rtol=1e-12)
+        grad = (1 - np.exp(-s) * loss) / 2
+        updates, opt_state = opt.update(jnp.asarray(grad), opt_state, jnp.asarray(s))
+        s = s + np.asarray(updates)
+        np.testing.assert_allclose(state.log_vars, s, rtol=1e-12, atol=1e-15)
+    assert np.ptp(s) > 0.1
+
+
+# ------------------------------------------------------------------------------------------------
+# GradNorm
+# ------------------------------------------------------------------------------------------------
+
+
+def np_gradnorm(losses, norms, alpha, lr, floor):
+    """Returns the weights used at each step (GradNorm Algorithm 1) and how often the floor bound."""
+    k = losses.shape[1]
+    w = np.ones(k)
+    out, floored = [], 0
+    for t in range(len(losses)):
+        out.append(w.copy())
+        ratio = losses[t] / losses[0]
+        r = ratio / ratio.mean()
+        gw = w * norms[t]
+        target = gw.mean() * r ** alpha
+        w = w - lr * np.sign(gw - target) * norms[t]
+        floored += int(np.sum(w < floor))
+        w = np.maximum(w, floor)
+        w = k * w / w.sum()
+    return np.array(out), floored
+
+
+@pytest.mark.parametrize("lr", [0.05, 0.6])
+def test_gradnorm_matches_numpy(lr):
+    weights, _ = run(weighting.gradnorm(alpha=1.5, learning_rate=lr, floor=1e-3))
+    expected, floored = np_gradnorm(LOSSES, GRAD_NORMS, alpha=1.5, lr=lr, floor=1e-3)
+    np.testing.assert_allclose(weights, expected, rtol=1e-12)
+    np.testing.assert_allclose(weights[0], 1.0)
+    if lr == 0.6:
+        assert floored > 0  # the floor was exercised
+
+
+def test_gradnorm_requires_grad_norms():
+    scheme = weighting.gradnorm()
+    assert scheme.needs == ("grad_norms",)
+    with pytest.raises(ValueError, match="grad_norms"):
+        scheme.update(jnp.asarray(LOSSES[0]), scheme.init(K))
+
+
+def test_only_gradnorm_needs_extra_inputs():
+    assert {n for n in weighting.SCHEMES if weighting.get(n).needs} == {"gradnorm"}
+
+
+# ------------------------------------------------------------------------------------------------
+# RLW
+# ------------------------------------------------------------------------------------------------
+
+
+def test_rlw_weights_are_k_softmax_of_normal_draws_from_the_state_key():
+    key = jax.random.key(7)
+    weights, _ = run(weighting.rlw(), key=7)
+    for t in range(len(LOSSES)):
+        key, sub = jax.random.split(key)
+        z = np.asarray(jax.random.normal(sub, (K,), dtype=jnp.float64))
+        np.testing.assert_allclose(weights[t], np_k_softmax(z), rtol=1e-12)
+
+
+def test_rlw_same_key_same_weights_different_keys_differ():
+    a, _ = run(weighting.rlw(), key=1)
+    b, _ = run(weighting.rlw(), key=1)
+    c, _ = run(weighting.rlw(), key=2)
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    assert not np.allclose(a[0], a[1])  # fresh draw at every update
+
+
+def test_rlw_init_without_key_raises():
+    with pytest.raises(ValueError, match="key"):
+        weighting.rlw().init(K)
+
+
+# ------------------------------------------------------------------------------------------------
+# Huq and Pervin
+# ------------------------------------------------------------------------------------------------
+
+HUQ_MODES = ["raw", "relative", "ema"]
+
+
+def np_huq_pervin(losses, temperature, mode, beta):
+    out, ema = [], None
+    for loss in losses:
+        ema = loss if ema is None else beta * ema + (1 - beta) * loss
+        signal = {"raw": loss, "relative": loss / losses[0], "ema": ema}[mode]
+        out.append(np_k_softmax(signal / temperature))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("mode", HUQ_MODES)
+def test_huq_pervin_matches_numpy(mode):
+    weights, _ = run(weighting.huq_pervin(temperature=0.5, mode=mode, beta=0.8))
+    np.testing.assert_allclose(weights, np_huq_pervin(LOSSES, 0.5, mode, 0.8), rtol=1e-12)
+
+
+@pytest.mark.parametrize("mode", HUQ_MODES)
+def test_huq_pervin_raising_a_loss_raises_its_weight(mode):
+    scheme = weighting.huq_pervin(temperature=0.5, mode=mode)
+    _, states = run(scheme)
+    state, loss = states[3], LOSSES[3]
+    base, _ = scheme.update(jnp.asarray(loss), state)
+    for k in range(K):
+        bumped = loss.copy()
+        bumped[k] += 0.3
+        w, _ = scheme.update(jnp.asarray(bumped), state)
+        assert w[k] > base[k]
+        np.testing.assert_allclose(np.sum(w), K, rtol=1e-12)
+        assert np.all(np.asarray(w) > 0)
+    if mode == "raw":  # the higher the current loss, the higher the weight
+        np.testing.assert_array_equal(np.argsort(np.asarray(base)), np.argsort(loss))
+
+
+@pytest.mark.parametrize("mode", HUQ_MODES)
+def test_huq_pervin_permuting_tasks_permutes_weights(mode):
+    perm = np.array([2, 0, 1])
+    scheme = weighting.huq_pervin(temperature=0.5, mode=mode)
+    weights, _ = run(scheme)
+    permuted, _ = run(scheme, LOSSES[:, perm])
+    np.testing.assert_allclose(permuted, weights[:, perm], rtol=1e-12)
+
+
+@pytest.mark.parametrize("kwargs, argument", [
+    (dict(temperature=0.0), "temperature"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(mode="log"), "mode"),
+    (dict(beta=1.0), "beta"),
+    (dict(beta=-0.1), "beta"),
+])
+def test_huq_pervin_rejects_bad_knobs(kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        weighting.huq_pervin(**kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation and the registry
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, kwargs, argument", [
+    ("dwa", dict(temperature=0.0), "temperature"),
+    ("uncertainty", dict(learning_rate=-1e-3), "learning_rate"),
+    ("uncertainty", dict(optimizer="adam"), "optimizer"),
+    ("rlw", dict(std=0.0), "std"),
+    ("famo", dict(learning_rate=0.0), "learning_rate"),
+    ("famo", dict(weight_decay=-1.0), "weight_decay"),
+    ("famo", dict(eps=0.0), "eps"),
+    ("gradnorm", dict(alpha=-1.0), "alpha"),
+    ("gradnorm", dict(learning_rate=float("nan")), "learning_rate"),
+    ("gradnorm", dict(floor=0.0), "floor"),
+])
+def test_factories_reject_bad_arguments_by_name(name, kwargs, argument):
+    with pytest.raises(ValueError, match=argument):
+        weighting.get(name, **kwargs)
+
+
+def test_get_unknown_name_raises():
+    with pytest.raises(ValueError, match="name"):
+        weighting.get("pcgrad")
+
+
+def test_get_constructs_every_scheme():
+    assert weighting.SCHEMES == ("equal", "huq_pervin", "dwa", "uncertainty", "rlw", "famo", "gradnorm")
+    for name in weighting.SCHEMES:
+        scheme = weighting.get(name)
+        assert isinstance(scheme, weighting.Weighting)
+        assert callable(scheme.init) and callable(scheme.update)
