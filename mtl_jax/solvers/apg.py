@@ -101,7 +101,7 @@ def _loop(step, state, max_iter, tol):
 
     def cond(carry):
         s, _ = carry
-        return (s.iteration < max_iter) & (s.gap > tol * jnp.abs(s.objective))
+        return (s.iteration < max_iter) & ((s.iteration == 0) | (s.gap > tol * jnp.abs(s.objective)))
 
     def body(carry):
         s, (objs, gaps) = carry
@@ -148,9 +148,11 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> A
     step_size = 1.0 / lipschitz
     X = sites.X
 
+    # The starting point is certified by the first step rather than here: the certificate is the
+    # costliest code to compile, and an infinite value makes that first step always accepted.
     a0 = margins(W0, X)
-    obj0, gap0, alpha0 = _primal_certificate(W0, a0, sites, loss, reg, reg.value(W0))
-    init = APGState(W0, W0, jnp.ones((), W0.dtype), obj0, W0, alpha0, obj0, gap0,
+    inf = jnp.asarray(jnp.inf, W0.dtype)
+    init = APGState(W0, W0, jnp.ones((), W0.dtype), inf, W0, jnp.zeros_like(sites.y), inf, inf,
                     jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), aux=(a0, a0))
 
     def step(s: APGState) -> APGState:
@@ -200,9 +202,10 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000) ->
         primal = empirical_loss(W, sites, loss) + reg_at_W
         return dual, W, primal
 
-    dual0, W0, primal0 = certify(alpha0)
-    init = APGState(alpha0, alpha0, jnp.ones((), alpha0.dtype), -dual0, W0, alpha0, primal0,
-                    primal0 - dual0, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    inf = jnp.asarray(jnp.inf, alpha0.dtype)
+    W0 = jnp.zeros(sites.X.shape[::2], alpha0.dtype)
+    init = APGState(alpha0, alpha0, jnp.ones((), alpha0.dtype), inf, W0, alpha0, inf, inf,
+                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def step(s: APGState) -> APGState:
         W_z, _, _ = reg.conjugate(_backward(s.z, X))
