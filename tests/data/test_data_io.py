@@ -123,3 +123,14 @@ def test_unknown_extension_raises(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(ValueError, match="d.parquet.*extension"):
         load(path)
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    import os
+    from mtl_jax.data.io import atomic_write
+    path = tmp_path / "out.txt"
+    with atomic_write(path, "w") as f:
+        f.write("x")
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)

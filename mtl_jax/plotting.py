@@ -1,0 +1,248 @@
+"""Figures of fits: convergence curves and task-covariance heat maps (matplotlib, no display needed).
+
+Figures are built as ``matplotlib.figure.Figure`` objects rendered by the Agg canvas, without
+``pyplot``: nothing here selects a global backend, opens a window or needs a display, so the
+module works on headless machines and does not disturb an interactive session that imports it.
+Pass your own ``ax`` to draw into an existing figure (from ``pyplot`` or not).
+
+    from mtl_jax import plotting
+    axes = plotting.plot_convergence({"apg": result.history_arrays()})
+    plotting.save_figure(axes[0].figure, "convergence.png")
+
+A convergence plot shows, per labelled history, on log y axes:
+
+* the relative sub-optimality ``(J_k - J*) / |J*|`` against the reference ``J*`` (the known
+  optimum if given, else a *certified lower bound* on it, so the curve never touches zero and
+  an upper bound on the true sub-optimality is shown), and
+* the relative duality gap ``gap_k / |J_k|``, the solver's own certificate.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from mtl_jax.data.io import atomic_write
+
+X_AXES = {"round": "iteration / round", "seconds": "seconds (compilation excluded)"}
+
+
+def _history_columns(label, history, x):
+    if not isinstance(history, Mapping):
+        raise ValueError(f"histories[{label!r}]: must be a dict of arrays, got {type(history).__name__}")
+    missing = [k for k in (x, "objective", "gap") if k not in history]
+    if missing:
+        raise ValueError(f"histories[{label!r}]: missing column(s) {missing} (found: {sorted(history)})")
+    cols = {}
+    for k in (x, "objective", "gap"):
+        a = np.asarray(history[k], dtype=float)
+        if a.ndim != 1:
+            raise ValueError(f"histories[{label!r}][{k!r}]: must be 1-D, got shape {a.shape}")
+        cols[k] = a
+    n = len(cols[x])
+    if any(len(a) != n for a in cols.values()):
+        raise ValueError(f"histories[{label!r}]: columns {x!r}, 'objective', 'gap' differ in length")
+    return cols[x], cols["objective"], cols["gap"]
+
+
+def _positive_or_nan(a):
+    """Values a log axis can show; the rest (<= 0, NaN, Inf) become NaN (a break in the line)."""
+    a = np.asarray(a, dtype=float)
+    return np.where(np.isfinite(a) & (a > 0), a, np.nan)
+
+
+def certified_lower_bound(histories) -> float:
+    """The best lower bound on ``min J`` that the histories certify: ``max_k (J_k - gap_k)``.
+
+    Every finite duality gap gives ``J_k - gap_k <= min J``; the largest such value is at least
+    ``min_k J_k - min_k gap_k`` (the best J minus the smallest gap), and tighter. When no history
+    has a finite gap, the smallest J is returned (then only an estimate, not a bound). All
+    histories are assumed to minimise the same J.
+
+    Args:
+      histories: ``{label: {"objective": (n,), "gap": (n,), ...}}``.
+    """
+    lows, best = [], []
+    for h in histories.values():
+        J, g = np.asarray(h["objective"], dtype=float), np.asarray(h["gap"], dtype=float)
+        ok = np.isfinite(J) & np.isfinite(g)
+        if ok.any():
+            lows.append(np.max(J[ok] - np.maximum(g[ok], 0.0)))
+        if np.isfinite(J).any():
+            best.append(np.min(J[np.isfinite(J)]))
+    if lows:
+        return float(max(lows))
+    if best:
+        return float(min(best))
+    raise ValueError("histories: no finite objective value to take as the optimum")
+
+
+def plot_convergence(histories, *, x="round", optimum=None, ax=None):
+    """Convergence curves of several runs on log y axes.
+
+    Args:
+      histories: ``{label: history}``, each history a dict of 1-D arrays of one length n (n may be
+        0) with keys ``"objective"`` (J_k), ``"gap"`` (duality gap of J_k; NaN where undefined) and
+        the x column (``"round"`` and/or ``"seconds"``), e.g. ``FitResult.history_arrays()``.
+      x: ``"round"`` or ``"seconds"``, the horizontal axis.
+      optimum: the reference ``J*`` of the sub-optimality ``(J_k - J*) / |J*|`` (absolute
+        ``J_k - J*`` when ``J* = 0``). Default: :func:`certified_lower_bound` over all
+        histories, which assumes they minimise the same J.
+      ax: None (a new figure with two panels), one ``Axes`` (both quantities on it: sub-optimality
+        solid, gap dashed) or a pair of ``Axes`` (sub-optimality, gap).
+
+    Returns:
+      ``(ax_suboptimality, ax_gap)``, the two Axes drawn into (the same Axes twice when one was
+      given); the figure is ``ax_suboptimality.figure``.
+
+    Raises:
+      ValueError: empty ``histories``, a history without the needed columns or with columns of
+        different lengths, an unknown ``x``, a non-finite ``optimum``, a bad ``ax``.
+    """
+    if x not in X_AXES:
+        raise ValueError(f"x: must be one of {sorted(X_AXES)}, got {x!r}")
+    if not isinstance(histories, Mapping) or not histories:
+        raise ValueError("histories: must be a non-empty dict {label: history}")
+    columns = {str(label): _history_columns(label, h, x) for label, h in histories.items()}
+    if optimum is None:
+        optimum = certified_lower_bound({k: {"objective": c[1], "gap": c[2]} for k, c in columns.items()})
+        reference = "certified lower bound on J*"
+    else:
+        try:
+            optimum = float(optimum)
+        except (TypeError, ValueError):
+            raise ValueError(f"optimum: must be a number, got {optimum!r}") from None
+        if not np.isfinite(optimum):
+            raise ValueError(f"optimum: must be finite, got {optimum!r}")
+        reference = "J*"
+    scale = abs(optimum) if optimum != 0 else 1.0
+
+    if ax is None:
+        fig = Figure(figsize=(11, 4.2), layout="constrained")
+        ax_sub, ax_gap = fig.subplots(1, 2)
+    elif isinstance(ax, Axes):
+        ax_sub = ax_gap = ax
+    elif isinstance(ax, Sequence) and len(ax) == 2 and all(isinstance(a, Axes) for a in ax):
+        ax_sub, ax_gap = ax
+    else:
+        raise ValueError("ax: must be None, a matplotlib Axes or a pair of Axes")
+    shared = ax_sub is ax_gap
+
+    for i, (label, (xs, J, gap)) in enumerate(columns.items()):
+        color = f"C{i % 10}"
+        sub = _positive_or_nan((J - optimum) / scale)
+        rel_gap = _positive_or_nan(gap / np.abs(J))
+        ax_sub.plot(xs, sub, color=color, label=f"{label}: (J - J*)/|J*|" if shared else label)
+        ax_gap.plot(xs, rel_gap, color=color, linestyle="--" if shared else "-",
+                    label=f"{label}: gap/J" if shared else label)
+
+    ax_sub.set_yscale("log")
+    ax_gap.set_yscale("log")
+    ax_sub.set_xlabel(X_AXES[x])
+    ax_gap.set_xlabel(X_AXES[x])
+    if shared:
+        ax_sub.set_ylabel("relative sub-optimality (solid), relative gap (dashed)")
+        ax_sub.set_title(f"convergence (J* = {optimum:.10g}, {reference})", fontsize="medium")
+        ax_sub.legend(fontsize="small")
+    else:
+        ax_sub.set_ylabel("(J - J*) / |J*|" if optimum != 0 else "J - J*")
+        ax_sub.set_title(f"sub-optimality (J* = {optimum:.10g}, {reference})", fontsize="medium")
+        ax_gap.set_ylabel("duality gap / J")
+        ax_gap.set_title("relative duality gap (certificate)", fontsize="medium")
+        ax_sub.legend(fontsize="small")
+        ax_gap.legend(fontsize="small")
+    for a in {id(ax_sub): ax_sub, id(ax_gap): ax_gap}.values():
+        a.grid(True, which="major", alpha=0.3)
+        if x == "round":
+            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return ax_sub, ax_gap
+
+
+def plot_omega(Omega, *, ax=None, order=None, title=None):
+    """Heat map of a task covariance ``Omega`` (m, m), optionally with the tasks reordered.
+
+    The colour scale is diverging and symmetric about 0 (``Omega`` is positive semi-definite, but
+    off-diagonal entries can be negative: anti-correlated tasks).
+
+    Args:
+      Omega: (m, m) real, finite matrix (``FitResult.Omega``).
+      ax: an ``Axes`` to draw into; None makes a new figure.
+      order: (m,) a permutation of 0..m-1; row/column i of the picture is task ``order[i]``.
+        To group planted clusters: ``order=np.argsort(clusters, kind="stable")``.
+      title: the Axes title (default ``"Omega (m x m)"``).
+
+    Returns:
+      the ``Axes`` drawn into (its figure is ``ax.figure``; a colour bar is attached).
+
+    Raises:
+      ValueError: ``Omega`` not a finite square real matrix, ``order`` not a permutation, bad ``ax``.
+    """
+    Omega = np.asarray(Omega)
+    if Omega.ndim != 2 or Omega.shape[0] != Omega.shape[1] or Omega.shape[0] == 0:
+        raise ValueError(f"Omega: must be a square (m, m) matrix, got shape {Omega.shape}")
+    if Omega.dtype.kind not in "iuf":
+        raise ValueError(f"Omega: must be real numbers, got dtype {Omega.dtype}")
+    Omega = Omega.astype(np.float64)
+    if not np.isfinite(Omega).all():
+        raise ValueError("Omega: contains NaN or Inf")
+    m = Omega.shape[0]
+    if order is not None:
+        order = np.asarray(order)
+        if order.shape != (m,) or order.dtype.kind not in "iu" or not np.array_equal(np.sort(order), np.arange(m)):
+            raise ValueError(f"order: must be a permutation of 0..{m - 1} (integer array of shape ({m},))")
+        Omega = Omega[np.ix_(order, order)]
+    if ax is None:
+        fig = Figure(figsize=(5.6, 4.8), layout="constrained")
+        ax = fig.subplots()
+    elif not isinstance(ax, Axes):
+        raise ValueError("ax: must be None or a matplotlib Axes")
+    vmax = float(np.max(np.abs(Omega))) or 1.0
+    image = ax.imshow(Omega, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
+    ax.figure.colorbar(image, ax=ax, shrink=0.85)
+    ax.set_title(f"Omega ({m} x {m})" if title is None else title, fontsize="medium")
+    ax.set_xlabel("task" + (" (reordered)" if order is not None else ""))
+    ax.set_ylabel("task" + (" (reordered)" if order is not None else ""))
+    return ax
+
+
+def save_figure(fig, path, *, dpi=120):
+    """Write ``fig`` to ``path`` atomically and close it.
+
+    The image goes to a temporary file next to ``path`` which is renamed over ``path``
+    (``os.replace``) only once complete, so a reader never sees a partial image; on failure no
+    temporary file is left. The format follows the extension (``.png``, ``.pdf``, ``.svg``, ...).
+    The figure is closed afterwards (released from ``pyplot`` if it was made there), also on failure.
+
+    Args:
+      fig: a matplotlib ``Figure`` (an ``Axes`` is accepted too: its figure is saved).
+      path: the output file.
+      dpi: resolution of raster formats.
+
+    Returns:
+      ``path`` as a string.
+    """
+    if isinstance(fig, Axes):
+        fig = fig.figure
+    if not isinstance(fig, Figure):
+        raise ValueError(f"fig: must be a matplotlib Figure, got {type(fig).__name__}")
+    path = os.fspath(path)
+    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    if not ext:
+        raise ValueError(f"path: {path!r} needs an extension naming the image format (e.g. .png)")
+    supported = fig.canvas.get_supported_filetypes()
+    if ext not in supported:
+        raise ValueError(f"path: unsupported image format {ext!r}; expected one of {', '.join(sorted(supported))}")
+    try:
+        with atomic_write(path, "wb") as f:
+            fig.savefig(f, format=ext, dpi=dpi)
+    finally:
+        if "matplotlib.pyplot" in sys.modules:
+            with contextlib.suppress(Exception):
+                sys.modules["matplotlib.pyplot"].close(fig)
+    return path

@@ -1,0 +1,138 @@
+"""mtl_jax.plotting: figures build without a display, reference values, atomic saving."""
+import os
+
+import numpy as np
+import pytest
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from mtl_jax import plotting
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def histories():
+    J = np.array([10.0, 6.0, 5.2, 5.01, 5.001])
+    gap = np.array([8.0, 2.0, 0.3, 0.02, 0.002])
+    run = {"round": np.arange(1, 6), "objective": J, "gap": gap, "seconds": np.linspace(0.1, 0.5, 5)}
+    slow = {"round": np.arange(1, 4), "objective": J[:3] + 1, "gap": gap[:3] + 1, "seconds": np.linspace(0.2, 0.6, 3)}
+    return {"fast": run, "slow": slow}
+
+
+def test_certified_lower_bound_is_max_of_J_minus_gap(histories):
+    J, gap = histories["fast"]["objective"], histories["fast"]["gap"]
+    assert plotting.certified_lower_bound(histories) == pytest.approx(np.max(J - gap))
+    assert plotting.certified_lower_bound(histories) >= J.min() - gap.min()
+
+
+def test_certified_lower_bound_without_gaps_falls_back_to_best_J():
+    h = {"a": {"objective": np.array([3.0, 2.0]), "gap": np.array([np.nan, np.nan])}}
+    assert plotting.certified_lower_bound(h) == 2.0
+
+
+def test_plot_convergence_returns_two_log_axes(histories):
+    ax_sub, ax_gap = plotting.plot_convergence(histories)
+    assert isinstance(ax_sub, Axes) and isinstance(ax_gap, Axes) and ax_sub.figure is ax_gap.figure
+    assert ax_sub.get_yscale() == ax_gap.get_yscale() == "log"
+    assert [t.get_text() for t in ax_sub.get_legend().get_texts()] == ["fast", "slow"]
+    fast_line = ax_sub.get_lines()[0]
+    lower = 5.001 - 0.002       # max over both runs of J_k - gap_k, at the last round of "fast"
+    np.testing.assert_allclose(fast_line.get_ydata(), (histories["fast"]["objective"] - lower) / lower)
+    np.testing.assert_allclose(ax_gap.get_lines()[0].get_ydata(), histories["fast"]["gap"] / histories["fast"]["objective"])
+
+
+def test_plot_convergence_given_optimum_seconds_and_single_axes(histories):
+    fig = Figure()
+    ax = fig.subplots()
+    ax_sub, ax_gap = plotting.plot_convergence(histories, x="seconds", optimum=5.0, ax=ax)
+    assert ax_sub is ax_gap is ax
+    fast = ax.get_lines()[0]
+    np.testing.assert_array_equal(fast.get_xdata(), histories["fast"]["seconds"])
+    np.testing.assert_allclose(fast.get_ydata(), (histories["fast"]["objective"] - 5.0) / 5.0)
+    assert len(ax.get_lines()) == 4     # sub-optimality and gap per run
+
+
+def test_plot_convergence_masks_non_positive_values_for_log_axes():
+    h = {"a": {"round": np.arange(1, 4), "objective": np.array([2.0, 1.0, 1.0]), "gap": np.array([1.0, 0.0, np.nan])}}
+    ax_sub, ax_gap = plotting.plot_convergence(h, optimum=1.0)
+    assert np.isnan(ax_sub.get_lines()[0].get_ydata()[1:]).all()
+    assert np.isnan(ax_gap.get_lines()[0].get_ydata()[1:]).all()
+
+
+def test_plot_convergence_accepts_an_empty_history(histories):
+    empty = {k: np.array([]) for k in ("round", "objective", "gap", "seconds")}
+    plotting.plot_convergence({**histories, "resumed at optimum": empty})
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(histories={}), "histories"),
+    (dict(histories={"a": {"round": [1], "objective": [1.0]}}), "gap"),
+    (dict(histories={"a": {"round": [1, 2], "objective": [1.0], "gap": [0.1]}}), "length"),
+    (dict(histories={"a": {"round": [1], "objective": [1.0], "gap": [0.1]}}, x="time"), "x"),
+    (dict(histories={"a": {"round": [1], "objective": [1.0], "gap": [0.1]}}, optimum=float("nan")), "optimum"),
+])
+def test_plot_convergence_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plotting.plot_convergence(**kwargs)
+
+
+def test_plot_omega_reorders(rng):
+    A = rng.normal(size=(5, 3))
+    Omega = A @ A.T
+    order = np.array([4, 2, 0, 1, 3])
+    ax = plotting.plot_omega(Omega, order=order, title="learned")
+    assert isinstance(ax, Axes) and ax.get_title() == "learned"
+    np.testing.assert_array_equal(ax.get_images()[0].get_array(), Omega[np.ix_(order, order)])
+
+
+@pytest.mark.parametrize("Omega, order, match", [
+    (np.ones((2, 3)), None, "Omega"),
+    (np.array([[1.0, np.nan], [np.nan, 1.0]]), None, "NaN"),
+    (np.eye(3), np.array([0, 0, 1]), "permutation"),
+])
+def test_plot_omega_rejects_bad_input(Omega, order, match):
+    with pytest.raises(ValueError, match=match):
+        plotting.plot_omega(Omega, order=order)
+
+
+def test_save_figure_writes_png_atomically(tmp_path, histories):
+    ax_sub, _ = plotting.plot_convergence(histories)
+    path = tmp_path / "conv.png"
+    path.write_bytes(b"old")
+    assert plotting.save_figure(ax_sub.figure, path) == str(path)
+    assert path.read_bytes().startswith(PNG_MAGIC)
+    assert os.listdir(tmp_path) == ["conv.png"]
+
+
+def test_save_figure_failure_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
+    ax = plotting.plot_omega(np.eye(3))
+    path = tmp_path / "omega.png"
+    path.write_bytes(b"old")
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ax.figure, "savefig", fail)
+    with pytest.raises(RuntimeError):
+        plotting.save_figure(ax.figure, path)
+    assert path.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["omega.png"]
+
+
+def test_save_figure_rejects_unknown_format(tmp_path):
+    ax = plotting.plot_omega(np.eye(2))
+    with pytest.raises(ValueError, match="format"):
+        plotting.save_figure(ax.figure, tmp_path / "omega.xyz")
+    assert os.listdir(tmp_path) == []
+
+
+def test_save_figure_closes_pyplot_figures(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure()
+    plotting.plot_omega(np.eye(2), ax=fig.subplots())
+    plotting.save_figure(fig, tmp_path / "o.png")
+    assert not plt.fignum_exists(fig.number)
