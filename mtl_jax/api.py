@@ -60,7 +60,7 @@ class FitResult:
 
 
 def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method="apg", tol=1e-6,
-        max_iter=None, W0=None, num_tasks=None, eps=DEFAULT_EPS, **solver_options) -> FitResult:
+        max_iter=None, W0=None, alpha0=None, num_tasks=None, eps=DEFAULT_EPS, **solver_options) -> FitResult:
     """Learn MTRL task models ``W`` and the task covariance ``Omega`` (Zhang and Yeung 2010; DMTRL 2017).
 
     Minimises ``J(W) = sum_t (1/n_t) sum_i loss(y_ti, <w_t, x_ti>) + (lam1/2)||W||_F^2
@@ -79,6 +79,8 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
       tol: relative duality-gap tolerance on J.
       max_iter: iteration cap (APG, default 5000) or alternation cap (default 100).
       W0: (m, d) warm start (primal methods), e.g. the ``W`` of an earlier result.
+      alpha0: (N,) warm start of the dual variables, in the input row order (dual methods, and the
+        hinge W-step of the alternation), e.g. the ``alpha`` of an earlier result.
       num_tasks: m, when it is larger than ``max(task) + 1`` would say (every task still needs data).
       eps: relative eigenvalue floor of the Omega-step.
       **solver_options: ``inner_tol``, ``inner_max_iter`` of the alternation's W-step.
@@ -105,8 +107,10 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
         raise ValueError(f"unknown solver option(s) {sorted(unknown)}")
 
     sites = to_sites(X, y, task, num_tasks=m)
+    if alpha0 is not None:
+        alpha0 = _dual_start(alpha0, y, task, loss, np.asarray(sites.index))
     out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
-                            max_iter=max_iter, W0=W0, eps=eps, **solver_options)
+                            max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps, **solver_options)
     alpha = np.zeros(len(y), dtype=out.alpha.dtype)
     index = np.asarray(sites.index)
     alpha[index[index >= 0]] = out.alpha[index >= 0]
@@ -116,6 +120,23 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     return FitResult(W=out.W, omega=out.omega, history=out.history, objective=out.objective,
                      gap=out.gap, converged=out.converged, iterations=out.iterations, config=config,
                      alpha=alpha, compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)
+
+
+def _dual_start(alpha0, y, task, loss, index):
+    """``alpha0`` (N,) in input order -> padded (m, n_max), checked to lie in the dual domain."""
+    alpha0 = np.asarray(alpha0, dtype=y.dtype)
+    if alpha0.shape != y.shape or not np.all(np.isfinite(alpha0)):
+        raise ValueError(f"alpha0 must be a finite array of shape {y.shape}, got shape {alpha0.shape}")
+    if loss in ("hinge", "logistic"):
+        # Dual domain: 0 <= y alpha <= c_t = 1 / n_t.
+        c = 1.0 / np.bincount(task)[task]
+        scaled = y * alpha0 / c
+        if np.any(scaled < -1e-9) or np.any(scaled > 1 + 1e-9):
+            raise ValueError("alpha0 is not dual feasible: need 0 <= y * alpha0 <= 1 / n_t for every sample")
+        alpha0 = y * c * np.clip(scaled, 0.0, 1.0)
+    padded = np.zeros(index.shape, dtype=alpha0.dtype)
+    padded[index >= 0] = alpha0[index[index >= 0]]
+    return padded
 
 
 def objective(W, X, y, task, *, lam1, lam2, loss="squared"):

@@ -338,14 +338,13 @@ def cmd_fit(args) -> int:
                            f"data needs ({m}, {d}) (m tasks, d features with preprocessing '{preprocessing}')")
         if not np.issubdtype(W0.dtype, np.floating) or not np.isfinite(W0).all():
             raise CLIError(f"--resume: the W in {os.path.join(out, 'result.npz')} is not a finite float array")
-        dual = args.method == "apg_dual" or (args.method == "apg" and get_loss(args.loss).curvature is None)
-        if dual:
-            print(f"note: --resume: method {args.method!r} with loss {args.loss!r} runs on the dual, which "
-                  "mtl_jax.fit cannot warm-start from W; it starts from scratch", file=sys.stderr)
+    alpha0 = None
+    if W0 is not None and "alpha" in saved and saved["alpha"].shape == (n,):
+        alpha0 = saved["alpha"].astype(X.dtype)  # warm-starts the dual methods and the hinge W-step
 
     loaded = time.perf_counter()
     res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, method=args.method,
-                      tol=args.tol, max_iter=args.max_iter, W0=W0)
+                      tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0)
     fitted = time.perf_counter()
 
     history = res.history_arrays()

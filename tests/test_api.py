@@ -90,3 +90,20 @@ def test_objective_rejects_mismatched_w(data):
         mtl_jax.objective(np.zeros((5, 4)), X, y, task, lam1=0.1, lam2=1.0)
     with pytest.raises(ValueError, match="W"):
         mtl_jax.objective(np.full((5, 3), np.nan), X, y, task, lam1=0.1, lam2=1.0)
+
+
+def test_dual_warm_start_from_alpha():
+    X, y, task, _ = make_clustered_tasks(6, 4, samples_per_task=20, loss="hinge", seed=3)
+    kw = dict(lam1=0.1, lam2=1.0, loss="hinge", tol=1e-8)
+    cold = mtl_jax.fit(X, y, task, **kw)
+    warm = mtl_jax.fit(X, y, task, alpha0=cold.alpha, **kw)
+    assert warm.iterations < cold.iterations
+    np.testing.assert_allclose(warm.objective, cold.objective, rtol=1e-7)
+
+
+def test_infeasible_alpha0_is_rejected():
+    X, y, task, _ = make_clustered_tasks(6, 4, samples_per_task=20, loss="hinge", seed=3)
+    with pytest.raises(ValueError, match="alpha0"):
+        mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, loss="hinge", alpha0=-y)  # y * alpha0 < 0
+    with pytest.raises(ValueError, match="alpha0"):
+        mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, loss="hinge", alpha0=np.zeros(3))
