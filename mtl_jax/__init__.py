@@ -7,7 +7,8 @@ Distributed Multi-Task Relationship Learning (Liu, Pan, Ho, KDD 2017) and loss-d
     result = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)   # result.W (m, d), result.Omega (m, m)
     mtl_jax.objective(result.W, X, y, task, lam1=0.1, lam2=1.0)
 """
+from mtl_jax import data, losses, mtrl, weighting
 from mtl_jax.api import FitResult, fit, objective
 
-__all__ = ["FitResult", "fit", "objective"]
+__all__ = ["FitResult", "data", "fit", "losses", "mtrl", "objective", "weighting"]
 __version__ = "0.1.0"

@@ -90,6 +90,8 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     """
     X, y, task, m = validate_dataset(X, y, task, loss=loss, num_tasks=num_tasks)
     lam1, lam2 = validate_lams(lam1, lam2)
+    if solver == "dmtrl":
+        raise ValueError("solver 'dmtrl' (the distributed dual solver) is not available yet; use solver='centralized'")
     if solver not in SOLVERS:
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     if method not in centralized.METHODS:
