@@ -1,0 +1,553 @@
+"""Jitted multi-task training with loss-driven task weighting, vmapped over seeds (issue 4).
+
+One pure step does: draw a batch from the state's key, forward, per-task losses ``L`` (K,), weights
+``w`` from the scheme (no gradient), the gradient of ``sum_k w_k L_k`` (+ the MTRL regulariser of the
+heads, :mod:`mtl_jax.models`), an optax update, and the scheme's state update. Everything that changes
+lives in one pytree, :class:`TrainState`; the loop is a ``lax.scan`` over steps, and
+:func:`train_seeds` ``vmap``s the whole run (init, loop, test metrics) over seeds, so S seeds train as one
+compiled program (the weight init is compiled separately, once per model, and shared by all schemes).
+
+Typical use (what an experiment or benchmark script needs)::
+
+    from mtl_jax.data.deep import multi_digits
+    from mtl_jax.training import TrainConfig, train, train_seeds
+
+    data = multi_digits(2000, 500, seed=0)
+    cfg = TrainConfig(model="cnn", scheme="dwa", steps=500, batch_size=64, learning_rate=1e-3)
+    res = train_seeds(cfg, data, seeds=range(5))
+    res.history.task_losses   # (S, T, K) batch losses per step, unweighted
+    res.history.weights       # (S, T, K) the weights the scheme gave at each step
+    res.test.accuracy         # (S, K) per-task test accuracy (NaN for regression tasks)
+
+Losses: softmax cross-entropy for a classification task, mean squared error (averaged over the task's
+outputs) for a regression task. A task's batch loss is the mean over the batch samples that its mask
+marks; a task with no marked sample in the batch gets loss 0 (its gradient is 0) -- which schemes that
+divide by losses (dwa, famo, gradnorm) cannot take, so for tasks on disjoint samples use
+``stratify=True`` or the full batch. Batches are drawn on the device from the state's key
+(:func:`draw_batch`: uniformly with replacement, or stratified by task; ``batch_size=None``: the full
+training set at every step), so the same seed gives the same numbers.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import numbers
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from mtl_jax import weighting as weighting_lib
+from mtl_jax.data.deep import CLASSIFICATION, MultiTaskDataset, Split, TaskSpec, validate_split, validate_spec
+from mtl_jax.models import (
+    MTRLCoupling,
+    head_matrix,
+    initial_omega,
+    last_shared_kernel,
+    make_model,
+    mtrl_regulariser,
+    num_heads,
+    refresh_omega,
+    validate_coupling,
+)
+
+_SUPPORTED_EXTRAS = ("grad_norms",)
+_OPTIMIZERS = ("adam", "sgd")
+_DTYPES = ("float32", "float64")
+
+
+# ----------------------------------------------------------------------------- state and records
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training, as one pytree (scan carry, vmapped over seeds).
+
+    params: flax params of the model (the inner ``variables["params"]`` dict)
+    opt_state: optax state of the model optimizer
+    scheme_state: the weighting scheme's state (its NamedTuple)
+    omega: (K, K) task-relationship matrix of the MTRL heads, or None without MTRL heads
+    step: () int32, optimiser steps taken so far
+    key: PRNG key from which the next batch is drawn
+    """
+
+    params: Any
+    opt_state: Any
+    scheme_state: Any
+    omega: jax.Array | None
+    step: jax.Array
+    key: jax.Array
+
+
+class StepMetrics(NamedTuple):
+    """What one step records (stacked by the scan: leading axis T, then S under :func:`train_seeds`).
+
+    task_losses: (K,) unweighted batch losses, before the update
+    weights: (K,) the scheme's weights used for this step
+    total_loss: () ``sum(weights * task_losses) + regulariser``
+    regulariser: () the MTRL head regulariser (0 without MTRL heads)
+    grad_norms: (K,) norms of each unweighted task loss's gradient w.r.t. the last shared kernel,
+        or None when the scheme does not need them
+    """
+
+    task_losses: jax.Array
+    weights: jax.Array
+    total_loss: jax.Array
+    regulariser: jax.Array
+    grad_norms: jax.Array | None
+
+
+class TestMetrics(NamedTuple):
+    """Per-task metrics on a split, all (K,); NaN where a metric does not apply to the task's kind.
+
+    task_loss: cross-entropy or MSE (as in training); accuracy: classification tasks;
+    mse, mae: regression tasks (averaged over the samples and the task's outputs)."""
+
+    task_loss: jax.Array
+    accuracy: jax.Array
+    mse: jax.Array
+    mae: jax.Array
+
+
+class TrainResult(NamedTuple):
+    """Output of :func:`train` (and, with a leading seed axis S on every leaf, of :func:`train_seeds`).
+
+    state: the final :class:`TrainState`; history: :class:`StepMetrics` with leading axis T (steps);
+    test: :class:`TestMetrics` of the final parameters on the test split."""
+
+    state: TrainState
+    history: StepMetrics
+    test: TestMetrics
+
+
+# ----------------------------------------------------------------------------- losses and metrics
+
+
+def per_sample_losses(outputs: Sequence[jax.Array], ys: Sequence[jax.Array], kinds: Sequence[str]) -> jax.Array:
+    """(B, K) loss of each sample for each task.
+
+    outputs[k]: (B, C_k) logits or (B, D_k) predictions; ys[k]: (B,) int labels or (B, D_k) targets.
+    Cross-entropy (natural log) for classification, mean over the D_k outputs of the squared error for
+    regression."""
+    columns = []
+    for out, y, kind in zip(outputs, ys, kinds):
+        if kind == CLASSIFICATION:
+            columns.append(optax.softmax_cross_entropy_with_integer_labels(out, y))
+        else:
+            columns.append(jnp.mean((out - y) ** 2, axis=-1))
+    return jnp.stack(columns, axis=1)
+
+
+def masked_task_mean(values: jax.Array, mask: jax.Array) -> jax.Array:
+    """(B, K) values, (B, K) bool mask -> (K,) mean over the marked samples of each task (0 if none)."""
+    count = jnp.sum(mask, axis=0)
+    total = jnp.sum(jnp.where(mask, values, 0.0), axis=0)
+    return total / jnp.maximum(count, 1).astype(values.dtype)
+
+
+def task_losses(model, params, x: jax.Array, ys, mask: jax.Array, kinds: Sequence[str]) -> jax.Array:
+    """(K,) per-task mean losses of ``model`` with ``params`` on a batch ``x`` (B, ...)."""
+    outputs = model.apply({"params": params}, x)
+    return masked_task_mean(per_sample_losses(outputs, ys, kinds), mask)
+
+
+def evaluate(model, params, split: Split, kinds: Sequence[str]) -> TestMetrics:
+    """:class:`TestMetrics` of ``params`` on a whole split (arrays on the device)."""
+    outputs = model.apply({"params": params}, split.x)
+    dtype = outputs[0].dtype
+    nan = jnp.full((), jnp.nan, dtype)
+    loss = masked_task_mean(per_sample_losses(outputs, split.y, kinds), split.mask)
+    acc, mse, mae = [], [], []
+    for k, (out, y, kind) in enumerate(zip(outputs, split.y, kinds)):
+        m = split.mask[:, k]
+        n = jnp.maximum(jnp.sum(m), 1).astype(dtype)
+        if kind == CLASSIFICATION:
+            acc.append(jnp.sum(jnp.where(m, jnp.argmax(out, axis=-1) == y, False)) / n)
+            mse.append(nan)
+            mae.append(nan)
+        else:
+            err = out - y
+            acc.append(nan)
+            mse.append(jnp.sum(jnp.where(m, jnp.mean(err**2, axis=-1), 0.0)) / n)
+            mae.append(jnp.sum(jnp.where(m, jnp.mean(jnp.abs(err), axis=-1), 0.0)) / n)
+    return TestMetrics(loss, jnp.stack(acc).astype(dtype), jnp.stack(mse), jnp.stack(mae))
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def init_params(model, key: jax.Array, sample_x: jax.Array) -> Any:
+    """The model's initial params for ``key`` (the same ones :func:`init_state` uses for that key)."""
+    k_model, _, _ = jax.random.split(key, 3)
+    return model.init(k_model, sample_x)["params"]
+
+
+def init_state(
+    model,
+    scheme: weighting_lib.Weighting,
+    optimizer: optax.GradientTransformation,
+    key: jax.Array,
+    sample_x: jax.Array,
+    *,
+    mtrl: MTRLCoupling | None = None,
+    params: Any = None,
+) -> TrainState:
+    """The initial :class:`TrainState`. ``key`` is split three ways: model init, scheme init (rlw's key),
+    and the batch key carried in the state. ``sample_x`` (B, ...) fixes the input shape and dtype.
+    ``params``: the result of :func:`init_params` for the same key, when already computed (so the
+    model init can be compiled once and shared by many schemes); None computes it here.
+    With ``mtrl``, Omega starts at I / K (it is first recomputed after ``mtrl.every`` steps)."""
+    _, k_scheme, k_loop = jax.random.split(key, 3)
+    if params is None:
+        params = init_params(model, key, sample_x)
+    num_tasks = num_heads(params)
+    omega = None
+    if mtrl is not None:
+        omega = initial_omega(num_tasks, dtype=head_matrix(params).dtype)
+    return TrainState(
+        params=params,
+        opt_state=optimizer.init(params),
+        scheme_state=scheme.init(num_tasks, k_scheme),
+        omega=omega,
+        step=jnp.zeros((), jnp.int32),
+        key=k_loop,
+    )
+
+
+def draw_batch(data: Split, key: jax.Array, batch_size: int | None, stratify: bool = False):
+    """A training batch ``(x, ys, mask)`` drawn on the device from ``key``.
+
+    ``batch_size=None``: the whole split. Otherwise ``batch_size`` rows uniformly with replacement
+    (``jax.random.randint``); a task with no marked row in the batch then gets loss 0 at that step.
+    ``stratify=True`` (for tasks that own disjoint samples, e.g. one head per school group): for each
+    task k, ``batch_size // K`` rows drawn uniformly with replacement among task k's own rows, each
+    marked for task k only -- every task is in every batch with the same count.
+    """
+    if batch_size is None:
+        return data.x, data.y, data.mask
+    if not stratify:
+        idx = jax.random.randint(key, (batch_size,), 0, data.x.shape[0])
+        return data.x[idx], tuple(y[idx] for y in data.y), data.mask[idx]
+    n, num_tasks = data.mask.shape
+    per_task = batch_size // num_tasks
+
+    def draw(k, member):  # member (N,) bool -> (per_task,) rows of that task
+        return jax.random.choice(k, n, (per_task,), p=member / jnp.sum(member))
+
+    idx = jax.vmap(draw)(jax.random.split(key, num_tasks), data.mask.T.astype(jnp.float32)).reshape(-1)
+    own = jnp.repeat(jnp.eye(num_tasks, dtype=bool), per_task, axis=0)  # (K * per_task, K)
+    return data.x[idx], tuple(y[idx] for y in data.y), data.mask[idx] & own
+
+
+def make_train_step(
+    model,
+    scheme: weighting_lib.Weighting,
+    optimizer: optax.GradientTransformation,
+    task_kinds: Sequence[str],
+    *,
+    batch_size: int | None = None,
+    stratify: bool = False,
+    mtrl: MTRLCoupling | None = None,
+) -> Callable[[TrainState, Split], tuple[TrainState, StepMetrics]]:
+    """A pure, jitted ``step(state, data) -> (state, StepMetrics)``.
+
+    ``data`` is the training :class:`Split` as device arrays (y: int labels / float targets, mask bool).
+    One step:
+
+      1. split ``state.key``; draw a batch with :func:`draw_batch` (``batch_size``, ``stratify``);
+      2. ``L, vjp = jax.vjp(task_losses, params)`` -- one forward pass, L (K,);
+      3. if the scheme needs ``grad_norms``: ``G_k = ||dL_k / dW_shared||``, W_shared the last shared
+         kernel, from the same forward pass (K cotangent passes; under jit only the path from the
+         losses back to that kernel is computed);
+      4. ``w, scheme_state = scheme.update(L, scheme_state, **extra)``, ``w`` stop-gradient'ed;
+      5. grads = ``vjp(w)`` = gradient of ``sum_k w_k L_k`` (+ the gradient of the MTRL regulariser
+         ``R(H, Omega)`` with Omega from the state), optax update;
+      6. ``step += 1``; with MTRL heads, Omega is recomputed in closed form from the new heads when
+         ``step % mtrl.every == 0`` (so after ``n * every`` steps, Omega = omega_update(H(params))).
+    """
+    kinds = tuple(task_kinds)
+    needs = tuple(getattr(scheme, "needs", ()))
+    unknown = [n for n in needs if n not in _SUPPORTED_EXTRAS]
+    if unknown:
+        raise ValueError(f"scheme: needs inputs {unknown} that the training step cannot supply "
+                         f"(supported: {_SUPPORTED_EXTRAS})")
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size: must be a positive int or None, got {batch_size!r}")
+    if stratify and batch_size is not None and batch_size < len(kinds):
+        raise ValueError(f"batch_size: stratified batches need at least one row per task "
+                         f"({len(kinds)}), got {batch_size}")
+    if mtrl is not None:
+        validate_coupling(mtrl)
+    wants_grad_norms = "grad_norms" in needs
+
+    @jax.jit
+    def step(state: TrainState, data: Split) -> tuple[TrainState, StepMetrics]:
+        key, batch_key = jax.random.split(state.key)
+        x, ys, mask = draw_batch(data, batch_key, batch_size, stratify)
+        losses, vjp_fn = jax.vjp(lambda p: task_losses(model, p, x, ys, mask, kinds), state.params)
+        num_tasks = losses.shape[0]
+
+        extra, grad_norms = {}, None
+        if wants_grad_norms:
+            # Row k of the identity pulls back dL_k / dparams; only the shared kernel's part is kept,
+            # so XLA prunes the rest of the K backward passes.
+            per_task = jax.vmap(vjp_fn)(jnp.eye(num_tasks, dtype=losses.dtype))[0]
+            kernel_grads = last_shared_kernel(per_task)  # (K, q, p)
+            grad_norms = jnp.sqrt(jnp.sum(kernel_grads**2, axis=tuple(range(1, kernel_grads.ndim))))
+            extra["grad_norms"] = grad_norms
+
+        weights, scheme_state = scheme.update(losses, state.scheme_state, **extra)
+        weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
+        (grads,) = vjp_fn(weights)
+        total = jnp.dot(weights, losses)
+
+        regulariser = jnp.zeros((), losses.dtype)
+        if mtrl is not None:
+            def reg_fn(p):
+                return mtrl_regulariser(head_matrix(p), state.omega, mtrl.lam1, mtrl.lam2, mtrl.eps)
+
+            regulariser, reg_grads = jax.value_and_grad(reg_fn)(state.params)
+            grads = jax.tree.map(jnp.add, grads, reg_grads)
+            regulariser = regulariser.astype(losses.dtype)
+            total = total + regulariser
+
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        step_count = state.step + 1
+        omega = None
+        if mtrl is not None:
+            omega = refresh_omega(params, state.omega, step_count, mtrl.every, mtrl.eps)
+
+        new_state = TrainState(params, opt_state, scheme_state, omega, step_count, key)
+        return new_state, StepMetrics(losses, weights, total, regulariser, grad_norms)
+
+    return step
+
+
+# ----------------------------------------------------------------------------- config and the loop
+
+
+def _as_tuple(value) -> tuple:
+    return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run except the data and the seed list.
+
+    model: ``"mlp"`` (trunk widths ``hidden``) or ``"cnn"`` (conv widths ``features``, dense width
+        ``hidden[-1]``); ``head_hidden``: hidden widths inside each task head (default: linear heads).
+    optimizer: ``"adam"`` or ``"sgd"``, with ``learning_rate``.
+    steps: optimiser steps T; batch_size: samples per step (None: full batch); stratify: draw
+        ``batch_size // K`` rows per task from its own rows (:func:`draw_batch`), for tasks on disjoint
+        samples such as :func:`~mtl_jax.data.deep.school_multihead`.
+    scheme: a name of :data:`mtl_jax.weighting.SCHEMES`; scheme_kwargs: its keyword arguments (a dict
+        or pairs; stored as sorted pairs so the config is hashable). For ``"uncertainty"`` the
+        log-variances use Adam with the model's ``learning_rate`` unless ``learning_rate`` is given.
+    seed: the seed of :func:`train` (``train_seeds`` takes its own list).
+    mtrl_heads: couple the heads by the MTRL regulariser ``(lam1/2)||H||^2 + (lam2/2) tr(H^T Omega^{-1} H)``,
+        Omega recomputed every ``omega_every`` steps with relative eigenvalue floor ``omega_eps``.
+    dtype: ``"float32"`` or ``"float64"`` (parameters and inputs; float64 needs ``jax_enable_x64``).
+    """
+
+    model: str = "mlp"
+    hidden: tuple[int, ...] = (64, 64)
+    features: tuple[int, ...] = (16, 32)
+    head_hidden: tuple[int, ...] = ()
+    optimizer: str = "adam"
+    learning_rate: float = 1e-3
+    steps: int = 500
+    batch_size: int | None = 64
+    stratify: bool = False
+    scheme: str = "equal"
+    scheme_kwargs: tuple[tuple[str, Any], ...] = ()
+    seed: int = 0
+    mtrl_heads: bool = False
+    lam1: float = 0.0
+    lam2: float = 1e-3
+    omega_every: int = 10
+    omega_eps: float = 1e-8
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        # Normalise containers so that equal configs hash equal (the compiled program is cached on it).
+        for name in ("hidden", "features", "head_hidden"):
+            object.__setattr__(self, name, tuple(int(v) for v in _as_tuple(getattr(self, name))))
+        kwargs = self.scheme_kwargs
+        items = kwargs.items() if isinstance(kwargs, dict) else kwargs
+        try:
+            items = tuple(sorted((str(k), v) for k, v in items))
+        except (TypeError, ValueError):
+            raise ValueError(f"scheme_kwargs: must be a dict or (name, value) pairs, got {kwargs!r}") from None
+        try:
+            hash(items)
+        except TypeError:
+            raise ValueError(f"scheme_kwargs: values must be hashable (numbers, strings, tuples), "
+                             f"got {kwargs!r}") from None
+        object.__setattr__(self, "scheme_kwargs", items)
+        self._validate()
+
+    def _validate(self):
+        if self.model not in ("mlp", "cnn"):
+            raise ValueError(f"model: must be 'mlp' or 'cnn', got {self.model!r}")
+        if not self.hidden or min(self.hidden) < 1:
+            raise ValueError(f"hidden: need at least one positive width, got {self.hidden}")
+        if not self.features or min(self.features) < 1:
+            raise ValueError(f"features: need at least one positive width, got {self.features}")
+        if self.head_hidden and min(self.head_hidden) < 1:
+            raise ValueError(f"head_hidden: widths must be positive, got {self.head_hidden}")
+        if self.optimizer not in _OPTIMIZERS:
+            raise ValueError(f"optimizer: must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
+        lr = self.learning_rate
+        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not np.isfinite(lr) or lr <= 0:
+            raise ValueError(f"learning_rate: must be a finite number > 0, got {self.learning_rate!r}")
+        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
+            raise ValueError(f"steps: must be an integer >= 1, got {self.steps!r}")
+        bs = self.batch_size
+        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1):
+            raise ValueError(f"batch_size: must be an integer >= 1 or None, got {self.batch_size!r}")
+        if not isinstance(self.stratify, (bool, np.bool_)):
+            raise ValueError(f"stratify: must be a bool, got {self.stratify!r}")
+        if self.scheme not in weighting_lib.SCHEMES:
+            raise ValueError(f"scheme: must be one of {weighting_lib.SCHEMES}, got {self.scheme!r}")
+        _check_seed("seed", self.seed)
+        if not isinstance(self.mtrl_heads, (bool, np.bool_)):
+            raise ValueError(f"mtrl_heads: must be a bool, got {self.mtrl_heads!r}")
+        if self.mtrl_heads:
+            validate_coupling(self.coupling())
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"dtype: must be one of {_DTYPES}, got {self.dtype!r}")
+        self.make_scheme()  # the factory checks scheme_kwargs (ValueError naming the argument)
+
+    def coupling(self) -> MTRLCoupling | None:
+        """The :class:`~mtl_jax.models.MTRLCoupling` of this config, or None without MTRL heads."""
+        if not self.mtrl_heads:
+            return None
+        return MTRLCoupling(lam1=self.lam1, lam2=self.lam2, every=self.omega_every, eps=self.omega_eps)
+
+    def make_scheme(self) -> weighting_lib.Weighting:
+        kwargs = dict(self.scheme_kwargs)
+        if self.scheme == "uncertainty" and "optimizer" not in kwargs:
+            kwargs.setdefault("learning_rate", self.learning_rate)
+        return weighting_lib.get(self.scheme, **kwargs)
+
+    def make_optimizer(self) -> optax.GradientTransformation:
+        return optax.adam(self.learning_rate) if self.optimizer == "adam" else optax.sgd(self.learning_rate)
+
+
+def _check_seed(name: str, seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**31:
+        raise ValueError(f"{name}: must be an integer in [0, 2**31), got {seed!r}")
+    return int(seed)
+
+
+def to_device(split: Split, spec: TaskSpec, dtype=jnp.float32) -> Split:
+    """NumPy split -> device arrays: inputs and regression targets in ``dtype``, labels int32, mask bool."""
+    ys = tuple(
+        jnp.asarray(y, jnp.int32) if kind == CLASSIFICATION else jnp.asarray(y, dtype)
+        for y, kind in zip(split.y, spec.kinds)
+    )
+    return Split(x=jnp.asarray(split.x, dtype), y=ys, mask=jnp.asarray(split.mask, bool))
+
+
+class Components(NamedTuple):
+    """The pieces :func:`train` builds from a config: reuse them to time or drive single steps."""
+
+    model: Any
+    scheme: weighting_lib.Weighting
+    optimizer: optax.GradientTransformation
+    mtrl: MTRLCoupling | None
+    step: Callable[[TrainState, Split], tuple[TrainState, StepMetrics]]
+
+
+def make_components(config: TrainConfig, spec: TaskSpec) -> Components:
+    """Model, scheme, optimizer, MTRL coupling and jitted step exactly as :func:`train` uses them.
+
+    With ``data = to_device(dataset.train, spec, config.dtype)`` and
+    ``state = init_state(c.model, c.scheme, c.optimizer, jax.random.key(seed), data.x[:1], mtrl=c.mtrl)``,
+    ``c.step(state, data)`` is one training step of the run with that seed."""
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config: must be a TrainConfig, got {type(config).__name__}")
+    spec = validate_spec(spec)
+    model = make_model(config.model, spec.out_dims, hidden=config.hidden, features=config.features,
+                       head_hidden=config.head_hidden, param_dtype=jnp.dtype(config.dtype))
+    scheme, optimizer, mtrl = config.make_scheme(), config.make_optimizer(), config.coupling()
+    step = make_train_step(model, scheme, optimizer, spec.kinds, batch_size=config.batch_size,
+                           stratify=config.stratify, mtrl=mtrl)
+    return Components(model, scheme, optimizer, mtrl, step)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_init(model):
+    """(init_one, init_many): jitted ``seed -> params`` and its vmap over seeds.
+
+    Separate from the run and cached on the model alone: drawing the initial weights (threefry) is a
+    large part of a small program's compile time, and it is the same for every scheme and setting."""
+    def init(seed, sample_x):
+        return init_params(model, jax.random.key(seed), sample_x)
+
+    return jax.jit(init), jax.jit(jax.vmap(init, in_axes=(0, None)))
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_run(config: TrainConfig, spec: TaskSpec):
+    """(run_one, run_many): jitted ``(seed, params0, train, test) -> TrainResult`` and its vmap over seeds.
+
+    Cached on (config without its seed, spec), so repeated calls -- several seeds, a benchmark --
+    reuse one compiled program per input shape."""
+    model, scheme, optimizer, mtrl, step = make_components(config, spec)
+
+    def run(seed, params, train_split: Split, test_split: Split) -> TrainResult:
+        key = jax.random.key(seed)
+        state = init_state(model, scheme, optimizer, key, train_split.x[:1], mtrl=mtrl, params=params)
+        state, history = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=config.steps)
+        return TrainResult(state, history, evaluate(model, state.params, test_split, spec.kinds))
+
+    return jax.jit(run), jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)))
+
+
+def _prepare(config: TrainConfig, data: MultiTaskDataset):
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config: must be a TrainConfig, got {type(config).__name__}")
+    if not isinstance(data, MultiTaskDataset):
+        raise ValueError(f"data: must be a MultiTaskDataset, got {type(data).__name__}")
+    spec = validate_spec(data.spec)
+    validate_split(data.train, spec, "data.train")
+    validate_split(data.test, spec, "data.test")
+    if config.dtype == "float64" and not jax.config.jax_enable_x64:
+        raise ValueError("config: dtype 'float64' needs jax.config.update('jax_enable_x64', True)")
+    if config.mtrl_heads and len(set(spec.out_dims)) != 1:
+        raise ValueError(f"config: mtrl_heads needs tasks with equal output sizes, got {spec.out_dims}")
+    if config.model == "cnn" and np.asarray(data.train.x).ndim not in (3, 4):
+        raise ValueError(f"config: model 'cnn' needs images (N, H, W[, C]), "
+                         f"got inputs of shape {np.shape(data.train.x)}")
+    dtype = jnp.dtype(config.dtype)
+    init_fns = _compiled_init(make_components(config, spec).model)
+    run_fns = _compiled_run(dataclasses.replace(config, seed=0), spec)
+    return init_fns, run_fns, to_device(data.train, spec, dtype), to_device(data.test, spec, dtype)
+
+
+def train(config: TrainConfig, data: MultiTaskDataset) -> TrainResult:
+    """Train one model with ``config.seed``; returns :class:`TrainResult` (history leading axis T)."""
+    (init_one, _), (run_one, _), train_split, test_split = _prepare(config, data)
+    seed = jnp.asarray(config.seed, jnp.int32)
+    return run_one(seed, init_one(seed, train_split.x[:1]), train_split, test_split)
+
+
+def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]) -> TrainResult:
+    """Train one model per seed, all seeds at once: the weight init and the whole training loop are
+    each ``vmap``ped over the seeds, so S seeds cost one compilation of each, not S runs.
+
+    Seed ``s`` gives the same numbers as ``train(dataclasses.replace(config, seed=s), data)`` (to
+    floating-point reassociation). Every leaf of the returned :class:`TrainResult` gains a leading
+    axis S = len(seeds): ``history.task_losses`` (S, T, K), ``test.accuracy`` (S, K), and so on.
+    ``config.seed`` is ignored.
+    """
+    arr = np.asarray(list(seeds) if isinstance(seeds, range) else seeds)
+    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+        raise ValueError(f"seeds: must be a non-empty 1-D sequence of integers, got {seeds!r}")
+    seeds = [_check_seed("seeds", int(s)) for s in arr]
+    (_, init_many), (_, run_many), train_split, test_split = _prepare(config, data)
+    seeds = jnp.asarray(seeds, jnp.int32)
+    return run_many(seeds, init_many(seeds, train_split.x[:1]), train_split, test_split)

@@ -1,0 +1,260 @@
+"""The jitted, seed-vmapped training loop: equivalence with separate runs, MTRL heads, GradNorm's inputs."""
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import scipy.linalg
+
+from mtl_jax import models, weighting
+from mtl_jax.data.deep import MultiTaskDataset, Split, TaskSpec, multi_digits
+from mtl_jax.training import (
+    TrainConfig,
+    draw_batch,
+    to_device,
+    init_state,
+    make_train_step,
+    task_losses,
+    train,
+    train_seeds,
+)
+
+SPEC = TaskSpec(
+    kinds=("classification", "regression", "regression"),
+    out_dims=(2, 2, 2),
+    names=("cls", "reg", "reg_half"),
+)
+
+
+def _split(rng, n):
+    """A tiny mixed dataset: one 2-class task, two 2-output regressions, the last on half the samples."""
+    x = rng.normal(size=(n, 6))
+    labels = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    reg = np.stack([np.sin(x[:, 2]), x[:, 3] * x[:, 4]], axis=1)
+    reg_half = 3.0 * np.stack([x[:, 5], x[:, 0] - x[:, 2]], axis=1)
+    mask = np.ones((n, 3), dtype=bool)
+    mask[::2, 2] = False
+    return Split(x=x, y=(labels, reg, reg_half), mask=mask)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(42)
+    return MultiTaskDataset(train=_split(rng, 48), test=_split(rng, 20), spec=SPEC)
+
+
+BASE = TrainConfig(model="mlp", hidden=(8,), steps=8, batch_size=16, learning_rate=1e-2, dtype="float64")
+
+# One config per scheme under test; "equal" runs with MTRL-coupled heads, so the same compiled
+# programs (cached by mtl_jax.training on the config) also serve the MTRL tests below.
+CONFIGS = {
+    "equal+mtrl": dataclasses.replace(BASE, scheme="equal", mtrl_heads=True, lam1=0.01, lam2=0.05, omega_every=4),
+    "dwa": dataclasses.replace(BASE, scheme="dwa"),
+    "gradnorm": dataclasses.replace(BASE, scheme="gradnorm"),
+    "uncertainty": dataclasses.replace(BASE, scheme="uncertainty"),
+}
+SEEDS = [0, 1, 2]
+
+
+def _assert_trees_close(a, b, **tol):
+    leaves_a, leaves_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(leaves_a) == len(leaves_b)
+    for x, y in zip(leaves_a, leaves_b):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def _seed_slice(tree, i):
+    return jax.tree.map(lambda leaf: leaf[i], tree)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_vmapped_seeds_equal_separate_runs(data, name):
+    config = CONFIGS[name]
+    together = train_seeds(config, data, seeds=SEEDS)
+    assert together.history.task_losses.shape == (3, BASE.steps, 3)
+    assert together.history.weights.shape == (3, BASE.steps, 3)
+    assert together.test.accuracy.shape == (3, 3)
+    for i, seed in enumerate(SEEDS):
+        alone = train(dataclasses.replace(config, seed=seed), data)
+        _assert_trees_close(_seed_slice(together, i), alone, rtol=1e-10, atol=1e-12)
+    # different seeds really are different runs
+    assert not np.allclose(together.history.task_losses[0], together.history.task_losses[1])
+
+
+def test_same_seed_same_numbers_and_total_loss_is_weighted_sum(data):
+    config = dataclasses.replace(CONFIGS["dwa"], seed=4)
+    a, b = train(config, data), train(config, data)
+    _assert_trees_close(a, b, rtol=0, atol=0)
+    h = a.history
+    np.testing.assert_allclose(h.total_loss, np.sum(h.weights * h.task_losses, axis=1), rtol=1e-12)
+    # DWA gives weight 1 for the first two updates, then reacts to the losses
+    np.testing.assert_array_equal(h.weights[:2], 1.0)
+    assert not np.allclose(h.weights[2:], 1.0)
+
+
+def test_test_metrics_match_numpy(data):
+    result = train(CONFIGS["dwa"], data)
+    model = models.make_model("mlp", SPEC.out_dims, hidden=BASE.hidden, param_dtype=jnp.float64)
+    outs = jax.jit(model.apply)({"params": result.state.params}, jnp.asarray(data.test.x))
+    outs = [np.asarray(o) for o in outs]
+    y, mask = data.test.y, data.test.mask
+    np.testing.assert_allclose(result.test.accuracy[0], np.mean(outs[0].argmax(1) == y[0]), rtol=1e-12)
+    for k in (1, 2):
+        m = mask[:, k]
+        np.testing.assert_allclose(result.test.mse[k], np.mean((outs[k] - y[k])[m] ** 2), rtol=1e-10)
+        np.testing.assert_allclose(result.test.mae[k], np.mean(np.abs(outs[k] - y[k])[m]), rtol=1e-10)
+    assert np.isnan(result.test.accuracy[1:]).all() and np.isnan(result.test.mse[0])
+
+
+def _np_omega(H):
+    root = scipy.linalg.sqrtm(H @ H.T).real
+    return root / np.trace(root)
+
+
+def test_mtrl_omega_inside_training_is_the_closed_form(data):
+    config = CONFIGS["equal+mtrl"]
+    assert config.steps % config.omega_every == 0  # so the last step refreshed Omega
+    result = train(config, data)
+    H = np.asarray(models.head_matrix(result.state.params))
+    assert H.shape == (3, 8 * 2)
+    np.testing.assert_allclose(result.state.omega, _np_omega(H), atol=1e-10)
+    assert np.all(result.history.regulariser > 0)
+    # ... and under vmap over seeds, seed by seed
+    many = train_seeds(config, data, seeds=SEEDS)
+    for i in range(len(SEEDS)):
+        H_i = np.asarray(models.head_matrix(_seed_slice(many.state.params, i)))
+        np.testing.assert_allclose(many.state.omega[i], _np_omega(H_i), atol=1e-10)
+
+
+# --- single steps: GradNorm's inputs, the MTRL regulariser and schedule, the descent direction ---
+
+LR = 0.05
+COUPLING = models.MTRLCoupling(lam1=0.02, lam2=0.1, every=2)
+
+
+@pytest.fixture(scope="module")
+def stepper(data):
+    """A full-batch SGD step with gradnorm weights and MTRL heads, its model and initial state."""
+    model = models.make_model("mlp", SPEC.out_dims, hidden=(7, 5), param_dtype=jnp.float64)
+    scheme, optimizer = weighting.gradnorm(learning_rate=0.5), optax.sgd(LR)
+    step = make_train_step(model, scheme, optimizer, SPEC.kinds, batch_size=None, mtrl=COUPLING)
+    split = to_device(data.train, SPEC, jnp.float64)
+    state = jax.jit(init_state, static_argnums=(0, 1, 2), static_argnames="mtrl")(
+        model, scheme, optimizer, jax.random.key(1), split.x[:1], mtrl=COUPLING)
+
+    @jax.jit
+    def per_task_grads(params):
+        """(K,) pytree of dL_k/dparams, task by task with jax.grad (the reference)."""
+        def loss_k(p, k):
+            return task_losses(model, p, split.x, split.y, split.mask, SPEC.kinds)[k]
+        return [jax.grad(loss_k)(params, k) for k in range(len(SPEC.kinds))]
+
+    return model, step, split, state, per_task_grads
+
+
+def test_gradnorm_grad_norms_equal_task_by_task_gradients(stepper):
+    model, step, split, state, per_task_grads = stepper
+    for _ in range(2):
+        new_state, metrics = step(state, split)
+        grads = per_task_grads(state.params)
+        expected = [np.linalg.norm(models.last_shared_kernel(g)) for g in grads]
+        assert metrics.grad_norms.shape == (3,)
+        np.testing.assert_allclose(metrics.grad_norms, expected, rtol=1e-10)
+        state = new_state
+
+
+def test_step_descends_weighted_loss_plus_mtrl_regulariser(stepper):
+    # With SGD: params' = params - lr * (sum_k w_k grad L_k + grad R(H, Omega)), w the scheme's weights;
+    # R = (lam1/2)||H||^2 + (lam2/2) tr(H^T Omega^{-1} H) with Omega from the state; Omega refreshed
+    # in closed form after every second step and held otherwise.
+    model, step, split, state, per_task_grads = stepper
+    np.testing.assert_allclose(state.omega, np.eye(3) / 3)
+    for t in range(1, 6):
+        H = np.asarray(models.head_matrix(state.params))
+        omega = np.asarray(state.omega)
+        new_state, metrics = step(state, split)
+        inv = np.linalg.inv(omega)
+        expected_reg = 0.5 * COUPLING.lam1 * np.sum(H**2) + 0.5 * COUPLING.lam2 * np.trace(H.T @ inv @ H)
+        np.testing.assert_allclose(metrics.regulariser, expected_reg, rtol=1e-10)
+        w = np.asarray(metrics.weights)
+        np.testing.assert_allclose(metrics.total_loss, w @ np.asarray(metrics.task_losses) + expected_reg, rtol=1e-12)
+
+        grads = per_task_grads(state.params)
+        weighted = jax.tree.map(lambda *g: sum(wk * gk for wk, gk in zip(w, g)), *grads)
+        reg_grad_H = COUPLING.lam1 * H + COUPLING.lam2 * inv @ H  # (K, p*out)
+        expected = jax.tree.map(lambda p, g: p - LR * g, state.params, weighted)
+        kernel = expected["heads"]["kernel"]  # (K, p, out): row k of H is kernel[k] flattened
+        expected["heads"]["kernel"] = kernel - LR * reg_grad_H.reshape(kernel.shape)
+        _assert_trees_close(new_state.params, expected, rtol=1e-10, atol=1e-13)
+
+        if t % COUPLING.every == 0:
+            np.testing.assert_allclose(new_state.omega, _np_omega(np.asarray(models.head_matrix(new_state.params))),
+                                       atol=1e-10)
+        else:
+            np.testing.assert_array_equal(new_state.omega, omega)
+        state = new_state
+    assert not np.allclose(w, 1.0)  # gradnorm has moved the weights
+
+
+def test_stratified_batches_hold_every_task_equally(data):
+    split = to_device(data.train, SPEC, jnp.float64)
+    draw = jax.jit(draw_batch, static_argnums=(2, 3))
+    x, ys, mask = draw(split, jax.random.key(3), 10, True)  # 10 // 3 = 3 rows per task
+    assert x.shape == (9, 6) and mask.shape == (9, 3)
+    np.testing.assert_array_equal(np.asarray(mask), np.repeat(np.eye(3, dtype=bool), 3, axis=0))
+    # recover the source rows: those drawn for task 2 belong to task 2 (it owns every second sample)
+    rows = np.array([np.flatnonzero((data.train.x == np.asarray(r)).all(1))[0] for r in x])
+    assert data.train.mask[rows[6:], 2].all()
+    np.testing.assert_array_equal(ys[1], data.train.y[1][rows])
+    again = draw(split, jax.random.key(3), 10, True)
+    np.testing.assert_array_equal(again[0], x)
+    # unstratified: batch_size rows, masks as in the data
+    x, ys, mask = draw(split, jax.random.key(3), 10, False)
+    assert x.shape == (10, 6) and mask[:, 0].all()
+
+
+def test_training_on_multi_digits_learns():
+    digits = multi_digits(600, 200, seed=0)
+    config = TrainConfig(model="mlp", hidden=(32,), steps=150, batch_size=32, learning_rate=3e-3,
+                         scheme="dwa", dtype="float32")
+    result = train(config, digits)
+    acc = np.asarray(result.test.accuracy)
+    assert (acc > 0.5).all(), acc  # chance is 0.1
+    losses = np.asarray(result.history.task_losses)
+    assert (losses[-20:].mean(0) < 0.5 * losses[:5].mean(0)).all()
+
+
+def test_config_and_inputs_are_validated(data):
+    with pytest.raises(ValueError, match="scheme"):
+        TrainConfig(scheme="pcgrad")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="dtype"):
+        TrainConfig(dtype="float16")
+    with pytest.raises(ValueError, match="lam2"):
+        TrainConfig(mtrl_heads=True, lam2=-1.0)
+    with pytest.raises(ValueError, match="learning_rate"):
+        TrainConfig(learning_rate=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        train(dataclasses.replace(BASE, stratify=True, batch_size=2), data)
+    with pytest.raises(ValueError, match="seeds"):
+        train_seeds(BASE, data, seeds=[])
+    with pytest.raises(ValueError, match="seeds"):
+        train_seeds(BASE, data, seeds=[-1])
+    with pytest.raises(ValueError, match="data"):
+        train(BASE, data.train)
+    bad = data._replace(train=data.train._replace(mask=data.train.mask[:, :2]))
+    with pytest.raises(ValueError, match="mask"):
+        train(BASE, bad)
+    # scheme kwargs are kept (hashable) and reach the scheme
+    assert TrainConfig(scheme="dwa", scheme_kwargs={"temperature": 1.0}).scheme_kwargs == (("temperature", 1.0),)
+    with pytest.raises(ValueError, match="temperature"):
+        TrainConfig(scheme="dwa", scheme_kwargs={"temperature": -1.0})
+    with pytest.raises(ValueError, match="scheme_kwargs"):
+        TrainConfig(scheme="dwa", scheme_kwargs={"temperature": [1.0]})
