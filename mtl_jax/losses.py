@@ -49,6 +49,8 @@ class Loss(NamedTuple):
       primal_to_dual: ``(y, a, c) -> alpha = -c loss'(y, a)``, the dual point matched to a margin
         (optimal pairing at the optimum; for hinge the subgradient choice ``c y 1[y a < 1]``).
       needs_pm1_labels: labels must be in {-1, +1}.
+      linear_derivative: ``derivative`` is affine in ``a`` (squared loss), so gradients at an
+        extrapolated point are the same combination of known gradients.
     """
 
     name: str
@@ -59,6 +61,7 @@ class Loss(NamedTuple):
     dual_step: Callable
     primal_to_dual: Callable
     needs_pm1_labels: bool
+    linear_derivative: bool = False
 
 
 # --- squared: (y - a)^2 ---------------------------------------------------------------------------
@@ -166,7 +169,7 @@ def _logistic_primal_to_dual(y, a, c):
 
 _REGISTRY = {
     "squared": Loss("squared", _squared_value, _squared_derivative, 2.0, _squared_dual_term,
-                    _squared_dual_step, _squared_primal_to_dual, False),
+                    _squared_dual_step, _squared_primal_to_dual, False, True),
     "hinge": Loss("hinge", _hinge_value, _hinge_derivative, None, _hinge_dual_term,
                   _hinge_dual_step, _hinge_primal_to_dual, True),
     "logistic": Loss("logistic", _logistic_value, _logistic_derivative, 0.25, _logistic_dual_term,

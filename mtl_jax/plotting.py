@@ -246,3 +246,88 @@ def save_figure(fig, path, *, dpi=120):
             with contextlib.suppress(Exception):
                 sys.modules["matplotlib.pyplot"].close(fig)
     return path
+
+
+def _seed_band(a, name):
+    """(S, T, K) or (T, K) -> mean over seeds and std over seeds (0 for one seed), each (T, K)."""
+    a = np.asarray(a, dtype=float)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or 0 in a.shape:
+        raise ValueError(f"{name}: must have shape (S, T, K) or (T, K), got {np.shape(a)}")
+    return a.mean(axis=0), a.std(axis=0)
+
+
+def plot_task_curves(curves, *, x=None, task_names=None, log_loss=True, axes=None):
+    """Task losses (top row) and task weights (bottom row) over training, one column per run label.
+
+    Each line is one task: the mean over seeds, with a band of +- one standard deviation over seeds.
+    Typical use: ``{scheme: {"task_losses": res.history.task_losses, "weights": res.history.weights}}``
+    for the results of :func:`mtl_jax.training.train_seeds`.
+
+    Args:
+      curves: ``{label: {"task_losses": a, "weights": b}}``, ``a`` and ``b`` of shape (S, T, K) (seeds,
+        steps, tasks) or (T, K); T and K must agree across labels.
+      x: (T,) positions on the horizontal axis (e.g. the step of each binned value); default 0..T-1.
+      task_names: K names for the legend (default ``task 0``, ...).
+      log_loss: log scale for the losses (values <= 0 are not drawn).
+      axes: None (a new figure) or a (2, n_labels) array of ``Axes`` to draw into.
+
+    Returns:
+      the (2, n_labels) array of Axes; the figure is ``axes[0, 0].figure``.
+
+    Raises:
+      ValueError: empty ``curves``, missing keys, shapes that disagree, wrong ``x``/``task_names``/``axes``.
+    """
+    if not isinstance(curves, Mapping) or not curves:
+        raise ValueError("curves: must be a non-empty dict {label: {'task_losses': ..., 'weights': ...}}")
+    bands = {}
+    for label, c in curves.items():
+        if not isinstance(c, Mapping) or not {"task_losses", "weights"} <= set(c):
+            raise ValueError(f"curves[{label!r}]: must be a dict with 'task_losses' and 'weights'")
+        loss = _seed_band(c["task_losses"], f"curves[{label!r}]['task_losses']")
+        weight = _seed_band(c["weights"], f"curves[{label!r}]['weights']")
+        if loss[0].shape != weight[0].shape:
+            raise ValueError(f"curves[{label!r}]: task_losses and weights differ in shape "
+                             f"{loss[0].shape} vs {weight[0].shape}")
+        bands[str(label)] = (loss, weight)
+    shapes = {b[0][0].shape for b in bands.values()}
+    if len(shapes) != 1:
+        raise ValueError(f"curves: all labels need the same (T, K), got {sorted(shapes)}")
+    (t_len, k), = shapes
+    xs = np.arange(t_len) if x is None else np.asarray(x, dtype=float)
+    if xs.shape != (t_len,):
+        raise ValueError(f"x: must have shape ({t_len},), got {np.shape(x)}")
+    names = [f"task {i}" for i in range(k)] if task_names is None else [str(n) for n in task_names]
+    if len(names) != k:
+        raise ValueError(f"task_names: need {k} names, got {len(names)}")
+    n = len(bands)
+    if axes is None:
+        fig = Figure(figsize=(2.6 * n + 1.0, 5.2), layout="constrained")
+        axes = fig.subplots(2, n, sharex=True, sharey="row", squeeze=False)
+    else:
+        axes = np.asarray(axes, dtype=object)
+        if axes.shape != (2, n) or not all(isinstance(a, Axes) for a in axes.flat):
+            raise ValueError(f"axes: must be a (2, {n}) array of matplotlib Axes")
+
+    for j, (label, rows) in enumerate(bands.items()):
+        for i, (mean, std) in enumerate(rows):
+            ax = axes[i, j]
+            log = log_loss and i == 0
+            for t in range(k):
+                color = f"C{t % 10}"
+                lo, hi = mean[:, t] - std[:, t], mean[:, t] + std[:, t]
+                if log:
+                    lo, hi = _positive_or_nan(lo), _positive_or_nan(hi)
+                ax.fill_between(xs, lo, hi, color=color, alpha=0.2, linewidth=0)
+                ax.plot(xs, _positive_or_nan(mean[:, t]) if log else mean[:, t], color=color, linewidth=1.0,
+                        label=names[t])
+            if log:
+                ax.set_yscale("log")
+            ax.grid(True, alpha=0.3)
+        axes[0, j].set_title(label, fontsize="medium")
+        axes[1, j].set_xlabel("step")
+    axes[0, 0].set_ylabel("task loss (batch)" + (", log" if log_loss else ""))
+    axes[1, 0].set_ylabel("task weight")
+    axes[0, 0].legend(fontsize="x-small", ncol=1 if k <= 5 else 2)
+    return axes

@@ -47,6 +47,7 @@ __all__ = [
     "rlw",
     "famo",
     "gradnorm",
+    "fixed",
     "EqualState",
     "HuqPervinState",
     "DWAState",
@@ -54,6 +55,7 @@ __all__ = [
     "RLWState",
     "FAMOState",
     "GradNormState",
+    "FixedState",
 ]
 
 
@@ -531,6 +533,53 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e
 
 
 # ----------------------------------------------------------------------------------------------
+# fixed (constant weights; single-task baselines)
+# ----------------------------------------------------------------------------------------------
+
+
+class FixedState(NamedTuple):
+    weights: jax.Array  # (K,) the constant weights, in the default float dtype
+
+
+def fixed(weights) -> Weighting:
+    """Constant weights: ``w_k = weights[k]`` at every update, used as given (not renormalised).
+
+    Not an adaptive scheme but a baseline: one-hot ``weights`` (``(0, 1, 0)``) train the shared network
+    on task k alone -- the other heads get no gradient and the trunk sees task k's loss only -- so
+    ``fixed`` with one-hot weights is the single-task baseline of the Delta m metric (Maninis et al.
+    CVPR 2019; Liu et al. CVPR 2019); ``fixed((1,) * K)`` equals :func:`equal`.
+
+    Unlike the other schemes the weights need not be positive nor sum to ``K``: they must be finite,
+    non-negative, with at least one positive. They live in the state (so ``update`` is jit- and
+    vmap-friendly, and a stacked state can run several weight vectors as one program); ``init``
+    checks that there is one weight per task. A traced ``weights`` (under ``jit``/``vmap``) is not
+    checked. ``fixed`` is available through :func:`get` but is not in :data:`SCHEMES` (the adaptive
+    schemes compared in the experiments).
+    """
+    if not _is_traced(weights):
+        try:
+            w = np.asarray(weights, dtype=float)
+        except (TypeError, ValueError):
+            raise ValueError(f"weights must be a 1-D sequence of real numbers, got {weights!r}") from None
+        if w.ndim != 1 or w.size == 0 or not np.all(np.isfinite(w)):
+            raise ValueError(f"weights must be a non-empty 1-D sequence of finite numbers, got {weights!r}")
+        if np.any(w < 0) or not np.any(w > 0):
+            raise ValueError(f"weights must be >= 0 with at least one > 0, got {weights!r}")
+
+    def init(num_tasks, key=None):
+        k = _check_num_tasks(num_tasks)
+        if not _is_traced(weights) and np.shape(weights) != (k,):
+            raise ValueError(f"weights must have one entry per task ({k}), got {np.shape(weights)}")
+        return FixedState(weights=jnp.asarray(weights, dtype=jnp.result_type(float)))
+
+    def update(task_losses, state, **extra):
+        losses = _as_input(task_losses)
+        return _finish(jnp.broadcast_to(state.weights, losses.shape), losses, state, state)
+
+    return Weighting(init, update)
+
+
+# ----------------------------------------------------------------------------------------------
 # Registry
 # ----------------------------------------------------------------------------------------------
 
@@ -546,9 +595,12 @@ _FACTORIES: dict[str, Callable[..., Weighting]] = {
 
 SCHEMES: tuple[str, ...] = tuple(_FACTORIES)
 
+# Baselines reachable through get() but not compared as schemes (SCHEMES lists the adaptive ones).
+_FACTORIES["fixed"] = fixed
+
 
 def get(name: str, **kwargs) -> Weighting:
-    """The scheme called ``name`` (one of :data:`SCHEMES`), built with ``kwargs``."""
+    """The scheme called ``name`` (one of :data:`SCHEMES`, or ``"fixed"``), built with ``kwargs``."""
     if not isinstance(name, str) or name not in _FACTORIES:
-        raise ValueError(f"name must be one of {SCHEMES}, got {name!r}")
+        raise ValueError(f"name must be one of {tuple(_FACTORIES)}, got {name!r}")
     return _FACTORIES[name](**kwargs)

@@ -385,3 +385,36 @@ def test_get_constructs_every_scheme():
         scheme = weighting.get(name)
         assert isinstance(scheme, weighting.Weighting)
         assert callable(scheme.init) and callable(scheme.update)
+
+
+# ------------------------------------------------------------------------------------------------
+# fixed (constant weights; the single-task baseline)
+# ------------------------------------------------------------------------------------------------
+
+
+def test_fixed_returns_its_weights_at_every_update_and_keeps_its_state():
+    w_fixed = np.array([0.0, 1.0, 0.0])
+    scheme = weighting.get("fixed", weights=(0.0, 1.0, 0.0))
+    weights, states = run(scheme)
+    np.testing.assert_array_equal(weights, np.tile(w_fixed, (len(LOSSES), 1)))
+    for state in states:
+        np.testing.assert_array_equal(state.weights, w_fixed)
+    assert "fixed" not in weighting.SCHEMES
+
+
+def test_fixed_ones_equals_equal_under_jit_and_vmap():
+    scheme = weighting.fixed(np.ones(K))
+    states = jax.vmap(lambda _: scheme.init(K))(jnp.arange(2))
+    w, _ = jax.jit(jax.vmap(scheme.update))(jnp.asarray(LOSSES[:2]), states)
+    np.testing.assert_array_equal(w, np.ones((2, K)))
+
+
+@pytest.mark.parametrize("weights", [(), (1.0, -1.0, 1.0), (0.0, 0.0, 0.0), (1.0, np.nan, 0.0), "abc", ((1.0,),)])
+def test_fixed_rejects_bad_weights(weights):
+    with pytest.raises(ValueError, match="weights"):
+        weighting.fixed(weights)
+
+
+def test_fixed_init_rejects_wrong_number_of_tasks():
+    with pytest.raises(ValueError, match="weights"):
+        weighting.fixed((1.0, 0.0)).init(K)

@@ -14,9 +14,10 @@ reset, so the iteration is monotone and adapts to the (unknown) local strong con
   lam1-strongly convex, step ``1 / (Lip(grad R*) max_t lambda_max(X_t^T X_t))``, and the dual
   term's prox is the loss's coordinate step. The certificate pairs ``alpha`` with ``W = grad R*(V)``.
 
-Margins are linear in ``W``, so the extrapolated point's margins are combined from stored ones and
-each primal iteration costs one pass over the data forward and one back, plus one SVD (m, d) for the
-prox and one for the certificate. The whole loop is one ``lax.while_loop``: one compiled program.
+Margins are linear in ``W``, so the extrapolated point's margins are combined from stored ones, and
+the gradient at the new iterate doubles as the certificate's dual vector ``V``: a primal iteration
+costs one pass over the data forward and one back (two for a non-quadratic loss), plus two small
+Gram eigendecompositions (prox and certificate). The whole loop is one ``lax.while_loop``: one compiled program.
 """
 from __future__ import annotations
 
@@ -85,11 +86,15 @@ def _backward(coef, X):
     return jnp.einsum("tn,tnd->td", coef, X)
 
 
-def _primal_certificate(W, a, sites, loss: Loss, reg, reg_at_W):
-    """(F(W), gap, alpha) with the dual point ``alpha = -c loss'(a)`` matched to ``W``."""
+def _primal_certificate(W, a, grad, sites, loss: Loss, reg, reg_at_W):
+    """(F(W), gap, alpha) with the dual point ``alpha = -c loss'(a)`` matched to ``W``.
+
+    ``grad`` (m, d) is the loss part's gradient at ``W``, ``X^T (c loss'(a)) = -V(alpha)``: the
+    certificate reuses it instead of passing over the data again.
+    """
     c = task_weights(sites)
     alpha = loss.primal_to_dual(sites.y, a, c) * sites.mask
-    dual, _, _ = dual_objective(alpha, sites, reg, loss)
+    dual, _, _ = dual_objective(alpha, sites, reg, loss, V=-grad)
     primal = empirical_loss(W, sites, loss, a) + reg_at_W
     return primal, primal - dual, alpha
 
@@ -148,24 +153,33 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> A
     step_size = 1.0 / lipschitz
     X = sites.X
 
+    def gradient(a):
+        return _backward(c * loss.derivative(sites.y, a), X)
+
     # The starting point is certified by the first step rather than here: the certificate is the
     # costliest code to compile, and an infinite value makes that first step always accepted.
+    # aux carries the margins and loss gradients of z and x: margins are linear in W, and so are
+    # the gradients of a quadratic loss, so extrapolating them costs no pass over the data.
     a0 = margins(W0, X)
+    g0 = gradient(a0)
     inf = jnp.asarray(jnp.inf, W0.dtype)
     init = APGState(W0, W0, jnp.ones((), W0.dtype), inf, W0, jnp.zeros_like(sites.y), inf, inf,
-                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), aux=(a0, a0))
+                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), aux=(a0, g0, a0, g0))
 
     def step(s: APGState) -> APGState:
-        Z = s.z
-        aZ, aW = s.aux
-        grad = _backward(c * loss.derivative(sites.y, aZ), X)
-        W_new, reg_new = reg.prox(Z - step_size * grad, step_size)
+        aZ, gZ, aW, gW = s.aux
+        W_new, reg_new = reg.prox(s.z - step_size * gZ, step_size)
         a_new = margins(W_new, X)
-        obj_new, gap_new, alpha_new = _primal_certificate(W_new, a_new, sites, loss, reg, reg_new)
+        g_new = gradient(a_new)
+        obj_new, gap_new, alpha_new = _primal_certificate(W_new, a_new, g_new, sites, loss, reg, reg_new)
         worse = _increased(obj_new, s.value)
         t_next, beta = _momentum(s.t)
         Z_next = W_new + beta * (W_new - s.x)
         aZ_next = a_new + beta * (a_new - aW)
+        if loss.linear_derivative:
+            gZ_next = g_new + beta * (g_new - gW)
+        else:
+            gZ_next = gradient(jnp.where(worse, aW, aZ_next))
 
         def pick(new, old):
             return jnp.where(worse, old, new)
@@ -181,7 +195,8 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> A
             gap=pick(gap_new, s.gap),
             iteration=s.iteration + 1,
             restarts=s.restarts + worse.astype(jnp.int32),
-            aux=(pick(aZ_next, aW), pick(a_new, aW)),
+            aux=(pick(aZ_next, aW), pick(gZ_next, gW) if loss.linear_derivative else gZ_next,
+                 pick(a_new, aW), pick(g_new, gW)),
         )
 
     return _loop(step, init, max_iter, tol)
