@@ -29,6 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mtl_jax.data.io import atomic_write
+from mtl_jax.data.validation import check_square_matrix
 
 X_AXES = {"round": "iteration / round", "seconds": "seconds (compilation excluded)"}
 
@@ -183,14 +184,7 @@ def plot_omega(Omega, *, ax=None, order=None, title=None):
     Raises:
       ValueError: ``Omega`` not a finite square real matrix, ``order`` not a permutation, bad ``ax``.
     """
-    Omega = np.asarray(Omega)
-    if Omega.ndim != 2 or Omega.shape[0] != Omega.shape[1] or Omega.shape[0] == 0:
-        raise ValueError(f"Omega: must be a square (m, m) matrix, got shape {Omega.shape}")
-    if Omega.dtype.kind not in "iuf":
-        raise ValueError(f"Omega: must be real numbers, got dtype {Omega.dtype}")
-    Omega = Omega.astype(np.float64)
-    if not np.isfinite(Omega).all():
-        raise ValueError("Omega: contains NaN or Inf")
+    Omega = check_square_matrix("Omega", Omega)
     m = Omega.shape[0]
     if order is not None:
         order = np.asarray(order)

@@ -10,7 +10,7 @@ import numbers
 
 import numpy as np
 
-from .validation import CLASSIFICATION_LOSSES, check_loss
+from .validation import CLASSIFICATION_LOSSES, check_loss, check_square_matrix
 
 
 def _int_arg(name, value, low):
@@ -115,14 +115,7 @@ def cluster_recovery(Omega, clusters) -> float:
       clusters: (m,) integer cluster id per task (``info["clusters"]`` of
         :func:`make_clustered_tasks`).
     """
-    Omega = np.asarray(Omega)
-    if Omega.ndim != 2 or Omega.shape[0] != Omega.shape[1] or Omega.shape[0] < 2:
-        raise ValueError(f"Omega: must be a square (m, m) matrix with m >= 2, got shape {Omega.shape}")
-    if Omega.dtype.kind not in "iuf":
-        raise ValueError(f"Omega: must be real numbers, got dtype {Omega.dtype}")
-    Omega = Omega.astype(np.float64)
-    if not np.isfinite(Omega).all():
-        raise ValueError("Omega: contains NaN or Inf")
+    Omega = check_square_matrix("Omega", Omega, min_size=2)
     diag = np.diag(Omega)
     if (diag <= 0).any():
         raise ValueError(f"Omega: diagonal must be positive; non-positive at tasks {np.flatnonzero(diag <= 0)[:10].tolist()}")

@@ -177,3 +177,16 @@ def validate_lams(lam1, lam2):
       ValueError: naming ``lam1`` or ``lam2``.
     """
     return _check_lam("lam1", lam1, positive=True), _check_lam("lam2", lam2, positive=False)
+
+
+def check_square_matrix(name: str, M, *, min_size: int = 1) -> np.ndarray:
+    """``M`` as a finite real float64 (m, m) array with m >= ``min_size``; ValueError naming ``name`` otherwise."""
+    M = np.asarray(M)
+    if M.ndim != 2 or M.shape[0] != M.shape[1] or M.shape[0] < min_size:
+        raise ValueError(f"{name}: must be a square (m, m) matrix with m >= {min_size}, got shape {M.shape}")
+    if M.dtype.kind not in "iuf":
+        raise ValueError(f"{name}: must be real numbers, got dtype {M.dtype}")
+    M = M.astype(np.float64)
+    if not np.isfinite(M).all():
+        raise ValueError(f"{name}: contains NaN or Inf")
+    return M

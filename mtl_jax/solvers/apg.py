@@ -134,6 +134,35 @@ def _momentum(t):
     return t_next, (t - 1.0) / t_next
 
 
+def _advance(s: APGState, x_new, value_new, W_new, alpha_new, objective_new, gap_new):
+    """FISTA-with-restart bookkeeping shared by both methods.
+
+    A step that raises the monotone ``value`` is rejected: the state keeps its point and the next
+    step restarts from it without momentum. Returns (new state, rejected?, momentum beta); ``aux``
+    is left for the caller to update.
+    """
+    worse = _increased(value_new, s.value)
+    t_next, beta = _momentum(s.t)
+
+    def pick(new, old):
+        return jnp.where(worse, old, new)
+
+    state = APGState(
+        x=pick(x_new, s.x),
+        z=pick(x_new + beta * (x_new - s.x), s.x),
+        t=jnp.where(worse, jnp.ones_like(s.t), t_next),
+        value=pick(value_new, s.value),
+        W=pick(W_new, s.W),
+        alpha=pick(alpha_new, s.alpha),
+        objective=pick(objective_new, s.objective),
+        gap=pick(gap_new, s.gap),
+        iteration=s.iteration + 1,
+        restarts=s.restarts + worse.astype(jnp.int32),
+        aux=s.aux,
+    )
+    return state, worse, beta
+
+
 def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> APGResult:
     """FISTA with restart on ``F(W) = loss + R``; ``lipschitz`` is L of the loss part's gradient.
 
@@ -172,32 +201,17 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> A
         a_new = margins(W_new, X)
         g_new = gradient(a_new)
         obj_new, gap_new, alpha_new = _primal_certificate(W_new, a_new, g_new, sites, loss, reg, reg_new)
-        worse = _increased(obj_new, s.value)
-        t_next, beta = _momentum(s.t)
-        Z_next = W_new + beta * (W_new - s.x)
-        aZ_next = a_new + beta * (a_new - aW)
-        if loss.linear_derivative:
-            gZ_next = g_new + beta * (g_new - gW)
-        else:
-            gZ_next = gradient(jnp.where(worse, aW, aZ_next))
+        advanced, worse, beta = _advance(s, W_new, obj_new, W_new, alpha_new, obj_new, gap_new)
 
-        def pick(new, old):
+        def keep(new, old):
             return jnp.where(worse, old, new)
 
-        return APGState(
-            x=pick(W_new, s.x),
-            z=pick(Z_next, s.x),
-            t=jnp.where(worse, jnp.ones_like(s.t), t_next),
-            value=pick(obj_new, s.value),
-            W=pick(W_new, s.W),
-            alpha=pick(alpha_new, s.alpha),
-            objective=pick(obj_new, s.objective),
-            gap=pick(gap_new, s.gap),
-            iteration=s.iteration + 1,
-            restarts=s.restarts + worse.astype(jnp.int32),
-            aux=(pick(aZ_next, aW), pick(gZ_next, gW) if loss.linear_derivative else gZ_next,
-                 pick(a_new, aW), pick(g_new, gW)),
-        )
+        aZ_next = keep(a_new + beta * (a_new - aW), aW)
+        if loss.linear_derivative:
+            gZ_next = keep(g_new + beta * (g_new - gW), gW)
+        else:
+            gZ_next = gradient(aZ_next)
+        return advanced._replace(aux=(aZ_next, gZ_next, keep(a_new, aW), keep(g_new, gW)))
 
     return _loop(step, init, max_iter, tol)
 
@@ -227,24 +241,6 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000) ->
         beta_point = s.z - step_size * margins(W_z, X)
         alpha_new = dual_prox(loss, beta_point, sites.y, c, step_size) * sites.mask
         dual_new, W_new, primal_new = certify(alpha_new)
-        worse = _increased(-dual_new, s.value)
-        t_next, beta = _momentum(s.t)
-        z_next = alpha_new + beta * (alpha_new - s.x)
-
-        def pick(new, old):
-            return jnp.where(worse, old, new)
-
-        return APGState(
-            x=pick(alpha_new, s.x),
-            z=pick(z_next, s.x),
-            t=jnp.where(worse, jnp.ones_like(s.t), t_next),
-            value=pick(-dual_new, s.value),
-            W=pick(W_new, s.W),
-            alpha=pick(alpha_new, s.alpha),
-            objective=pick(primal_new, s.objective),
-            gap=pick(primal_new - dual_new, s.gap),
-            iteration=s.iteration + 1,
-            restarts=s.restarts + worse.astype(jnp.int32),
-        )
+        return _advance(s, alpha_new, -dual_new, W_new, alpha_new, primal_new, primal_new - dual_new)[0]
 
     return _loop(step, init, max_iter, tol)
