@@ -1,0 +1,230 @@
+"""Speed of loss-driven task weighting (issue 4), as ratios measured side by side in one run.
+
+(a) ``schemes``: per-step time of each weighting scheme relative to ``equal`` -- the same model, data and
+    batch size, the jitted step of :func:`mtl_jax.training.make_train_step` run ``--scan`` times inside one
+    ``lax.scan`` (so dispatch is amortised); the schemes are timed round-robin, medians of ``--reps``.
+(b) ``seeds``: five seeds as one vmapped :func:`~mtl_jax.training.train_seeds` program against five
+    sequential :func:`~mtl_jax.training.train` calls (same config), compile-inclusive (first call after
+    ``jax.clear_caches()``) and compile-exclusive (medians of repeated calls).
+(c) ``cnn``: steps per second of the CNN on ``multi_digits`` at batch 256, one model and five seeds vmapped.
+
+Compilation is timed on its own (ahead-of-time ``lower().compile()`` in (a) and (c)). Nothing here assumes
+a CPU: on a GPU machine ``--only cnn`` runs (c) alone.
+
+    python benchmarks/bench_weighting.py              # everything (~3-4 min on 2 CPU cores)
+    python benchmarks/bench_weighting.py --only cnn   # (c) only
+    python benchmarks/bench_weighting.py --quick      # seconds (smoke test)
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import time
+from typing import Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtl_jax import weighting  # noqa: E402
+from mtl_jax.data.deep import imbalanced_regression, multi_digits, school_multihead  # noqa: E402
+from mtl_jax.training import TrainConfig, init_state, make_components, to_device, train, train_seeds  # noqa: E402
+
+PARTS = ("schemes", "seeds", "cnn")
+LOSS_ONLY_TARGET = 1.05
+SEEDS_TARGET = 3.0
+
+
+def machine_line() -> str:
+    return (f"{datetime.datetime.now().isoformat(timespec='minutes')} | jax {jax.__version__} | "
+            f"devices {jax.devices()} | CPU count {os.cpu_count()}")
+
+
+def block(x):
+    return jax.block_until_ready(x)
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    """Wall time of ``fn()`` with its result ready."""
+    t0 = time.perf_counter()
+    block(fn())
+    return time.perf_counter() - t0
+
+
+def round_robin(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median wall time of each function, after one warm-up call each, timed in turns (so slow drifts of a
+    shared machine hit every contender alike)."""
+    for fn in fns.values():
+        block(fn())
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name].append(seconds(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def scan_program(step, steps: int, seeds: int | None = None):
+    """A jitted ``(state, data) -> state`` running ``step`` ``steps`` times in a ``lax.scan`` (vmapped over
+    a leading seed axis of the state when ``seeds`` is given)."""
+    def run(state, data):
+        return jax.lax.scan(lambda s, _: (step(s, data)[0], None), state, None, length=steps)[0]
+
+    return jax.jit(run if seeds is None else jax.vmap(run, in_axes=(0, None)))
+
+
+def compiled_scan(config: TrainConfig, data, steps: int, seeds: int | None = None):
+    """``(compiled, state, train_split, compile_seconds)`` for the scan of ``steps`` training steps."""
+    spec = data.spec
+    comp = make_components(config, spec)
+    split = to_device(data.train, spec)
+
+    def init(seed):
+        return init_state(comp.model, comp.scheme, comp.optimizer, jax.random.key(seed), split.x[:1], mtrl=comp.mtrl)
+
+    state = block(init(0) if seeds is None else jax.vmap(init)(np.arange(seeds)))
+    t0 = time.perf_counter()
+    compiled = scan_program(comp.step, steps, seeds).lower(state, split).compile()
+    return compiled, state, split, time.perf_counter() - t0
+
+
+# ----------------------------------------------------------------------------- (a) schemes
+
+
+def bench_schemes(quick: bool, reps: int, scan: int, schemes: tuple[str, ...] = weighting.SCHEMES) -> dict:
+    """Per-step time of ``schemes`` relative to equal, on the imbalanced regression MLP (K = 10 tasks)."""
+    schemes = ("equal",) + tuple(s for s in schemes if s != "equal")
+    data = imbalanced_regression(256 if quick else 2000, 64, in_dim=50, out_dim=20, seed=0)
+    config = TrainConfig(model="mlp", hidden=(32,) if quick else (128, 128), batch_size=64, learning_rate=1e-2)
+    programs, compile_s = {}, {}
+    for name in schemes:
+        compiled, state, split, compile_s[name] = compiled_scan(dataclasses.replace(config, scheme=name), data, scan)
+        programs[name] = (lambda c=compiled, s=state, d=split: c(s, d))
+    med = round_robin(programs, reps)
+    print(f"\n(a) per-step time relative to equal: MLP {config.hidden}, K = {len(data.spec.kinds)} regression tasks, "
+          f"batch {config.batch_size}, {scan} steps per lax.scan, median of {reps}")
+    print(f"{'scheme':12s} {'ms/step':>9s} {'ratio':>7s} {'compile s':>10s}  target")
+    rows = {}
+    for name in schemes:
+        ratio = med[name] / med["equal"]
+        needs = weighting.get(name).needs
+        target = f"reported (needs {', '.join(needs)})" if needs else (
+            f"<= {LOSS_ONLY_TARGET}x: {'met' if ratio <= LOSS_ONLY_TARGET else 'NOT met'}")
+        print(f"{name:12s} {1e3 * med[name] / scan:9.3f} {ratio:7.3f} {compile_s[name]:10.2f}  {target}")
+        rows[name] = dict(ms_per_step=1e3 * med[name] / scan, ratio=ratio, compile_s=compile_s[name])
+    return rows
+
+
+# ----------------------------------------------------------------------------- (b) seeds
+
+
+def seed_configs(quick: bool) -> dict[str, tuple]:
+    """The small-model configurations of (b): name -> (data, config)."""
+    if quick:
+        return {"regression MLP (16,)": (imbalanced_regression(128, 32, num_tasks=3, in_dim=8, out_dim=4, seed=0),
+                                         TrainConfig(model="mlp", hidden=(16,), steps=20, batch_size=32))}
+    return {
+        "school MLP (32, 32), batch 96": (school_multihead(seed=0),
+                                          TrainConfig(model="mlp", hidden=(32, 32), steps=1000, batch_size=96,
+                                                      stratify=True, learning_rate=3e-3)),
+        "regression MLP (128, 128), batch 64": (imbalanced_regression(2000, 500, in_dim=50, out_dim=20, seed=0),
+                                                TrainConfig(model="mlp", hidden=(128, 128), steps=1000,
+                                                            batch_size=64, learning_rate=1e-2)),
+    }
+
+
+def bench_seeds(quick: bool, reps: int, n_seeds: int = 5) -> dict:
+    """``n_seeds`` seeds: one vmapped train_seeds program vs sequential train calls."""
+    seeds = list(range(n_seeds))
+    print(f"\n(b) {n_seeds} seeds: one vmapped train_seeds program vs {n_seeds} sequential train calls "
+          f"(scheme equal; first call after jax.clear_caches(), then median of {reps})")
+    print(f"{'config':38s} {'steps':>5s} {'seq first s':>11s} {'vmap first s':>12s} {'ratio':>6s} "
+          f"{'seq s':>7s} {'vmap s':>7s} {'ratio':>6s}  target >= {SEEDS_TARGET}x (compile-exclusive)")
+    rows = {}
+    for name, (data, config) in seed_configs(quick).items():
+        def sequential(data=data, config=config):
+            return [train(dataclasses.replace(config, seed=s), data) for s in seeds]
+
+        def vmapped(data=data, config=config):
+            return train_seeds(config, data, seeds)
+
+        jax.clear_caches()
+        seq_first = seconds(sequential)
+        jax.clear_caches()
+        vmap_first = seconds(vmapped)
+        med = round_robin({"seq": sequential, "vmap": vmapped}, reps)
+        incl, excl = seq_first / vmap_first, med["seq"] / med["vmap"]
+        met = "met" if excl >= SEEDS_TARGET else "NOT met"
+        print(f"{name:38s} {config.steps:5d} {seq_first:11.2f} {vmap_first:12.2f} {incl:6.2f} "
+              f"{med['seq']:7.2f} {med['vmap']:7.2f} {excl:6.2f}  {met}")
+        rows[name] = dict(seq_first_s=seq_first, vmap_first_s=vmap_first, ratio_with_compile=incl,
+                          seq_s=med["seq"], vmap_s=med["vmap"], ratio=excl)
+    return rows
+
+
+# ----------------------------------------------------------------------------- (c) CNN
+
+
+def bench_cnn(quick: bool, reps: int, scan: int, n_seeds: int = 5) -> dict:
+    """Steps per second of the CNN on multi_digits, batch 256 (quick: batch 32, tiny CNN)."""
+    data = multi_digits(512 if quick else 2000, 64, seed=0)
+    config = TrainConfig(model="cnn", features=(4, 8) if quick else (16, 32), hidden=(16,) if quick else (64,),
+                         batch_size=32 if quick else 256, learning_rate=1e-3)
+    one, state1, split, c1 = compiled_scan(config, data, scan)
+    many, state5, _, c5 = compiled_scan(config, data, scan, seeds=n_seeds)
+    med = round_robin({"one": lambda: one(state1, split), "many": lambda: many(state5, split)}, reps)
+    print(f"\n(c) CNN on multi_digits: features {config.features}, dense {config.hidden[-1]}, batch "
+          f"{config.batch_size}, scheme equal, {scan} steps per lax.scan, median of {reps} "
+          f"({jax.devices()[0].platform})")
+    print(f"{'run':18s} {'steps/s':>9s} {'model-steps/s':>14s} {'compile s':>10s}")
+    rows = {}
+    for label, key, seeds, comp_s in (("1 model", "one", 1, c1), (f"{n_seeds} seeds vmapped", "many", n_seeds, c5)):
+        rate = scan / med[key]
+        print(f"{label:18s} {rate:9.1f} {rate * seeds:14.1f} {comp_s:10.2f}")
+        rows[label] = dict(steps_per_s=rate, model_steps_per_s=rate * seeds, compile_s=comp_s)
+    return rows
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
+    parser.add_argument("--schemes", default=",".join(weighting.SCHEMES),
+                        help="comma-separated schemes timed in (a) (equal is always timed: the reference)")
+    parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (seconds)")
+    parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 2)")
+    parser.add_argument("--scan", type=int, default=None, help="steps per lax.scan in (a) (default 50; --quick 5)")
+    parser.add_argument("--cnn-steps", type=int, default=None, help="steps per lax.scan in (c) (default 20; --quick 3)")
+    args = parser.parse_args(argv)
+    parts = tuple(p.strip() for p in args.only.split(",") if p.strip())
+    if not parts or any(p not in PARTS for p in parts):
+        raise ValueError(f"--only: choose among {', '.join(PARTS)}, got {args.only!r}")
+    schemes = tuple(n.strip() for n in args.schemes.split(",") if n.strip())
+    if any(n not in weighting.SCHEMES for n in schemes):
+        raise ValueError(f"--schemes: choose among {', '.join(weighting.SCHEMES)}, got {args.schemes!r}")
+    reps = args.reps if args.reps is not None else (2 if args.quick else 7)
+    scan = args.scan if args.scan is not None else (5 if args.quick else 50)
+    cnn_steps = args.cnn_steps if args.cnn_steps is not None else (3 if args.quick else 20)
+    for name, value in (("--reps", reps), ("--scan", scan), ("--cnn-steps", cnn_steps)):
+        if value < 1:
+            raise ValueError(f"{name}: must be >= 1, got {value}")
+
+    print(f"bench_weighting{' --quick' if args.quick else ''}: {machine_line()}")
+    out = {}
+    if "schemes" in parts:
+        out["schemes"] = bench_schemes(args.quick, reps, scan, schemes)
+    if "seeds" in parts:
+        out["seeds"] = bench_seeds(args.quick, max(1, reps // 2) if not args.quick else 1)
+    if "cnn" in parts:
+        out["cnn"] = bench_cnn(args.quick, reps, cnn_steps)
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The task-weighting experiment and benchmark scripts, end to end on tiny settings (--quick)."""
+import importlib.util
+import json
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+from mtl_jax.data.deep import school_multihead
+from mtl_jax.training import TrainConfig, train_seeds
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_script(relative: str):
+    """Import a script of the repository (not a package) as a module."""
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def task_weighting():
+    return load_script("experiments/task_weighting.py")
+
+
+@pytest.fixture(scope="module")
+def quick_run(task_weighting, tmp_path_factory):
+    out = tmp_path_factory.mktemp("task_weighting")
+    argv = ["--quick", "--out", str(out), "--schemes", "equal,dwa", "--datasets", "school_multihead"]
+    first = task_weighting.main(argv, log=lambda _: None)
+    return out, argv, first
+
+
+def test_quick_run_writes_tables_json_figure_and_cells(quick_run):
+    out, _, first = quick_run
+    for name in ("results.md", "results.json", "school_multihead_curves.png"):
+        assert (out / name).stat().st_size > 0
+    assert sorted(first["computed"]) == [("school_multihead", s) for s in ("dwa", "equal", "single_task")]
+    table = (out / "results.md").read_text()
+    assert "### school_multihead" in table and "| dwa |" in table and "| single_task |" in table
+    results = json.loads((out / "results.json").read_text())
+    runs = results["datasets"]["school_multihead"]["runs"]
+    assert set(runs) == {"single_task", "equal", "dwa"}
+    assert np.asarray(runs["dwa"]["per_seed"]).shape == (2, 3)  # 2 seeds, 3 heads
+
+
+def test_delta_m_of_equal_against_itself_is_zero(quick_run):
+    runs = quick_run[2]["results"]["school_multihead"]["runs"]
+    assert runs["equal"]["delta_m_equal"] == 0.0
+    assert runs["single_task"]["delta_m_single_task"] == 0.0
+
+
+def test_rerun_skips_finished_cells(quick_run, task_weighting):
+    out, argv, _ = quick_run
+    cell = out / "cells" / "school_multihead" / "dwa.npz"
+    before = cell.stat().st_mtime_ns
+    again = task_weighting.main(argv, log=lambda _: None)
+    assert again["computed"] == []
+    assert len(again["skipped"]) == 3
+    assert cell.stat().st_mtime_ns == before
+    assert again["results"] == quick_run[2]["results"]
+
+
+def test_delta_m_signs_and_values(task_weighting):
+    base = np.array([0.5, 2.0])
+    # accuracy up 10 % on task 0 (higher is better), MSE down 50 % on task 1 (lower is better)
+    got = task_weighting.delta_m(np.array([0.55, 1.0]), base, [True, False])
+    assert got == pytest.approx(100 * (0.1 + 0.5) / 2)
+    with pytest.raises(ValueError, match="baseline"):
+        task_weighting.delta_m(np.ones(3), base, [True, False])
+
+
+def test_bad_arguments_raise_value_error(task_weighting, tmp_path):
+    with pytest.raises(ValueError, match="--schemes"):
+        task_weighting.main(["--quick", "--out", str(tmp_path), "--schemes", "pcgrad"])
+    with pytest.raises(ValueError, match="--seeds"):
+        task_weighting.main(["--quick", "--out", str(tmp_path), "--seeds", "0"])
+
+
+def test_fixed_ones_runs_match_train_seeds_equal(task_weighting):
+    """The single-task runner is train_seeds with constant weights: all-ones weights reproduce equal."""
+    data = school_multihead(seed=0)
+    config = TrainConfig(model="mlp", hidden=(8,), steps=15, batch_size=48, stratify=True, learning_rate=3e-3)
+    ref = train_seeds(config, data, [0, 1])
+    history, test = task_weighting.train_fixed_weights(config, data, [0, 1], np.ones((1, 3)))
+    np.testing.assert_allclose(np.asarray(test.mse)[0], np.asarray(ref.test.mse), rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(history.task_losses)[0], np.asarray(ref.history.task_losses), rtol=1e-5)
+
+
+def test_benchmark_quick_smoke(capsys):
+    bench = load_script("benchmarks/bench_weighting.py")
+    out = bench.main(["--quick", "--schemes", "equal,gradnorm", "--only", "schemes,seeds"])
+    printed = capsys.readouterr().out
+    assert "CPU count" in printed and "gradnorm" in printed
+    assert out["schemes"]["equal"]["ratio"] == 1.0
+    assert all(np.isfinite(row["ratio"]) for row in out["seeds"].values())
+    with pytest.raises(ValueError, match="--only"):
+        bench.main(["--only", "gpu"])
