@@ -26,7 +26,8 @@ def test_fit_result_contract(data):
     arrays = res.history_arrays()
     assert set(arrays) == {"round", "objective", "gap", "bytes", "seconds"}
     assert np.all(np.diff(arrays["seconds"]) >= 0)
-    np.testing.assert_allclose(mtl_jax.objective(res.W, X, y, task, lam1=0.1, lam2=1.0), res.objective, rtol=1e-12)
+    # two compiled programs summing in different orders: equal to float64 round-off (GPU too)
+    np.testing.assert_allclose(mtl_jax.objective(res.W, X, y, task, lam1=0.1, lam2=1.0), res.objective, rtol=1e-9)
     assert res.alpha.shape == y.shape
     assert res.config["method"] == "apg" and res.config["num_tasks"] == 5
 
