@@ -480,9 +480,11 @@ class GradNormState(NamedTuple):
     weights: jax.Array         # (K,) w(t), positive, summing to K; ones at init
     initial_losses: jax.Array  # (K,) L(0), stored at the first update
     count: jax.Array           # () int32, number of updates so far
+    opt_state: Any = ()        # the optimizer's state for the weights
 
 
-def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e-3) -> Weighting:
+def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e-3,
+             optimizer: optax.GradientTransformation | None = None) -> Weighting:
     """GradNorm (Chen, Badrinarayanan, Lee, Rabinovich, "GradNorm: gradient normalization for adaptive
     loss balancing in deep multitask networks", ICML 2018, Algorithm 1).
 
@@ -494,24 +496,34 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e
         Ltilde_k = L_k / L_k(0),            r_k  = Ltilde_k / mean_j Ltilde_j
         target_k = Gbar * r_k^alpha         (held constant, as in the paper)
         L_grad   = sum_k |G_w,k - target_k|,   d L_grad / d w_k = sign(G_w,k - target_k) G_k
-        w'       = w - learning_rate * d L_grad / d w          (one plain gradient step)
+        w'       = one optimizer step on w with that gradient
         w_new    = K * max(w', floor) / sum_j max(w', floor)   (renormalised, kept positive)
 
     ``update`` returns the current weights ``w(t)`` -- the ones the model step must use, as in the
     paper's Algorithm 1 -- and stores ``w(t+1) = w_new``. At the first update it returns ``w = 1``
     (all ones), stores ``L(0) = task_losses``, and already takes a step with ``r = 1`` (all tasks at the
     same relative rate, so ``target = Gbar`` equalises the weighted gradient norms). ``alpha = 1.5`` is
-    the paper's value for its imbalanced regression. ``learning_rate`` is ours (the paper trains ``w``
-    with the network's optimizer); since the step is ``learning_rate * G``, pick it for the scale of the
-    gradient norms. ``floor`` (absolute, before renormalisation) keeps the weights positive.
+    the paper's value for its imbalanced regression.
+
+    The paper trains ``w`` with the network's optimizer; the default here is ``optax.adam(learning_rate)``
+    (as common implementations do), which matters: the raw gradient ``sign(.) G_k`` scales with the
+    gradient norms, which can span orders of magnitude between tasks (a plain step of
+    ``learning_rate * G_k`` then barely moves the weights of small-gradient tasks). Pass ``optimizer``
+    (e.g. ``optax.sgd(learning_rate)`` for the plain step) to change it. ``floor`` (absolute, before
+    renormalisation) keeps the weights positive.
     """
     _check_nonnegative("alpha", alpha)
     _check_positive("learning_rate", learning_rate)
     _check_positive("floor", floor)
+    if optimizer is None:
+        optimizer = optax.adam(learning_rate)
+    elif not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation or None, got {optimizer!r}")
 
     def init(num_tasks, key=None):
         k = _check_num_tasks(num_tasks)
-        return GradNormState(weights=_float_ones(k), initial_losses=_float_ones(k), count=_count())
+        w = _float_ones(k)
+        return GradNormState(weights=w, initial_losses=_float_ones(k), count=_count(), opt_state=optimizer.init(w))
 
     def update(task_losses, state, grad_norms=None, **extra):
         if grad_norms is None:
@@ -524,9 +536,11 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e
         weighted_norms = w * norms
         rel = losses / initial
         target = jnp.mean(weighted_norms) * (rel / jnp.mean(rel)) ** alpha
-        grad = jnp.sign(weighted_norms - target) * norms
-        w_new = _sum_to_k(jnp.maximum(w - learning_rate * grad, floor))
-        new_state = GradNormState(weights=w_new, initial_losses=initial, count=state.count + 1)
+        grad = (jnp.sign(weighted_norms - target) * norms).astype(w.dtype)
+        updates, opt_state = optimizer.update(grad, state.opt_state, w)
+        w_new = _sum_to_k(jnp.maximum(optax.apply_updates(w, updates), floor))
+        new_state = GradNormState(weights=w_new, initial_losses=initial, count=state.count + 1,
+                                  opt_state=opt_state)
         return _finish(w, losses, new_state, state)
 
     return Weighting(init, update, needs=("grad_norms",))

@@ -225,10 +225,13 @@ def test_uncertainty_log_variance_step_equals_optax_step_on_closed_form_gradient
 # ------------------------------------------------------------------------------------------------
 
 
-def np_gradnorm(losses, norms, alpha, lr, floor):
-    """Returns the weights used at each step (GradNorm Algorithm 1) and how often the floor bound."""
+def np_gradnorm(losses, norms, alpha, lr, floor, adam=False):
+    """Returns the weights used at each step (GradNorm Algorithm 1) and how often the floor bound.
+
+    The step on w is plain gradient descent, or Adam (b1 0.9, b2 0.999, eps 1e-8, bias-corrected)."""
     k = losses.shape[1]
     w = np.ones(k)
+    m, v = np.zeros(k), np.zeros(k)
     out, floored = [], 0
     for t in range(len(losses)):
         out.append(w.copy())
@@ -236,7 +239,14 @@ def np_gradnorm(losses, norms, alpha, lr, floor):
         r = ratio / ratio.mean()
         gw = w * norms[t]
         target = gw.mean() * r ** alpha
-        w = w - lr * np.sign(gw - target) * norms[t]
+        g = np.sign(gw - target) * norms[t]
+        if adam:
+            m = 0.9 * m + 0.1 * g
+            v = 0.999 * v + 0.001 * g**2
+            step = (m / (1 - 0.9 ** (t + 1))) / (np.sqrt(v / (1 - 0.999 ** (t + 1))) + 1e-8)
+        else:
+            step = g
+        w = w - lr * step
         floored += int(np.sum(w < floor))
         w = np.maximum(w, floor)
         w = k * w / w.sum()
@@ -245,12 +255,18 @@ def np_gradnorm(losses, norms, alpha, lr, floor):
 
 @pytest.mark.parametrize("lr", [0.05, 0.6])
 def test_gradnorm_matches_numpy(lr):
-    weights, _ = run(weighting.gradnorm(alpha=1.5, learning_rate=lr, floor=1e-3))
+    weights, _ = run(weighting.gradnorm(alpha=1.5, learning_rate=lr, floor=1e-3, optimizer=optax.sgd(lr)))
     expected, floored = np_gradnorm(LOSSES, GRAD_NORMS, alpha=1.5, lr=lr, floor=1e-3)
     np.testing.assert_allclose(weights, expected, rtol=1e-12)
     np.testing.assert_allclose(weights[0], 1.0)
     if lr == 0.6:
         assert floored > 0  # the floor was exercised
+
+
+def test_gradnorm_default_steps_the_weights_with_adam():
+    weights, _ = run(weighting.gradnorm(alpha=1.5, learning_rate=0.025, floor=1e-3))
+    expected, _ = np_gradnorm(LOSSES, GRAD_NORMS, alpha=1.5, lr=0.025, floor=1e-3, adam=True)
+    np.testing.assert_allclose(weights, expected, rtol=1e-10)
 
 
 def test_gradnorm_requires_grad_norms():
