@@ -108,3 +108,10 @@ def test_infeasible_alpha0_is_rejected():
         mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, loss="hinge", alpha0=-y)  # y * alpha0 < 0
     with pytest.raises(ValueError, match="alpha0"):
         mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, loss="hinge", alpha0=np.zeros(3))
+
+
+def test_second_fit_of_the_same_shapes_does_not_compile_again(data):
+    X, y, task = data
+    mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
+    again = mtl_jax.fit(X, y, task, lam1=0.3, lam2=0.5, tol=1e-8)  # hyper-parameters are traced
+    assert again.compile_seconds == 0.0
