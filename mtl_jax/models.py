@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtl_jax.mtrl import omega_update
+from mtl_jax.mtrl import SigmaQuadratic, as_spectral, omega_update
 
 SHARED_LAST = "shared_last"
 HEADS = "heads"
@@ -244,12 +244,10 @@ def mtrl_regulariser(H: jax.Array, omega: jax.Array, lam1: float, lam2: float, e
     finite penalty. Omega gets no gradient (it is a state, not a
     parameter): the gradient w.r.t. H is lam1 H + lam2 Omega^{-1} H.
     """
-    omega = jax.lax.stop_gradient(omega)
-    w, U = jnp.linalg.eigh(omega)
-    projected = U.T @ H  # (K, p): H in Omega's eigenbasis
-    floor = eps * jnp.trace(omega) / omega.shape[0]
-    trace_term = jnp.sum(projected**2 / jnp.maximum(w, floor)[:, None])
-    return 0.5 * lam1 * jnp.sum(H**2) + 0.5 * lam2 * trace_term
+    omega = as_spectral(jax.lax.stop_gradient(omega))
+    floor = eps * omega.trace() / omega.U.shape[0]
+    floored = omega.map(lambda w: jnp.maximum(w, floor))
+    return SigmaQuadratic(floored, lam1, lam2).value(H)
 
 
 def initial_omega(num_tasks: int, dtype=jnp.float32) -> jax.Array:
