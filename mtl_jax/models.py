@@ -74,18 +74,32 @@ class TaskHeads(nn.Module):
     def __call__(self, features):
         num_tasks = len(self.out_dims)
         kernel_init = nn.initializers.lecun_normal(batch_axis=(0,))
-        h = jnp.broadcast_to(features, (num_tasks, *features.shape))  # (K, B, p)
+        h = features  # (B, p), shared by all heads up to their first layer; then (K, B, w) per head
         for j, width in enumerate(self.head_hidden):
             kernel = self.param(f"hidden_{j}_kernel", kernel_init, (num_tasks, h.shape[-1], width), self.param_dtype)
             bias = self.param(f"hidden_{j}_bias", nn.initializers.zeros, (num_tasks, width), self.param_dtype)
-            h = self.activation(jnp.einsum("kbp,kpw->kbw", h, kernel) + bias[:, None, :])
+            h = self.activation(_heads_dot(h, kernel) + bias[:, None, :])
         out = max(self.out_dims)
         kernel = self.param(
             "kernel", _padded_init(kernel_init, self.out_dims), (num_tasks, h.shape[-1], out), self.param_dtype
         )
         bias = self.param("bias", nn.initializers.zeros, (num_tasks, out), self.param_dtype)
-        y = jnp.einsum("kbp,kpo->kbo", h, kernel) + bias[:, None, :]  # (K, B, max_out)
-        return tuple(y[k, :, :dim] for k, dim in enumerate(self.out_dims))
+        y = _heads_dot(h, kernel) + bias[:, None, :]  # (K, B, max_out)
+        # jnp.split rather than K slices y[k]: its gradient is one concatenation of the K cotangents,
+        # where K slices' gradients are K zero-padded (K, B, max_out) arrays summed.
+        return tuple(part[0, :, :dim] for part, dim in zip(jnp.split(y, num_tasks, axis=0), self.out_dims))
+
+
+def _heads_dot(h: jax.Array, kernel: jax.Array) -> jax.Array:
+    """(K, B, w) outputs of K stacked head layers ``kernel`` (K, p, w) on features ``h``: (B, p) shared by
+    all heads, or (K, B, p) one slice per head.
+
+    Shared features are contracted as one (B, p) x (p, K * w) product rather than broadcast to (K, B, p)
+    first: the broadcast would be materialised and its gradient summed back over K, and K small batched
+    products run far slower than one wide product on a CPU (with seeds vmapped, all the more)."""
+    if h.ndim == 2:
+        return jnp.einsum("bp,kpw->kbw", h, kernel)
+    return jnp.einsum("kbp,kpw->kbw", h, kernel)
 
 
 class MultiTaskMLP(nn.Module):
