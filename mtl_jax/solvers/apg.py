@@ -43,7 +43,7 @@ class APGState(NamedTuple):
     gap: jax.Array        # () F(W) - D(alpha) >= 0
     iteration: jax.Array  # () int
     restarts: jax.Array   # () int
-    aux: tuple = ()       # method-specific carried arrays (primal: margins of z and of x)
+    aux: tuple = ()       # method-specific carried arrays (primal: margins and loss gradients of z and x)
 
 
 class APGResult(NamedTuple):
