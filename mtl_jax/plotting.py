@@ -121,7 +121,7 @@ def plot_convergence(histories, *, x="round", optimum=None, ax=None):
             raise ValueError(f"optimum: must be a number, got {optimum!r}") from None
         if not np.isfinite(optimum):
             raise ValueError(f"optimum: must be finite, got {optimum!r}")
-        reference = "J*"
+        reference = "given"
     scale = abs(optimum) if optimum != 0 else 1.0
 
     if ax is None:
