@@ -91,7 +91,7 @@ def main(argv=None):
         json.dump(vars(args), f, indent=2)
 
     histories = {label: r.history_arrays() for label, r in results.items()}
-    fig = plotting.plot_convergence(histories, x="round", optimum=best)[0].figure
+    fig = plotting.plot_convergence(histories, x="round")[0].figure  # against a certified lower bound on J*
     plotting.save_figure(fig, os.path.join(args.out, "convergence.png"))
     fast = results["fast (APG, certified)"]
     order = np.argsort(np.linalg.eigh(fast.Omega)[1][:, -1])
