@@ -24,6 +24,8 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .validation import check_int, check_real
+
 CLASSIFICATION = "classification"
 REGRESSION = "regression"
 TASK_KINDS = (CLASSIFICATION, REGRESSION)
@@ -56,28 +58,10 @@ class MultiTaskDataset(NamedTuple):
 # ----------------------------------------------------------------------------- validation
 
 
-def _positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name}: must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def _fraction(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 < float(value) < 1.0:
         raise ValueError(f"{name}: must be a number strictly between 0 and 1, got {value!r}")
     return float(value)
-
-
-def _positive_real(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def _seed(value) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"seed: must be an integer >= 0, got {value!r}")
-    return int(value)
 
 
 def validate_spec(spec: TaskSpec) -> TaskSpec:
@@ -179,10 +163,10 @@ def multi_digits(
       :class:`MultiTaskDataset` with ``x`` (N, H, W, 1) float64, ``y`` = (left (N,), right (N,)) int64,
       mask all True, spec kinds ``("classification",) * 2``, out_dims ``(10, 10)``.
     """
-    n_train = _positive_int("n_train", n_train)
-    n_test = _positive_int("n_test", n_test)
+    n_train = check_int("n_train", n_train, low=1)
+    n_test = check_int("n_test", n_test, low=1)
     test_fraction = _fraction("test_fraction", test_fraction)
-    seed = _seed(seed)
+    seed = check_int("seed", seed, low=0)
     if (
         not isinstance(canvas, (tuple, list))
         or len(canvas) != 2
@@ -243,17 +227,17 @@ def imbalanced_regression(
       kinds ``("regression",) * K``, out_dims ``(out_dim,) * K``. The scales are recoverable from the
       task names (``"task{i}_scale{sigma_i:g}"``) and are returned exactly by :func:`task_scales`.
     """
-    n_train = _positive_int("n_train", n_train)
-    n_test = _positive_int("n_test", n_test)
-    num_tasks = _positive_int("num_tasks", num_tasks)
-    in_dim = _positive_int("in_dim", in_dim)
-    out_dim = _positive_int("out_dim", out_dim)
-    max_scale_ratio = _positive_real("max_scale_ratio", max_scale_ratio)
+    n_train = check_int("n_train", n_train, low=1)
+    n_test = check_int("n_test", n_test, low=1)
+    num_tasks = check_int("num_tasks", num_tasks, low=1)
+    in_dim = check_int("in_dim", in_dim, low=1)
+    out_dim = check_int("out_dim", out_dim, low=1)
+    max_scale_ratio = check_real("max_scale_ratio", max_scale_ratio, strict=True)
     if max_scale_ratio < 1.0:
         raise ValueError(f"max_scale_ratio: must be >= 1, got {max_scale_ratio!r}")
-    basis_var = _positive_real("basis_var", basis_var)
-    task_var = _positive_real("task_var", task_var)
-    seed = _seed(seed)
+    basis_var = check_real("basis_var", basis_var, strict=True)
+    task_var = check_real("task_var", task_var, strict=True)
+    seed = check_int("seed", seed, low=0)
 
     rng = np.random.default_rng(seed)
     basis = rng.normal(scale=np.sqrt(basis_var), size=(out_dim, in_dim))
@@ -279,8 +263,8 @@ def imbalanced_regression(
 
 def task_scales(num_tasks: int = 10, max_scale_ratio: float = 100.0) -> np.ndarray:
     """(K,) the scales ``sigma_i`` used by :func:`imbalanced_regression`: geomspace(1, max_scale_ratio, K)."""
-    num_tasks = _positive_int("num_tasks", num_tasks)
-    max_scale_ratio = _positive_real("max_scale_ratio", max_scale_ratio)
+    num_tasks = check_int("num_tasks", num_tasks, low=1)
+    max_scale_ratio = check_real("max_scale_ratio", max_scale_ratio, strict=True)
     return np.geomspace(1.0, max_scale_ratio, num_tasks)
 
 
@@ -324,7 +308,7 @@ def school_multihead(
     if not isinstance(school_features, (bool, np.bool_)):
         raise ValueError(f"school_features: must be a bool, got {school_features!r}")
     test_fraction = _fraction("test_fraction", test_fraction)
-    seed = _seed(seed)
+    seed = check_int("seed", seed, low=0)
 
     from mtl_jax.data.school import load_exam
 

@@ -6,25 +6,9 @@ groups. :func:`cluster_recovery` scores how well it does.
 """
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 
-from .validation import CLASSIFICATION_LOSSES, check_loss, check_square_matrix
-
-
-def _int_arg(name, value, low):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}: must be an integer, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name}: must be >= {low}, got {value}")
-    return int(value)
-
-
-def _nonneg_float(name, value):
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not np.isfinite(value) or value < 0:
-        raise ValueError(f"{name}: must be a finite number >= 0, got {value!r}")
-    return float(value)
+from .validation import CLASSIFICATION_LOSSES, check_int, check_loss, check_real, check_square_matrix
 
 
 def make_clustered_tasks(
@@ -62,26 +46,26 @@ def make_clustered_tasks(
       With ``num_tasks >= 2 * num_clusters`` every cluster has at least two tasks, which
       :func:`cluster_recovery` needs for a perfect score.
     """
-    m = _int_arg("num_tasks", num_tasks, 1)
-    d = _int_arg("dim", dim, 1)
-    k = _int_arg("num_clusters", num_clusters, 1)
+    m = check_int("num_tasks", num_tasks, low=1)
+    d = check_int("dim", dim, low=1)
+    k = check_int("num_clusters", num_clusters, low=1)
     if k > m:
         raise ValueError(f"num_clusters: {k} clusters for {m} tasks; need num_clusters <= num_tasks")
     if isinstance(samples_per_task, (tuple, list)):
         if len(samples_per_task) != 2:
             raise ValueError(f"samples_per_task: a (low, high) pair expected, got {samples_per_task!r}")
-        low = _int_arg("samples_per_task", samples_per_task[0], 1)
-        high = _int_arg("samples_per_task", samples_per_task[1], 1)
+        low = check_int("samples_per_task", samples_per_task[0], low=1)
+        high = check_int("samples_per_task", samples_per_task[1], low=1)
         if low > high:
             raise ValueError(f"samples_per_task: low {low} > high {high}")
     else:
-        low = high = _int_arg("samples_per_task", samples_per_task, 1)
+        low = high = check_int("samples_per_task", samples_per_task, low=1)
     loss = check_loss(loss)
     if loss is None:
         raise ValueError("loss: must be 'squared', 'hinge' or 'logistic', got None")
-    noise = _nonneg_float("noise", noise)
-    cluster_spread = _nonneg_float("cluster_spread", cluster_spread)
-    seed = _int_arg("seed", seed, 0)
+    noise = check_real("noise", noise)
+    cluster_spread = check_real("cluster_spread", cluster_spread)
+    seed = check_int("seed", seed, low=0)
 
     rng = np.random.default_rng(seed)
     clusters = rng.permutation(np.arange(m) % k).astype(np.int64)

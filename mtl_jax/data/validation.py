@@ -190,3 +190,18 @@ def check_square_matrix(name: str, M, *, min_size: int = 1) -> np.ndarray:
     if not np.isfinite(M).all():
         raise ValueError(f"{name}: contains NaN or Inf")
     return M
+
+
+def check_int(name: str, value, *, low: int) -> int:
+    """``value`` as a Python int ``>= low``; ValueError naming ``name`` for bools, non-integers, smaller values."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, *, low: float = 0.0, strict: bool = False) -> float:
+    """``value`` as a finite float ``> low`` (``strict``) or ``>= low``; ValueError naming ``name`` otherwise."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not np.isfinite(value)
+            or value < low or (strict and value == low)):
+        raise ValueError(f"{name}: must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
+    return float(value)
