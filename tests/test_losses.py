@@ -78,16 +78,20 @@ def feasible_interval(name, y, c):
     return (min(0.0, c * y), max(0.0, c * y))
 
 
+def random_labels(rng, name, n):
+    """Targets: real (scaled normal) for squared loss, {-1, +1} for hinge and logistic."""
+    return rng.normal(size=n) * 2.0 if name == "squared" else rng.choice([-1.0, 1.0], size=n)
+
+
 def random_cases(rng, name, n=N_CASES, extreme=True):
     """Random (alpha, y, c, a, Q): alpha feasible, c in (0.01, 1), a in [-3, 3], Q in [0, 10];
     one case in eight has Q = 0, and (if ``extreme``) a few have extreme margins, margins next to
     the hinge kink, or tiny Q. Hinge alphas include the box ends. Note K = Q c < 10 here."""
     c = rng.uniform(0.01, 1.0, n)
+    y = random_labels(rng, name, n)
     if name == "squared":
-        y = rng.normal(size=n) * 2.0
         alpha = rng.normal(size=n) * 2.0 * c
     else:
-        y = rng.choice([-1.0, 1.0], size=n)
         s = rng.uniform(0.0, 1.0, n)
         if name == "hinge":
             s[::5] = 0.0
@@ -155,7 +159,7 @@ def test_get_loss_unknown_raises():
 @pytest.mark.parametrize("name", LOSSES)
 def test_value_matches_numpy(name, rng):
     n = 200
-    y = rng.normal(size=n) * 2 if name == "squared" else rng.choice([-1.0, 1.0], size=n)
+    y = random_labels(rng, name, n)
     a = np.concatenate([rng.uniform(-5, 5, n - 4), [-800.0, 800.0, 40.0, -40.0]])
     got = np.asarray(get_loss(name).value(jnp.asarray(y), jnp.asarray(a)))
     want = np_value(name, y, a)
@@ -166,7 +170,7 @@ def test_value_matches_numpy(name, rng):
 @pytest.mark.parametrize("name", LOSSES)
 def test_derivative_matches_finite_difference(name, rng):
     n = 200
-    y = rng.normal(size=n) * 2 if name == "squared" else rng.choice([-1.0, 1.0], size=n)
+    y = random_labels(rng, name, n)
     a = rng.uniform(-5, 5, n)
     if name == "hinge":
         a = np.where(np.abs(1.0 - y * a) > 1e-3, a, a + 0.5)  # away from the kink y a = 1
@@ -263,7 +267,7 @@ def test_primal_to_dual_fenchel_young(name, rng):
     loss = get_loss(name)
     n = N_CASES
     c = rng.uniform(0.01, 1.0, n)
-    y = rng.normal(size=n) * 2 if name == "squared" else rng.choice([-1.0, 1.0], size=n)
+    y = random_labels(rng, name, n)
     a = rng.uniform(-4, 4, n)
     a[:4] = [30.0, -30.0, 300.0, -300.0]
     if name == "hinge":
@@ -511,7 +515,7 @@ def test_dual_prox_matches_scipy(name, rng):
     loss = get_loss(name)
     n = N_CASES
     c = rng.uniform(0.01, 1.0, n)
-    y = rng.normal(size=n) * 2 if name == "squared" else rng.choice([-1.0, 1.0], size=n)
+    y = random_labels(rng, name, n)
     # possibly outside the dual box
     beta = rng.uniform(-2.0, 2.0, n) * (c if name != "squared" else 1.0) * 1.5
     step = np.exp(rng.uniform(np.log(0.01), np.log(10.0), n))
