@@ -69,6 +69,7 @@ def _apg_program(sites, W0, alpha0, lam1, lam2, gram, tol, *, loss, dual, max_it
 
 
 _gram_lmax = jax.jit(gram_lmax)
+_omega_factored = jax.jit(omega_factored, static_argnames="eps")
 _COMPILED: dict = {}
 _MAX_COMPILED = 32
 
@@ -142,7 +143,7 @@ def solve(sites, *, lam1, lam2, loss="squared", method="apg", tol=1e-6, max_iter
     objs, gaps = np.asarray(res.objectives), np.asarray(res.gaps)
     history = tuple(HistoryRecord(k + 1, float(objs[k]), float(gaps[k]), 0, per_iter * (k + 1))
                     for k in range(its))
-    omega = _numpy_tree(jax.jit(omega_factored, static_argnames="eps")(st.W, eps=eps))
+    omega = _numpy_tree(_omega_factored(st.W, eps=eps))
     return SolveOutput(st.W, omega, st.alpha, history, float(st.objective), float(st.gap),
                        bool(res.converged), its, compile_seconds, t2 - t1)
 
@@ -163,6 +164,6 @@ def _alternate(sites, W, alpha, lam1, lam2, gram, loss, tol, max_iter, eps, inne
             converged = True
             break
     t2 = time.perf_counter()
-    omega = _numpy_tree(jax.jit(omega_factored, static_argnames="eps")(W, eps=eps))
+    omega = _numpy_tree(_omega_factored(W, eps=eps))
     return SolveOutput(np.asarray(W), omega, np.asarray(alpha), tuple(history), J, gap, converged,
                        len(history), compile_seconds, t2 - t1)
