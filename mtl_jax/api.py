@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax.data.sites import to_sites
-from mtl_jax.data.validation import validate_dataset, validate_lams
+from mtl_jax.validation import validate_dataset, validate_lams
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
 from mtl_jax.solvers import centralized
 

@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from mtl_jax.data.io import atomic_write
-from mtl_jax.data.validation import check_square_matrix
+from mtl_jax.validation import check_square_matrix
 
 X_AXES = {"round": "iteration / round", "seconds": "seconds (compilation excluded)"}
 

@@ -36,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl_jax import names
+from mtl_jax.validation import check_int, check_real, is_traced
+
 __all__ = [
     "Weighting",
     "SCHEMES",
@@ -74,41 +77,16 @@ class Weighting(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
-def _is_traced(value: Any) -> bool:
-    return isinstance(value, jax.core.Tracer)
-
-
-def _check_number(name: str, value: Any) -> float | None:
-    """Return ``value`` as a float, or None when it is traced (not checkable); raise if not a finite real."""
-    if _is_traced(value):
-        return None
-    if isinstance(value, bool):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
-    try:
-        arr = np.asarray(value, dtype=float)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a real number, got {value!r}") from None
-    if arr.shape != () or not np.isfinite(arr):
-        raise ValueError(f"{name} must be a finite real scalar, got {value!r}")
-    return float(arr)
-
-
 def _check_positive(name: str, value: Any) -> None:
-    v = _check_number(name, value)
-    if v is not None and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {value!r}")
+    check_real(name, value, strict=True, allow_traced=True)
 
 
 def _check_nonnegative(name: str, value: Any) -> None:
-    v = _check_number(name, value)
-    if v is not None and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {value!r}")
+    check_real(name, value, allow_traced=True)
 
 
 def _check_num_tasks(num_tasks: Any) -> int:
-    if isinstance(num_tasks, bool) or not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
-        raise ValueError(f"num_tasks must be a positive int, got {num_tasks!r}")
-    return int(num_tasks)
+    return check_int("num_tasks", num_tasks, low=1)
 
 
 def _float_zeros(num_tasks: int) -> jax.Array:
@@ -231,7 +209,7 @@ def huq_pervin(temperature: float = 1.0, mode: str = "raw", beta: float = 0.9) -
     _check_positive("temperature", temperature)
     if not isinstance(mode, str) or mode not in _HUQ_MODES:
         raise ValueError(f"mode must be one of {_HUQ_MODES}, got {mode!r}")
-    b = _check_number("beta", beta)
+    b = check_real("beta", beta, low=None, allow_traced=True)
     if b is not None and not 0.0 <= b < 1.0:
         raise ValueError(f"beta must be in [0, 1), got {beta!r}")
 
@@ -570,7 +548,7 @@ def fixed(weights) -> Weighting:
     checked. ``fixed`` is available through :func:`get` but is not in :data:`SCHEMES` (the adaptive
     schemes compared in the experiments).
     """
-    if not _is_traced(weights):
+    if not is_traced(weights):
         try:
             w = np.asarray(weights, dtype=float)
         except (TypeError, ValueError):
@@ -582,7 +560,7 @@ def fixed(weights) -> Weighting:
 
     def init(num_tasks, key=None):
         k = _check_num_tasks(num_tasks)
-        if not _is_traced(weights) and np.shape(weights) != (k,):
+        if not is_traced(weights) and np.shape(weights) != (k,):
             raise ValueError(f"weights must have one entry per task ({k}), got {np.shape(weights)}")
         return FixedState(weights=jnp.asarray(weights, dtype=jnp.result_type(float)))
 
@@ -607,10 +585,11 @@ _FACTORIES: dict[str, Callable[..., Weighting]] = {
     "gradnorm": gradnorm,
 }
 
-SCHEMES: tuple[str, ...] = tuple(_FACTORIES)
+SCHEMES: tuple[str, ...] = names.SCHEMES
+assert tuple(_FACTORIES) == SCHEMES, "mtl_jax.names.SCHEMES and the factories disagree"
 
 # Baselines reachable through get() but not compared as schemes (SCHEMES lists the adaptive ones).
-_FACTORIES["fixed"] = fixed
+_FACTORIES.update({name: globals()[name] for name in names.EXTRA_SCHEMES})
 
 
 def get(name: str, **kwargs) -> Weighting:

@@ -7,7 +7,7 @@ from .io import atomic_write, load, save_csv, save_npz
 from .school import load_exam
 from .sites import Sites, TaskMeans, add_intercept, center_by_task, from_sites, to_sites
 from .synthetic import cluster_recovery, make_clustered_tasks
-from .validation import KNOWN_LOSSES, check_loss, validate_dataset, validate_lams
+from mtl_jax.validation import KNOWN_LOSSES, check_loss, validate_dataset, validate_lams
 
 __all__ = [
     "KNOWN_LOSSES",

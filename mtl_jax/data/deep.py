@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .validation import check_int, check_real
+from mtl_jax.validation import check_int, check_real
 
 CLASSIFICATION = "classification"
 REGRESSION = "regression"

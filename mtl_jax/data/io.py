@@ -14,7 +14,7 @@ import zipfile
 
 import numpy as np
 
-from .validation import validate_dataset
+from mtl_jax.validation import validate_dataset
 
 SUPPORTED_EXTENSIONS = (".npz", ".csv")
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .validation import validate_dataset
+from mtl_jax.validation import validate_dataset
 
 
 class Sites(NamedTuple):

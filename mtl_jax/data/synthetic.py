@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .validation import CLASSIFICATION_LOSSES, check_int, check_loss, check_real, check_square_matrix
+from mtl_jax.validation import CLASSIFICATION_LOSSES, check_int, check_loss, check_real, check_square_matrix
 
 
 def make_clustered_tasks(

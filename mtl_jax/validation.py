@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import numbers
 
+import jax
 import numpy as np
 
-KNOWN_LOSSES = ("squared", "hinge", "logistic")
-CLASSIFICATION_LOSSES = ("hinge", "logistic")
+from mtl_jax.names import CLASSIFICATION_LOSSES, LOSSES
+
+KNOWN_LOSSES = LOSSES  # the name data.KNOWN_LOSSES has had since the start
 
 _MAX_IDS_SHOWN = 10
 
@@ -192,16 +194,39 @@ def check_square_matrix(name: str, M, *, min_size: int = 1) -> np.ndarray:
     return M
 
 
-def check_int(name: str, value, *, low: int) -> int:
-    """``value`` as a Python int ``>= low``; ValueError naming ``name`` for bools, non-integers, smaller values."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name}: must be an integer >= {low}, got {value!r}")
+def is_traced(value) -> bool:
+    """Whether ``value`` is a JAX tracer (inside ``jit``/``vmap``/``grad``), whose value cannot be checked."""
+    return isinstance(value, jax.core.Tracer)
+
+
+def check_int(name: str, value, *, low: int, high: int | None = None) -> int:
+    """``value`` as a Python int in ``[low, high)``; ValueError naming ``name`` for bools, non-integers, others."""
+    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < low
+            or (high is not None and value >= high)):
+        bound = f"in [{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"{name}: must be an integer {bound}, got {value!r}")
     return int(value)
 
 
-def check_real(name: str, value, *, low: float = 0.0, strict: bool = False) -> float:
-    """``value`` as a finite float ``> low`` (``strict``) or ``>= low``; ValueError naming ``name`` otherwise."""
-    if (isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) or not np.isfinite(value)
-            or value < low or (strict and value == low)):
-        raise ValueError(f"{name}: must be a finite number {'>' if strict else '>='} {low:g}, got {value!r}")
-    return float(value)
+def check_real(name: str, value, *, low: float | None = 0.0, strict: bool = False, allow_traced: bool = False):
+    """``value`` as a finite float ``> low`` (``strict``) or ``>= low`` (``low=None``: any finite number).
+
+    Python and NumPy scalars and 0-d arrays are accepted; bools are not. With ``allow_traced`` a JAX
+    tracer is let through unchecked and None is returned (a value under ``jit`` cannot be inspected).
+    Raises ValueError naming ``name`` otherwise.
+    """
+    if allow_traced and is_traced(value):
+        return None
+    bound = "" if low is None else f" {'>' if strict else '>='} {low:g}"
+    if isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name}: must be a finite number{bound}, got {value!r}")
+    try:
+        arr = np.asarray(value)
+    except Exception:
+        raise ValueError(f"{name}: must be a finite number{bound}, got {value!r}") from None
+    if arr.shape != () or arr.dtype.kind not in "iuf" or not np.isfinite(arr):
+        raise ValueError(f"{name}: must be a finite number{bound}, got {value!r}")
+    v = float(arr)
+    if low is not None and (v < low or (strict and v == low)):
+        raise ValueError(f"{name}: must be a finite number{bound}, got {value!r}")
+    return v
