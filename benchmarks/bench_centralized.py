@@ -71,11 +71,11 @@ def first_reaching(objectives, optimum, target):
 def compiled_apg(sites, max_iter):
     dtype = sites.X.dtype
     m, n, d = sites.X.shape
-    gram = jax.jit(gram_lmax)(sites.X)
+    lmax = centralized.site_lmax(sites.X)
     args = (sites, jnp.zeros((m, d), dtype), jnp.zeros((m, n), dtype), jnp.asarray(LAM1, dtype),
-            jnp.asarray(LAM2, dtype), gram, jnp.asarray(0.0, dtype))
+            jnp.asarray(LAM2, dtype), lmax, jnp.asarray(0.0, dtype), jnp.asarray(max_iter, jnp.int32))
     t0 = time.perf_counter()
-    exe = centralized._apg_program.lower(*args, loss="squared", dual=False, max_iter=max_iter).compile()
+    exe = centralized.apg_program.lower(*args, loss="squared", dual=False, history_size=max_iter).compile()
     return exe, args, time.perf_counter() - t0
 
 

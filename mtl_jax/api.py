@@ -1,16 +1,18 @@
-"""The public entry points ``mtl_jax.fit`` and ``mtl_jax.objective`` (DESIGN section 6)."""
+"""The public entry points ``mtl_jax.fit`` and ``mtl_jax.objective`` (docs/architecture.md, section 5)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax import names
 from mtl_jax.data.sites import to_sites
-from mtl_jax.validation import validate_dataset, validate_lams
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
 from mtl_jax.solvers import centralized
+from mtl_jax.solvers.base import check_options, history_columns
+from mtl_jax.validation import check_int, check_real, validate_dataset, validate_lams
 
-SOLVERS = ("centralized",)
+SOLVERS = names.SOLVERS
 
 
 @dataclass(frozen=True)
@@ -20,7 +22,7 @@ class FitResult:
     Attributes:
       W: (m, d) task weights, row t is task t's model.
       omega: the task covariance in factored form ``U diag(a) U^T + b (I - U U^T)``.
-      history: per-round :class:`~mtl_jax.solvers.centralized.HistoryRecord` rows
+      history: per-round :class:`~mtl_jax.solvers.base.HistoryRecord` rows
         (round, objective J, duality gap, bytes communicated, seconds).
       objective: J(W) at the end.
       gap: the final duality gap of J, an upper bound on ``J(W) - min J``.
@@ -54,9 +56,7 @@ class FitResult:
 
     def history_arrays(self) -> dict[str, np.ndarray]:
         """The history as a dict of arrays keyed by the :class:`HistoryRecord` field names."""
-        fields = centralized.HistoryRecord._fields
-        rows = np.array([tuple(r) for r in self.history], dtype=float).reshape(-1, len(fields))
-        return {name: rows[:, i] for i, name in enumerate(fields)}
+        return history_columns(self.history)
 
 
 def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method="apg", tol=1e-6,
@@ -91,22 +91,25 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     X, y, task, m = validate_dataset(X, y, task, loss=loss, num_tasks=num_tasks)
     lam1, lam2 = validate_lams(lam1, lam2)
     if solver == "dmtrl":
-        raise ValueError("solver 'dmtrl' (the distributed dual solver) is not available yet; use solver='centralized'")
+        raise ValueError("solver: 'dmtrl' (the distributed dual solver) is not available yet; use solver='centralized'")
     if solver not in SOLVERS:
-        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    if method not in centralized.METHODS:
-        raise ValueError(f"method must be one of {centralized.METHODS}, got {method!r}")
-    if not (np.isfinite(tol) and tol >= 0):
-        raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
-    if max_iter is not None and (int(max_iter) != max_iter or max_iter < 1):
-        raise ValueError(f"max_iter must be a positive integer, got {max_iter!r}")
+        raise ValueError(f"solver: must be one of {SOLVERS}, got {solver!r}")
+    if method not in names.METHODS:
+        raise ValueError(f"method: must be one of {names.METHODS}, got {method!r}")
+    tol = check_real("tol", tol)
+    if max_iter is not None:
+        max_iter = check_int("max_iter", max_iter, low=1, high=2**31)
+    eps = check_real("eps", eps, strict=True)
     if W0 is not None:
         W0 = np.asarray(W0, dtype=X.dtype)
         if W0.shape != (m, X.shape[1]) or not np.all(np.isfinite(W0)):
             raise ValueError(f"W0 must be a finite ({m}, {X.shape[1]}) array, got shape {W0.shape}")
-    unknown = set(solver_options) - {"inner_tol", "inner_max_iter"}
-    if unknown:
-        raise ValueError(f"unknown solver option(s) {sorted(unknown)}")
+    check_options(solver_options, centralized.OPTIONS, "solver_options")
+    if "inner_tol" in solver_options:
+        solver_options["inner_tol"] = check_real("inner_tol", solver_options["inner_tol"])
+    if "inner_max_iter" in solver_options:
+        solver_options["inner_max_iter"] = check_int("inner_max_iter", solver_options["inner_max_iter"],
+                                                     low=1, high=2**31)
 
     sites = to_sites(X, y, task, num_tasks=m)
     if alpha0 is not None:

@@ -25,6 +25,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from mtl_jax.data.sites import feature_sums, margins, sample_weights
 from mtl_jax.losses import Loss, get_loss
 
 DEFAULT_EPS = 1e-8
@@ -284,21 +285,11 @@ class SigmaQuadratic(NamedTuple):
 
 # --- objectives on site-padded data ------------------------------------------------------------------
 
-def margins(W, X):
-    """``a_ti = <w_t, x_ti>``: W (m, d), X (m, n_max, d) -> (m, n_max)."""
-    return jnp.einsum("tnd,td->tn", X, W)
-
-
-def task_weights(sites):
-    """``c_t = 1 / n_t`` broadcast over the padded sample axis, zero at padding: (m, n_max)."""
-    return sites.mask / jnp.maximum(sites.counts, 1).astype(sites.mask.dtype)[:, None]
-
-
 def empirical_loss(W, sites, loss: str | Loss, a=None):
     """``sum_t (1/n_t) sum_i loss(y_ti, <w_t, x_ti>)`` over real (unmasked) samples."""
     loss = get_loss(loss)
     a = margins(W, sites.X) if a is None else a
-    return jnp.sum(task_weights(sites) * loss.value(sites.y, a))
+    return jnp.sum(sample_weights(sites) * loss.value(sites.y, a))
 
 
 def objective_P(W, Omega, sites, *, lam1, lam2, loss: str | Loss = "squared"):
@@ -319,10 +310,10 @@ def dual_objective(alpha, sites, reg, loss: str | Loss, V=None):
     already known (it saves a pass over the data). Returns (D, W(alpha), R(W(alpha))).
     """
     loss = get_loss(loss)
-    c = task_weights(sites)
+    c = sample_weights(sites)
     safe_c = jnp.where(sites.mask > 0, c, 1.0)
     conj = jnp.sum(sites.mask * loss.dual_term(alpha, sites.y, safe_c))
-    V = jnp.einsum("tn,tnd->td", alpha, sites.X) if V is None else V
+    V = feature_sums(alpha, sites.X) if V is None else V
     W, reg_conj, reg_at_W = reg.conjugate(V)
     return conj - reg_conj, W, reg_at_W
 

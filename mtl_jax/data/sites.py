@@ -63,6 +63,28 @@ class Sites(NamedTuple):
         return self.X.shape[2]
 
 
+def margins(W, X):
+    """Forward contraction ``a_ti = <w_t, x_ti>`` for all sites at once: W (m, d), X (m, n_max, d) -> (m, n_max).
+
+    Padding rows of ``X`` are zero, so their margins are zero.
+    """
+    return jnp.einsum("tnd,td->tn", X, W)
+
+
+def feature_sums(coef, X):
+    """Backward contraction ``X_t^T r_t = sum_i r_ti x_ti`` for all sites at once: (m, n_max), (m, n_max, d) -> (m, d).
+
+    With ``coef`` the dual variables this is ``V`` (row t is ``v_t``); with ``c_t loss'(a_t)`` it is the
+    gradient of the empirical loss.
+    """
+    return jnp.einsum("tn,tnd->td", coef, X)
+
+
+def sample_weights(sites: Sites):
+    """Per-sample weights ``c_t = 1 / n_t`` (each task's loss is a mean), zero at padding: (m, n_max)."""
+    return sites.mask / jnp.maximum(sites.counts, 1).astype(sites.mask.dtype)[:, None]
+
+
 def to_sites(X, y, task, num_tasks=None, n_max=None) -> Sites:
     """Split a flat dataset into padded per-site arrays.
 

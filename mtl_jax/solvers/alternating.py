@@ -30,49 +30,52 @@ from mtl_jax.mtrl import (
     TraceNormSq,
     dual_objective,
     empirical_loss,
-    margins,
     omega_factored,
-    task_weights,
 )
-from mtl_jax.solvers.apg import _backward, dual_apg, dual_lipschitz, primal_apg, primal_lipschitz
+from mtl_jax.data.sites import feature_sums, margins, sample_weights
+from mtl_jax.solvers.apg import dual_apg, dual_lipschitz, primal_apg, primal_lipschitz
 
 
 def w_step_squared(sites, reg: SigmaQuadratic, *, tol=1e-12, max_iter=1000):
     """Exact W-step for squared loss at fixed Omega, by preconditioned-variable CG. Returns W (m, d)."""
     X = sites.X
-    c = task_weights(sites)
+    c = sample_weights(sites)
     root = reg.sigma.map(jnp.sqrt)
-    rhs = root.apply(_backward(2.0 * c * sites.y, X))
+    rhs = root.apply(feature_sums(2.0 * c * sites.y, X))
 
     def matvec(Z):
         W = root.apply(Z)
-        return Z + root.apply(_backward(2.0 * c * margins(W, X), X))
+        return Z + root.apply(feature_sums(2.0 * c * margins(W, X), X))
 
     Z, _ = cg(matvec, rhs, tol=tol, maxiter=max_iter)
     return root.apply(Z)
 
 
-@partial(jax.jit, static_argnames=("loss", "inner_max_iter", "eps"))
-def alternation(W, alpha, sites, lam1, lam2, gram, inner_tol, *, loss, inner_max_iter, eps):
+@partial(jax.jit, static_argnames=("loss",))
+def alternation(W, alpha, sites, lam1, lam2, lmax, inner_tol, inner_max_iter, eps, *, loss):
     """One alternation from ``W`` (m, d) and the dual point ``alpha`` (m, n_max) of the last W-step.
 
-    ``gram`` (m,) holds ``lambda_max(X_t^T X_t)`` (``gram_lmax``), which sets the APG step sizes.
+    ``lmax`` (m,) holds ``lambda_max(X_t^T X_t)`` (``gram_lmax``), which sets the APG step sizes.
+    ``inner_tol``, ``inner_max_iter`` (the W-step's accuracy and cap) and ``eps`` (the Omega-step's
+    relative floor) are traced: changing them does not compile again.
     Returns ``(W, alpha, J(W), gap_J, omega)`` with ``omega`` the Omega used by this W-step.
     """
     loss_ = get_loss(loss)
     omega = omega_factored(W, eps)
     reg = SigmaQuadratic(omega, lam1, lam2)
-    c = task_weights(sites)
+    c = sample_weights(sites)
     if loss_.name == "squared":
         W = w_step_squared(sites, reg, tol=inner_tol, max_iter=inner_max_iter)
         alpha = loss_.primal_to_dual(sites.y, margins(W, sites.X), c) * sites.mask
     elif loss_.curvature is not None:
-        lipschitz = primal_lipschitz(loss_, gram, sites.counts)
-        res = primal_apg(sites, loss_, reg, W, lipschitz=lipschitz, tol=inner_tol, max_iter=inner_max_iter)
+        lipschitz = primal_lipschitz(loss_, lmax, sites.counts)
+        res = primal_apg(sites, loss_, reg, W, lipschitz=lipschitz, tol=inner_tol, max_iter=inner_max_iter,
+                         history_size=1)
         W, alpha = res.state.W, res.state.alpha
     else:
-        lipschitz = dual_lipschitz(reg, gram)
-        res = dual_apg(sites, loss_, reg, alpha, lipschitz=lipschitz, tol=inner_tol, max_iter=inner_max_iter)
+        lipschitz = dual_lipschitz(reg, lmax)
+        res = dual_apg(sites, loss_, reg, alpha, lipschitz=lipschitz, tol=inner_tol, max_iter=inner_max_iter,
+                       history_size=1)
         W, alpha = res.state.W, res.state.alpha
     trace = TraceNormSq(lam1, lam2)
     J = empirical_loss(W, sites, loss_) + trace.value(W)

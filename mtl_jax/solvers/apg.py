@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.losses import Loss, dual_prox, get_loss
-from mtl_jax.mtrl import dual_objective, empirical_loss, margins, task_weights
+from mtl_jax.data.sites import feature_sums, margins, sample_weights
+from mtl_jax.mtrl import dual_objective, empirical_loss
 
 
 class APGState(NamedTuple):
@@ -43,13 +44,26 @@ class APGState(NamedTuple):
     gap: jax.Array        # () F(W) - D(alpha) >= 0
     iteration: jax.Array  # () int
     restarts: jax.Array   # () int
-    aux: tuple = ()       # method-specific carried arrays (primal: margins and loss gradients of z and x)
+    carry: "PrimalCarry | None" = None  # the primal method's stored margins and gradients; None for the dual
+
+
+class PrimalCarry(NamedTuple):
+    """What the primal method keeps between iterations so that it passes over the data only once each way.
+
+    Margins are linear in ``W``, and so is the gradient of a quadratic loss: the extrapolated point's
+    margins (and, for squared loss, its gradient) are combined from stored ones instead of recomputed.
+    """
+
+    z_margins: jax.Array  # (m, n_max) margins of the extrapolated point z
+    z_grad: jax.Array     # (m, d) loss gradient at z
+    x_margins: jax.Array  # (m, n_max) margins of the current iterate x
+    x_grad: jax.Array     # (m, d) loss gradient at x
 
 
 class APGResult(NamedTuple):
     state: APGState
-    objectives: jax.Array  # (max_iter,) F(W) after each iteration (NaN past the last one)
-    gaps: jax.Array        # (max_iter,) certificate after each iteration
+    objectives: jax.Array  # (history_size,) F(W) after each iteration (NaN past the last one)
+    gaps: jax.Array        # (history_size,) certificate after each iteration
     converged: jax.Array   # () bool: gap <= tol * F
 
 
@@ -71,19 +85,17 @@ def gram_lmax(X, iters: int = 30, safety: float = 1.02):
     return safety * jnp.sum(jnp.einsum("tnd,td->tn", X, v) ** 2, axis=1)
 
 
-def primal_lipschitz(loss: Loss, gram, counts):
-    """Lipschitz constant of the loss part's gradient: ``curvature * max_t lambda_max(X_t^T X_t) / n_t``."""
-    return get_loss(loss).curvature * jnp.max(gram / jnp.maximum(counts, 1))
+def primal_lipschitz(loss: Loss, lmax, counts):
+    """Lipschitz constant of the loss part's gradient: ``curvature * max_t lmax_t / n_t``.
+
+    ``lmax`` (m,) holds ``lambda_max(X_t^T X_t)`` per site (:func:`gram_lmax`).
+    """
+    return get_loss(loss).curvature * jnp.max(lmax / jnp.maximum(counts, 1))
 
 
-def dual_lipschitz(reg, gram):
-    """Lipschitz constant of the smooth dual part's gradient: ``Lip(grad R*) * max_t lambda_max(X_t^T X_t)``."""
-    return reg.conjugate_lipschitz() * jnp.max(gram)
-
-
-def _backward(coef, X):
-    """``sum_i coef_ti x_ti``: (m, n_max), (m, n_max, d) -> (m, d)."""
-    return jnp.einsum("tn,tnd->td", coef, X)
+def dual_lipschitz(reg, lmax):
+    """Lipschitz constant of the smooth dual part's gradient: ``Lip(grad R*) * max_t lmax_t``."""
+    return reg.conjugate_lipschitz() * jnp.max(lmax)
 
 
 def _primal_certificate(W, a, grad, sites, loss: Loss, reg, reg_at_W):
@@ -92,15 +104,20 @@ def _primal_certificate(W, a, grad, sites, loss: Loss, reg, reg_at_W):
     ``grad`` (m, d) is the loss part's gradient at ``W``, ``X^T (c loss'(a)) = -V(alpha)``: the
     certificate reuses it instead of passing over the data again.
     """
-    c = task_weights(sites)
+    c = sample_weights(sites)
     alpha = loss.primal_to_dual(sites.y, a, c) * sites.mask
     dual, _, _ = dual_objective(alpha, sites, reg, loss, V=-grad)
     primal = empirical_loss(W, sites, loss, a) + reg_at_W
     return primal, primal - dual, alpha
 
 
-def _loop(step, state, max_iter, tol):
-    n = max_iter
+def _loop(step, state, max_iter, tol, history_size):
+    """Iterate ``step`` until the relative gap is at most ``tol`` or ``max_iter`` steps (both traced).
+
+    ``history_size`` (static) is the length of the per-iteration history; iterations past it are run
+    but not recorded (callers size it to at least ``max_iter``).
+    """
+    n = history_size
     dtype = state.objective.dtype
     hist = (jnp.full((n,), jnp.nan, dtype), jnp.full((n,), jnp.nan, dtype))
 
@@ -112,7 +129,7 @@ def _loop(step, state, max_iter, tol):
         s, (objs, gaps) = carry
         s = step(s)
         i = s.iteration - 1
-        return s, (objs.at[i].set(s.objective), gaps.at[i].set(s.gap))
+        return s, (objs.at[i].set(s.objective, mode="drop"), gaps.at[i].set(s.gap, mode="drop"))
 
     state, (objs, gaps) = jax.lax.while_loop(cond, body, (state, hist))
     converged = state.gap <= tol * jnp.abs(state.objective)
@@ -138,7 +155,7 @@ def _advance(s: APGState, x_new, value_new, W_new, alpha_new, objective_new, gap
     """FISTA-with-restart bookkeeping shared by both methods.
 
     A step that raises the monotone ``value`` is rejected: the state keeps its point and the next
-    step restarts from it without momentum. Returns (new state, rejected?, momentum beta); ``aux``
+    step restarts from it without momentum. Returns (new state, rejected?, momentum beta); ``carry``
     is left for the caller to update.
     """
     worse = _increased(value_new, s.value)
@@ -158,12 +175,12 @@ def _advance(s: APGState, x_new, value_new, W_new, alpha_new, objective_new, gap
         gap=pick(gap_new, s.gap),
         iteration=s.iteration + 1,
         restarts=s.restarts + worse.astype(jnp.int32),
-        aux=s.aux,
+        carry=s.carry,
     )
     return state, worse, beta
 
 
-def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> APGResult:
+def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000, history_size=None) -> APGResult:
     """FISTA with restart on ``F(W) = loss + R``; ``lipschitz`` is L of the loss part's gradient.
 
     Args:
@@ -173,30 +190,29 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> A
       W0: (m, d) starting point.
       lipschitz: ``curvature * max_t c_t lambda_max(X_t^T X_t)``.
       tol: stop when ``gap <= tol * F(W)``.
-      max_iter: iteration cap (static: sets the history length).
+      max_iter: iteration cap (may be traced).
+      history_size: length of the recorded history (static); default ``max_iter``, which must then be an int.
     """
     loss = get_loss(loss)
     if loss.curvature is None:
         raise ValueError(f"loss {loss.name!r} is not smooth: use the dual method")
-    c = task_weights(sites)
+    c = sample_weights(sites)
     step_size = 1.0 / lipschitz
     X = sites.X
 
     def gradient(a):
-        return _backward(c * loss.derivative(sites.y, a), X)
+        return feature_sums(c * loss.derivative(sites.y, a), X)
 
     # The starting point is certified by the first step rather than here: the certificate is the
     # costliest code to compile, and an infinite value makes that first step always accepted.
-    # aux carries the margins and loss gradients of z and x: margins are linear in W, and so are
-    # the gradients of a quadratic loss, so extrapolating them costs no pass over the data.
     a0 = margins(W0, X)
     g0 = gradient(a0)
     inf = jnp.asarray(jnp.inf, W0.dtype)
     init = APGState(W0, W0, jnp.ones((), W0.dtype), inf, W0, jnp.zeros_like(sites.y), inf, inf,
-                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), aux=(a0, g0, a0, g0))
+                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), carry=PrimalCarry(a0, g0, a0, g0))
 
     def step(s: APGState) -> APGState:
-        aZ, gZ, aW, gW = s.aux
+        aZ, gZ, aW, gW = s.carry
         W_new, reg_new = reg.prox(s.z - step_size * gZ, step_size)
         a_new = margins(W_new, X)
         g_new = gradient(a_new)
@@ -211,18 +227,19 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000) -> A
             gZ_next = keep(g_new + beta * (g_new - gW), gW)
         else:
             gZ_next = gradient(aZ_next)
-        return advanced._replace(aux=(aZ_next, gZ_next, keep(a_new, aW), keep(g_new, gW)))
+        return advanced._replace(carry=PrimalCarry(aZ_next, gZ_next, keep(a_new, aW), keep(g_new, gW)))
 
-    return _loop(step, init, max_iter, tol)
+    return _loop(step, init, max_iter, tol, max_iter if history_size is None else history_size)
 
 
-def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000) -> APGResult:
+def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, history_size=None) -> APGResult:
     """FISTA with restart, ascending the dual; ``lipschitz`` is ``Lip(grad R*) max_t lambda_max(X_t^T X_t)``.
 
     ``alpha0`` (m, n_max) must be dual feasible (zeros are, for every loss) and zero at padding.
+    ``max_iter`` and ``history_size`` as in :func:`primal_apg`.
     """
     loss = get_loss(loss)
-    c = jnp.where(sites.mask > 0, task_weights(sites), 1.0)
+    c = jnp.where(sites.mask > 0, sample_weights(sites), 1.0)
     step_size = 1.0 / lipschitz
     X = sites.X
 
@@ -237,10 +254,10 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000) ->
                     jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def step(s: APGState) -> APGState:
-        W_z, _, _ = reg.conjugate(_backward(s.z, X))
+        W_z, _, _ = reg.conjugate(feature_sums(s.z, X))
         beta_point = s.z - step_size * margins(W_z, X)
         alpha_new = dual_prox(loss, beta_point, sites.y, c, step_size) * sites.mask
         dual_new, W_new, primal_new = certify(alpha_new)
         return _advance(s, alpha_new, -dual_new, W_new, alpha_new, primal_new, primal_new - dual_new)[0]
 
-    return _loop(step, init, max_iter, tol)
+    return _loop(step, init, max_iter, tol, max_iter if history_size is None else history_size)

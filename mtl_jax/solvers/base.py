@@ -1,0 +1,141 @@
+"""What every solver shares: the history record, the solve output, the compiled-program cache, options.
+
+A solver module (``centralized``, and the distributed ``dmtrl``) turns validated
+:class:`~mtl_jax.data.Sites` into a :class:`SolveOutput`; :func:`mtl_jax.fit` wraps that into a
+``FitResult`` and the results store (:mod:`mtl_jax.runner.store`) writes its history. Nothing here
+knows about a particular algorithm (docs/architecture.md, section 4: where a new solver goes).
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from mtl_jax.mtrl import SpectralMatrix
+
+
+class HistoryRecord(NamedTuple):
+    """One row of a solver's history (docs/results.md describes how it is stored).
+
+    ``round`` counts iterations (APG), alternations or communication rounds; ``objective`` is J(W);
+    ``gap`` the duality gap of J, an upper bound on ``J(W) - min J`` (NaN where a solver has none);
+    ``bytes`` the bytes communicated between sites and server (0: centralized); ``seconds`` the wall
+    time since the start. When a whole loop is one compiled program its seconds are the loop's time
+    apportioned evenly over its iterations (compilation excluded).
+    """
+
+    round: int
+    objective: float
+    gap: float
+    bytes: int
+    seconds: float
+
+
+HISTORY_FIELDS = HistoryRecord._fields
+
+
+class SolveOutput(NamedTuple):
+    """What a solver returns to :func:`mtl_jax.fit` (NumPy leaves, sites order)."""
+
+    W: np.ndarray          # (m, d)
+    omega: SpectralMatrix  # factored Omega of W, numpy leaves
+    alpha: np.ndarray      # (m, n_max) dual point of the certificate
+    history: tuple         # of HistoryRecord
+    objective: float       # J(W)
+    gap: float             # certificate: J(W) - D(alpha)
+    converged: bool
+    iterations: int
+    compile_seconds: float
+    solve_seconds: float
+
+
+def history_columns(history) -> dict[str, np.ndarray]:
+    """A sequence of :class:`HistoryRecord` as columns ``{field: (n,) array}`` (round, bytes as int64)."""
+    rows = np.array([tuple(r) for r in history], dtype=float).reshape(-1, len(HISTORY_FIELDS))
+    cols = {name: rows[:, i] for i, name in enumerate(HISTORY_FIELDS)}
+    cols["round"] = cols["round"].astype(np.int64)
+    cols["bytes"] = cols["bytes"].astype(np.int64)
+    return cols
+
+
+def numpy_tree(tree):
+    """Every leaf of ``tree`` as a NumPy array (copies device arrays to the host)."""
+    return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def check_options(options: dict, allowed: tuple[str, ...], where: str) -> dict:
+    """``options`` if every key is in ``allowed``; else ValueError naming the unknown keys and the known ones."""
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        known = ", ".join(allowed) if allowed else "none"
+        raise ValueError(f"{where}: unknown option(s) {unknown}; known: {known}")
+    return options
+
+
+def history_capacity(max_iter: int, smallest: int = 64) -> int:
+    """Static history length for a traced ``max_iter``: the next power of two >= ``max_iter``.
+
+    The iteration cap is a traced argument of the compiled loop, but the history buffer needs a static
+    size; rounding up to a power of two means that a new ``max_iter`` compiles again only when it
+    crosses a power of two (and never when it shrinks).
+    """
+    return max(smallest, 1 << max(0, math.ceil(math.log2(max(1, max_iter)))))
+
+
+# --- the compiled-program cache ----------------------------------------------------------------------
+
+_COMPILED: OrderedDict = OrderedDict()
+MAX_COMPILED = 32
+_stats = {"compiled": 0, "hits": 0}
+
+
+def _leaf_key(x):
+    """What of one argument leaf changes the compiled program: shape, dtype, and where it lives.
+
+    A committed JAX array carries its sharding (devices and layout over them): a program compiled
+    for inputs on one device must not be called with inputs spread over several. NumPy arrays and
+    Python numbers are placed by the program itself (key None).
+    """
+    if isinstance(x, jax.Array):
+        sharding = x.sharding if getattr(x, "committed", True) else None
+        return (x.shape, str(x.dtype), sharding, bool(getattr(x, "weak_type", False)))
+    a = np.asarray(x)
+    return (a.shape, str(a.dtype), None, isinstance(x, (int, float, complex)))
+
+
+def compiled(fn, args, static: dict):
+    """``fn`` (a ``jax.jit`` function) compiled ahead of time for ``args`` and ``static`` options, cached.
+
+    Compiling ahead of time lets a solver report compilation apart from solving; the cache keeps a
+    second call with arguments of the same shapes, dtypes and placement (another lam1, lam2, tol,
+    iteration cap or warm start: all traced) from compiling again. The key holds everything that
+    changes the program: the argument tree, each leaf's shape, dtype and sharding, and the static
+    options. Returns ``(executable, seconds spent compiling now)`` (0.0 on a cache hit).
+    """
+    leaves, tree = jax.tree_util.tree_flatten(args)
+    key = (fn, tree, tuple(_leaf_key(x) for x in leaves), tuple(sorted(static.items())))
+    if key in _COMPILED:
+        _COMPILED.move_to_end(key)
+        _stats["hits"] += 1
+        return _COMPILED[key], 0.0
+    t0 = time.perf_counter()
+    exe = fn.lower(*args, **static).compile()
+    if len(_COMPILED) >= MAX_COMPILED:
+        _COMPILED.popitem(last=False)  # the least recently used
+    _COMPILED[key] = exe
+    _stats["compiled"] += 1
+    return exe, time.perf_counter() - t0
+
+
+def cache_info() -> dict:
+    """``{"compiled": programs compiled so far, "hits": calls served from the cache, "size": entries held}``."""
+    return {**_stats, "size": len(_COMPILED)}
+
+
+def clear_cache() -> None:
+    """Forget every compiled program (the next solve compiles again)."""
+    _COMPILED.clear()
