@@ -5,14 +5,14 @@ fast certified solver and with the classic alternation, prints a result table (m
 
 * ``convergence.png``: relative sub-optimality and duality gap per iteration and per second;
 * ``omega.png``: the learned task covariance, schools ordered by their leading eigenvector;
-* ``results.md``: the table; ``<method>/`` the fitted results (``python -m mtl_jax fit`` format).
+* ``results.md``: the table; ``apg/`` and ``alternating/`` the two fits as run folders of the
+  results store (docs/results.md), which ``mtl-jax plot --results runs/school`` renders.
 
     python experiments/school_convergence.py --out runs/school
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,12 +22,11 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 import mtl_jax  # noqa: E402
 from mtl_jax import plotting  # noqa: E402
-from mtl_jax.data.io import atomic_write, save_npz  # noqa: E402
+from mtl_jax.data.io import atomic_write  # noqa: E402
 from mtl_jax.data.school import load_exam  # noqa: E402
+from mtl_jax.runner import store  # noqa: E402
 
 
 def held_out_r2(W, X, y, task, test):
@@ -43,8 +42,13 @@ def main(argv=None):
     parser.add_argument("--lam2", type=float, default=1.0)
     parser.add_argument("--alternations", type=int, default=100, help="alternations of the classic scheme")
     parser.add_argument("--seed", type=int, default=0, help="seed of the train/test split")
+    parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
     args = parser.parse_args(argv)
+    if not args.no_compile_cache:
+        mtl_jax.enable_compilation_cache()
     os.makedirs(args.out, exist_ok=True)
+    started = store.now()
+    env = store.environment()
 
     X, y, task, info = load_exam()
     # Hold out 20 % of each school's pupils (at least one stays in training).
@@ -64,11 +68,12 @@ def main(argv=None):
     for label, kw in runs.items():
         res = mtl_jax.fit(X[train], y[train], task[train], lam1=args.lam1, lam2=args.lam2, **kw)
         results[label] = res
-        folder = os.path.join(args.out, kw["method"])
-        os.makedirs(folder, exist_ok=True)
-        hist = res.history_arrays()
-        save_npz(os.path.join(folder, "result.npz"), W=res.W, omega_U=np.asarray(res.omega.U),
-                 omega_a=np.asarray(res.omega.a), omega_b=np.asarray(res.omega.b), **hist)
+        r2 = held_out_r2(res.W, X, y, task, test)
+        config = {"experiment": "school_convergence", "label": label, "data": {"name": "Exam", "split_seed": args.seed,
+                  "features": list(info["feature_names"]), "train": int(train.sum()), "test": int(test.sum())},
+                  "fit": res.config}
+        store.write_fit(os.path.join(args.out, kw["method"]), res, config=config, summary={"held_out_r2": r2},
+                        arrays={"test_mask": test}, started=started, environment_info=env)
 
     best = max(r.objective - r.gap for r in results.values())  # the best certified lower bound on min J
     lines = [
@@ -87,8 +92,6 @@ def main(argv=None):
     print(table)
     with atomic_write(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table + "\n")
-    with atomic_write(os.path.join(args.out, "config.json"), "w") as f:
-        json.dump(vars(args), f, indent=2)
 
     histories = {label: r.history_arrays() for label, r in results.items()}
     fig = plotting.plot_convergence(histories, x="round")[0].figure  # against a certified lower bound on J*

@@ -1,19 +1,19 @@
-"""The command line, ``python -m mtl_jax {fit,data,plot}`` (DESIGN section 6).
+"""The command line, ``mtl-jax`` (or ``python -m mtl_jax``): ``fit``, ``data``, ``plot``.
 
-``fit`` writes a result directory with three files, each written atomically and all three
-staged before the first is renamed into place (a failure while writing leaves the old set, or
-nothing):
+``fit`` writes a run folder through the results store (:mod:`mtl_jax.runner.store`, docs/results.md):
+``manifest.json`` (the arguments, the data file and problem size, the result, package versions,
+backend and devices, git commit, start and end time), ``history.jsonl`` (one record per iteration:
+round, objective, gap, bytes, seconds) and ``arrays.npz`` (``W`` (m, d); the factored task covariance
+``omega_U`` (m, r), ``omega_a`` (r,), ``omega_b`` () with ``Omega = U diag(a) U^T + b (I - U U^T)``;
+``Omega`` (m, m) dense when m <= 2000; ``alpha`` (N,) the certificate's dual variables in input row
+order; with ``--center`` the removed task means ``center_X`` (m, d) and ``center_y`` (m,)). All three
+are staged before the first is renamed into place, the manifest last.
 
-* ``result.npz`` (read it with ``allow_pickle=False``): ``W`` (m, d); the factored task
-  covariance ``omega_U`` (m, r), ``omega_a`` (r,), ``omega_b`` () with
-  ``Omega = U diag(a) U^T + b (I - U U^T)``; ``Omega`` (m, m) dense, only when m <= 2000;
-  ``alpha`` (N,) the certificate's dual variables in the input row order; the history columns
-  ``history_round``, ``history_objective``, ``history_gap``, ``history_bytes``,
-  ``history_seconds`` (n,); with ``--center`` the removed task means ``center_X`` (m, d) and
-  ``center_y`` (m,).
-* ``config.json``: the arguments, the data file, the problem size, the final objective, gap,
-  convergence and iteration count, times, versions, and ``resumed_from``.
-* ``history.csv``: ``round,objective,gap,bytes,seconds``, one row per iteration/round.
+``plot`` renders every run folder under the given folders: solver runs as convergence curves (and
+Omega), task-weighting runs as task losses and weights over training.
+
+The persistent compilation cache (:func:`mtl_jax.enable_compilation_cache`) is on unless
+``--no-compile-cache`` is given.
 
 Exit codes: 0 success; 2 bad input (a usage error, an unreadable or invalid data file, a bad
 number, an output that exists without ``--resume``/``--overwrite``), reported on stderr as
@@ -35,28 +35,29 @@ import time
 
 import numpy as np
 
-RESULT_FILES = ("result.npz", "config.json", "history.csv")
-HISTORY_COLUMNS = ("round", "objective", "gap", "bytes", "seconds")
-DENSE_OMEGA_MAX_TASKS = 2000
-METHODS = ("apg", "alternating", "apg_primal", "apg_dual")
-LOSSES = ("squared", "hinge", "logistic")
+from mtl_jax import names
+from mtl_jax.runner import store
+
+PROG = "mtl-jax"
+METHODS = names.METHODS
+LOSSES = names.LOSSES
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 EPILOG = """\
 example workflow (synthetic tasks with 3 planted clusters, two solvers compared):
-  python -m mtl_jax data synthetic --tasks 30 --dim 10 --clusters 3 --seed 0 --out runs/synth.npz
-  python -m mtl_jax fit --data runs/synth.npz --lam1 0.1 --lam2 1 --out runs/apg
-  python -m mtl_jax fit --data runs/synth.npz --lam1 0.1 --lam2 1 --method alternating --out runs/alt
-  python -m mtl_jax plot --results runs/apg runs/alt --omega --clusters runs/synth.npz --out runs/convergence.png
+  mtl-jax data synthetic --tasks 30 --dim 10 --clusters 3 --seed 0 --out runs/synth.npz
+  mtl-jax fit --data runs/synth.npz --lam1 0.1 --lam2 1 --out runs/apg
+  mtl-jax fit --data runs/synth.npz --lam1 0.1 --lam2 1 --method alternating --out runs/alt
+  mtl-jax plot --results runs/apg runs/alt --omega --clusters runs/synth.npz --out runs/convergence.png
 
 the School setting (mlmRev Exam: 4059 pupils, 65 schools, one task per school):
-  python -m mtl_jax data school --out runs/exam.csv
-  python -m mtl_jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam
-  python -m mtl_jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --tol 1e-9 --out runs/exam --resume
+  mtl-jax data school --out runs/exam.csv
+  mtl-jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam
+  mtl-jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --tol 1e-9 --out runs/exam --resume
 
-'python -m mtl_jax COMMAND --help' describes each command. Exit code 2 means bad input.
+'mtl-jax COMMAND --help' describes each command. Exit code 2 means bad input.
 """
 
 
@@ -109,12 +110,12 @@ def _para(text):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``argparse`` parser of ``python -m mtl_jax`` (sub-commands fit, data, plot)."""
+    """The ``argparse`` parser of ``mtl-jax`` (sub-commands fit, data, plot)."""
     from mtl_jax import __version__
 
     raw = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
-        prog="python -m mtl_jax",
+        prog=PROG,
         description=_para("mtl_jax: multi-task relationship learning (MTRL) in JAX. Fit task models W and "
                     "the task covariance Omega with a certified solver, make data sets, plot results."),
         epilog=EPILOG, formatter_class=raw)
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "lam2/2 ||W||_*^2 on a data file (.npz with X, y, task; or CSV with a task column) "
                     "and write result.npz, config.json and history.csv into --out, atomically. "
                     "Computes in float64 unless --float32."),
-        epilog="example:\n  python -m mtl_jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam")
+        epilog="example:\n  mtl-jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam")
     io = fit.add_argument_group("data")
     io.add_argument("--data", required=True, metavar="FILE", help="data file, .npz (X, y, task) or .csv")
     io.add_argument("--task-column", default="task", metavar="NAME", help="CSV column of task ids (default: task)")
@@ -159,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="warm-start from the W in DIR/result.npz and continue (the history restarts); "
                             "starts from scratch when DIR holds no result")
     again.add_argument("--overwrite", action="store_true", help="replace a result already in DIR")
+    fit.add_argument("--no-compile-cache", action="store_true",
+                     help="do not use the persistent compilation cache (see mtl_jax.enable_compilation_cache)")
     fit.set_defaults(func=cmd_fit)
 
     # data
@@ -193,13 +196,17 @@ def build_parser() -> argparse.ArgumentParser:
     # plot
     plot = commands.add_parser(
         "plot", formatter_class=raw, help="plot convergence curves of result directories (and Omega) to an image",
-        description=_para("Plot, for each result directory, the relative sub-optimality (J - J*)/|J*| and the relative "
-                    "duality gap against iterations or seconds, on log axes, into one figure. J* is --optimum "
+        description=_para("Plot every run folder found under --results (what 'fit' and the experiments write). "
+                    "Solver runs go into one figure: the relative sub-optimality (J - J*)/|J*| and the relative "
+                    "duality gap against iterations or seconds, on log axes. J* is --optimum "
                     "if given, else the best certified lower bound over all runs, max_k (J_k - gap_k), which "
                     "assumes the runs solve the same problem. With --omega, also a heat map of the first "
-                    "run's Omega."),
-        epilog="example:\n  python -m mtl_jax plot --results runs/apg runs/alt --labels APG alternating --out runs/conv.png")
-    plot.add_argument("--results", required=True, nargs="+", metavar="DIR", help="result directories of 'fit'")
+                    "run's Omega. Task-weighting runs give one figure per data set: task losses and task "
+                    "weights over training, one column per scheme. With several figures, each is written "
+                    "next to --out with a suffix (FILE_solver.png, FILE_<dataset>.png)."),
+        epilog="example:\n  mtl-jax plot --results runs/apg runs/alt --labels APG alternating --out runs/conv.png")
+    plot.add_argument("--results", required=True, nargs="+", metavar="DIR",
+                      help="run folders, or folders holding runs (every run below is plotted)")
     plot.add_argument("--out", required=True, metavar="FILE", help="image file (.png; .pdf and .svg work too)")
     plot.add_argument("--x", choices=("round", "seconds"), default="round", help="horizontal axis (default: round)")
     plot.add_argument("--labels", nargs="+", metavar="LABEL", help="one legend label per result directory")
@@ -214,10 +221,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- fit
 
-def _existing_result_files(out):
-    return [f for f in RESULT_FILES if os.path.exists(os.path.join(out, f))]
-
-
 def _read_npz(path, what):
     """All arrays of the ``.npz`` at ``path`` (no pickle), or a :class:`CLIError` naming ``what``."""
     try:
@@ -229,64 +232,20 @@ def _read_npz(path, what):
         raise CLIError(f"{what}: cannot read {path} ({type(e).__name__}: {e})") from None
 
 
-def _read_json(path):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
-
-
-def _jsonable(value):
-    """Plain JSON types; non-finite floats become the strings "nan", "inf", "-inf"."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (np.generic, np.ndarray)):
-        return _jsonable(value.tolist())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    return value
-
-
-def _versions():
-    import jax
-    import jaxlib
-
-    import mtl_jax
-
-    return {"mtl_jax": mtl_jax.__version__, "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-            "numpy": np.__version__, "python": platform.python_version()}
-
-
-def _write_result_dir(out, arrays, config, history):
-    """Stage result.npz, history.csv and config.json as temporary files, then rename them into ``out``."""
-    from mtl_jax.data.io import atomic_write
-
-    with contextlib.ExitStack() as stack:  # renames happen on exit, in reverse order: config.json last
-        f = stack.enter_context(atomic_write(os.path.join(out, "config.json"), "w"))
-        json.dump(_jsonable(config), f, indent=2, allow_nan=False)
-        f.write("\n")
-        f = stack.enter_context(atomic_write(os.path.join(out, "history.csv"), "w"))
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(HISTORY_COLUMNS)
-        for rnd, obj, gap, nbytes, secs in zip(*(history[c] for c in HISTORY_COLUMNS)):
-            writer.writerow([int(rnd), repr(float(obj)), repr(float(gap)), int(nbytes), repr(float(secs))])
-        f = stack.enter_context(atomic_write(os.path.join(out, "result.npz"), "wb"))
-        np.savez(f, **arrays)
-
-
 def cmd_fit(args) -> int:
     import jax
 
     if not args.float32:
         jax.config.update("jax_enable_x64", True)
     import mtl_jax
+
+    if not args.no_compile_cache:
+        mtl_jax.enable_compilation_cache()
     from mtl_jax.data import add_intercept, center_by_task, load, validate_lams
     from mtl_jax.losses import get_loss
 
     started = time.perf_counter()
+    started_at = store.now()
     validate_lams(args.lam1, args.lam2)  # fail fast, before reading anything
     if args.center and args.loss != "squared":
         raise CLIError(f"--center shifts the targets, so it is for squared loss only (got --loss {args.loss}); "
@@ -295,26 +254,27 @@ def cmd_fit(args) -> int:
     out = args.out
     if os.path.exists(out) and not os.path.isdir(out):
         raise CLIError(f"--out {out}: exists and is not a directory")
-    existing = _existing_result_files(out) if os.path.isdir(out) else []
+    existing = store.existing_files(out)
     if existing and not (args.resume or args.overwrite):
         raise CLIError(f"--out {out} already holds a result ({', '.join(existing)}); pass --resume to continue "
                        "from it or --overwrite to replace it")
-    W0, resumed_from = None, None
+    W0, resumed_from, saved = None, None, {}
     if args.resume:
-        npz = os.path.join(out, "result.npz")
         if not existing:
             print(f"note: --resume: nothing to resume in {out}; starting from scratch", file=sys.stderr)
-        elif "result.npz" not in existing:
-            raise CLIError(f"--resume: {out} has {', '.join(existing)} but no result.npz to resume from")
         else:
-            saved = _read_npz(npz, "--resume")
-            if "W" not in saved:
-                raise CLIError(f"--resume: {npz} has no array W")
+            try:
+                previous = store.read_run(out)
+            except ValueError as e:
+                raise CLIError(f"--resume: {e}") from None
+            saved = previous.arrays
+            if previous.kind != "solver" or "W" not in saved:
+                raise CLIError(f"--resume: {out} is not a fit result (kind {previous.kind!r}, arrays "
+                               f"{sorted(saved)}); nothing to warm-start from")
             W0 = saved["W"]
-            previous = _read_json(os.path.join(out, "config.json")) or {}
-            resumed_from = {"dir": os.path.abspath(out), **{k: previous.get("result", {}).get(k)
-                            for k in ("objective", "gap", "relative_gap", "converged", "iterations")},
-                            "created": previous.get("created")}
+            resumed_from = {"dir": os.path.abspath(out), "started": previous.manifest.get("started"),
+                            **{k: previous.summary.get(k)
+                               for k in ("objective", "gap", "relative_gap", "converged", "iterations")}}
 
     if not os.path.isfile(args.data):
         raise CLIError(f"--data {args.data}: " + ("is a directory" if os.path.isdir(args.data) else "no such file"))
@@ -334,10 +294,10 @@ def cmd_fit(args) -> int:
 
     if W0 is not None:
         if W0.shape != (m, d):
-            raise CLIError(f"--resume: the W in {os.path.join(out, 'result.npz')} has shape {W0.shape}, but this "
+            raise CLIError(f"--resume: the W in {os.path.join(out, store.ARRAYS)} has shape {W0.shape}, but this "
                            f"data needs ({m}, {d}) (m tasks, d features with preprocessing '{preprocessing}')")
         if not np.issubdtype(W0.dtype, np.floating) or not np.isfinite(W0).all():
-            raise CLIError(f"--resume: the W in {os.path.join(out, 'result.npz')} is not a finite float array")
+            raise CLIError(f"--resume: the W in {os.path.join(out, store.ARRAYS)} is not a finite float array")
     alpha0 = None
     if W0 is not None and "alpha" in saved and saved["alpha"].shape == (n,):
         alpha0 = saved["alpha"].astype(X.dtype)  # warm-starts the dual methods and the hinge W-step
@@ -347,50 +307,26 @@ def cmd_fit(args) -> int:
                       tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0)
     fitted = time.perf_counter()
 
-    history = res.history_arrays()
-    arrays = {"W": np.asarray(res.W), "omega_U": np.asarray(res.omega.U), "omega_a": np.asarray(res.omega.a),
-              "omega_b": np.asarray(res.omega.b), "alpha": np.asarray(res.alpha)}
-    arrays.update({f"history_{c}": history[c] for c in HISTORY_COLUMNS})
-    arrays["history_round"] = arrays["history_round"].astype(np.int64)
-    arrays["history_bytes"] = arrays["history_bytes"].astype(np.int64)
-    if m <= DENSE_OMEGA_MAX_TASKS:
-        arrays["Omega"] = res.Omega
+    arrays = {}
     if means is not None:
         arrays["center_X"], arrays["center_y"] = means.X, means.y
-
     config = {
         "command": "fit",
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
         "data": {"path": os.path.abspath(args.data), "num_tasks": m, "dim": d, "num_samples": n,
                  "preprocessing": preprocessing, "dtype": str(X.dtype)},
-        "out": os.path.abspath(out),
         "fit": res.config,
-        "result": {"objective": res.objective, "gap": res.gap, "relative_gap": res.relative_gap,
-                   "converged": res.converged, "iterations": res.iterations},
-        "times": {"load_seconds": loaded - started, "compile_seconds": res.compile_seconds,
-                  "solve_seconds": res.solve_seconds, "fit_seconds": fitted - loaded},
         "resumed_from": resumed_from,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "versions": _versions(),
-        "backend": jax.default_backend(),
     }
-
-    created_dir = not os.path.isdir(out)
-    os.makedirs(out, exist_ok=True)
-    try:
-        _write_result_dir(out, arrays, config, history)
-    except BaseException:
-        if created_dir:
-            with contextlib.suppress(OSError):
-                os.rmdir(out)
-        raise
+    summary = {"load_seconds": loaded - started, "fit_seconds": fitted - loaded}
+    store.write_fit(out, res, config=config, arrays=arrays, summary=summary, started=started_at)
 
     print(f"mtl_jax fit: m = {m} tasks, d = {d} features, N = {n} samples; loss {args.loss}, method {args.method}, "
           f"lam1 = {args.lam1:g}, lam2 = {args.lam2:g}" + (" (resumed)" if resumed_from else ""))
     print(f"  J = {res.objective:.12g}   relative gap = {res.relative_gap:.3g}   converged = {res.converged}   "
           f"iterations = {res.iterations}")
     print(f"  compile {res.compile_seconds:.3f} s, solve {res.solve_seconds:.3f} s")
-    print(f"  wrote {os.path.join(out, '')} ({', '.join(RESULT_FILES)})")
+    print(f"  wrote {os.path.join(out, '')} ({', '.join(store.FILES)})")
     if not res.converged:
         print(f"note: not converged to --tol {args.tol:g} within the iteration cap; continue with --resume "
               "(or raise --max-iter)", file=sys.stderr)
@@ -456,39 +392,107 @@ def cmd_data_synthetic(args) -> int:
 
 # ----------------------------------------------------------------------------- plot
 
-def _read_run(directory):
-    if not os.path.isdir(directory):
-        raise CLIError(f"--results {directory}: not a directory")
-    npz = os.path.join(directory, "result.npz")
-    if not os.path.isfile(npz):
-        raise CLIError(f"--results {directory}: no result.npz (not an output directory of 'fit')")
-    arrays = _read_npz(npz, "--results")
-    missing = [f"history_{c}" for c in ("round", "objective", "gap", "seconds") if f"history_{c}" not in arrays]
-    if missing:
-        raise CLIError(f"--results {npz}: missing array(s) {', '.join(missing)}")
-    history = {c: arrays[f"history_{c}"] for c in ("round", "objective", "gap", "seconds")}
-    return arrays, history, _read_json(os.path.join(directory, "config.json"))
+def _read_runs(folders):
+    """Every run under each of ``folders`` (a run folder, or a folder holding runs), in order."""
+    runs = []
+    for folder in folders:
+        if not os.path.isdir(folder):
+            raise CLIError(f"--results {folder}: not a directory")
+        try:
+            paths = store.find_runs(folder)
+            if not paths:
+                hint = " (it holds the older result.npz layout: rerun to write a run folder)" \
+                    if os.path.isfile(os.path.join(folder, "result.npz")) else ""
+                raise CLIError(f"--results {folder}: no run folder (with {store.MANIFEST}) in it{hint}")
+            runs.extend(store.read_run(p) for p in paths)
+        except ValueError as e:
+            raise CLIError(f"--results: {e}") from None
+    return runs
 
 
-def _problem(config):
-    """What defines J, from a result's config.json (None when unknown)."""
-    if not config:
-        return None
-    data, fit = config.get("data", {}), config.get("fit", {})
+def _run_labels(runs, labels):
+    """Legend labels: ``labels`` if given, else folder names (longer paths where names repeat)."""
+    if labels is not None:
+        if len(labels) != len(runs):
+            raise CLIError(f"--labels: {len(labels)} label(s) for {len(runs)} run(s)")
+        if len(set(labels)) != len(labels):
+            raise CLIError("--labels: labels must be different")
+        return list(labels)
+    names_ = [os.path.basename(os.path.normpath(r.path)) for r in runs]
+    if len(set(names_)) != len(names_):
+        common = os.path.commonpath([os.path.abspath(r.path) for r in runs])
+        names_ = [os.path.relpath(os.path.abspath(r.path), os.path.dirname(common)) for r in runs]
+    if len(set(names_)) != len(names_):
+        raise CLIError("--results: the same run is given twice")
+    return names_
+
+
+def _problem(run):
+    """What defines J, from a solver run's config (None when unknown)."""
+    data, fit = run.config.get("data", {}), run.config.get("fit", run.config)
     return (data.get("path"), data.get("preprocessing"), fit.get("loss"), fit.get("lam1"), fit.get("lam2"))
 
 
-def _dense_omega(arrays, where):
-    if "Omega" in arrays:
-        return arrays["Omega"]
+def _solver_figure(runs, labels, args):
+    from matplotlib.figure import Figure
+
+    from mtl_jax import plotting
+
+    if len({_problem(r) for r in runs}) > 1 and args.optimum is None:
+        print("warning: the solver runs solve different problems (data, preprocessing, loss, lam1 or "
+              "lam2 differ); their sub-optimality shares one reference J*", file=sys.stderr)
+    order = None
+    show_omega = args.omega or args.clusters is not None
+    if show_omega:
+        try:
+            Omega = store.dense_omega(runs[0])
+        except ValueError as e:
+            raise CLIError(f"--omega: {e}") from None
+        if args.clusters is not None:
+            clusters = _read_npz(args.clusters, "--clusters").get("clusters")
+            if clusters is None or clusters.shape != (Omega.shape[0],):
+                raise CLIError(f"--clusters {args.clusters}: needs an array clusters of shape ({Omega.shape[0]},)")
+            order = np.argsort(clusters, kind="stable")
+    panels = 3 if show_omega else 2
+    fig = Figure(figsize=(5.4 * panels, 4.3), layout="constrained")
+    axes = fig.subplots(1, panels)
     try:
-        U, a, b = arrays["omega_U"], arrays["omega_a"], arrays["omega_b"]
-    except KeyError:
-        raise CLIError(f"--omega: {where} has neither Omega nor omega_U/omega_a/omega_b") from None
-    m = U.shape[0]
-    if m > DENSE_OMEGA_MAX_TASKS:
-        raise CLIError(f"--omega: {m} tasks is too many for a heat map (at most {DENSE_OMEGA_MAX_TASKS})")
-    return b * np.eye(m) + (U * (a - b)) @ U.T
+        plotting.plot_convergence({label: r.columns() for label, r in zip(labels, runs)}, x=args.x,
+                                  optimum=args.optimum, ax=(axes[0], axes[1]))
+    except ValueError as e:
+        raise CLIError(f"--results: {e}") from None
+    if show_omega:
+        plotting.plot_omega(Omega, ax=axes[2], order=order,
+                            title=f"Omega of {labels[0]}" + (" (by cluster)" if order is not None else ""))
+    return fig
+
+
+def _weighting_figure(runs, labels):
+    from mtl_jax import plotting
+
+    curves, x, task_names = {}, None, None
+    for label, run in zip(labels, runs):
+        try:
+            c = store.weighting_curves(run)
+        except ValueError as e:
+            raise CLIError(f"--results: {e}") from None
+        curves[run.config.get("scheme", label)] = {"task_losses": c["task_losses"], "weights": c["weights"]}
+        x = c["x"] if x is None else x
+        task_names = task_names or run.config.get("tasks")
+    try:
+        axes = plotting.plot_task_curves(curves, x=x, task_names=task_names)
+    except ValueError as e:
+        raise CLIError(f"--results: runs that cannot share one figure ({e})") from None
+    return axes[0, 0].figure
+
+
+def _figure_groups(runs):
+    """Runs grouped into figures: all solver runs together; weighting runs per data set."""
+    groups = {}
+    for run in runs:
+        key = "solver" if run.kind == "solver" else f"weighting:{run.config.get('dataset', 'runs')}"
+        groups.setdefault(key, []).append(run)
+    return groups
 
 
 def cmd_plot(args) -> int:
@@ -496,49 +500,25 @@ def cmd_plot(args) -> int:
 
     from mtl_jax import plotting
 
-    ext = os.path.splitext(args.out)[1].lower().lstrip(".")
-    if ext not in Figure().canvas.get_supported_filetypes():
+    stem, ext = os.path.splitext(args.out)
+    if ext.lower().lstrip(".") not in Figure().canvas.get_supported_filetypes():
         raise CLIError(f"--out {args.out}: unsupported image format {ext or '(none)'!r}; use .png, .pdf or .svg")
-    runs = [_read_run(d) for d in args.results]
-    if args.labels is not None:
-        if len(args.labels) != len(args.results):
-            raise CLIError(f"--labels: {len(args.labels)} label(s) for {len(args.results)} result director(ies)")
-        labels = list(args.labels)
-        if len(set(labels)) != len(labels):
-            raise CLIError("--labels: labels must be different")
-    else:
-        labels = [os.path.basename(os.path.normpath(d)) for d in args.results]
-        if len(set(labels)) != len(labels):
-            labels = [os.path.normpath(d) for d in args.results]
-        if len(set(labels)) != len(labels):
-            raise CLIError("--results: the same directory is given twice")
-    problems = {_problem(config) for _, _, config in runs}
-    if len(problems) > 1 and args.optimum is None:
-        print("warning: the result directories solve different problems (data, preprocessing, loss, lam1 or "
-              "lam2 differ); their sub-optimality shares one reference J*", file=sys.stderr)
-
-    order = None
-    show_omega = args.omega or args.clusters is not None
-    if show_omega:
-        first = os.path.join(args.results[0], "result.npz")
-        Omega = _dense_omega(runs[0][0], first)
-        if args.clusters is not None:
-            clusters = _read_npz(args.clusters, "--clusters").get("clusters")
-            if clusters is None or clusters.shape != (Omega.shape[0],):
-                raise CLIError(f"--clusters {args.clusters}: needs an array clusters of shape ({Omega.shape[0]},)")
-            order = np.argsort(clusters, kind="stable")
-
-    panels = 3 if show_omega else 2
-    fig = Figure(figsize=(5.4 * panels, 4.3), layout="constrained")
-    axes = fig.subplots(1, panels)
-    plotting.plot_convergence({label: h for label, (_, h, _) in zip(labels, runs)}, x=args.x,
-                              optimum=args.optimum, ax=(axes[0], axes[1]))
-    if show_omega:
-        plotting.plot_omega(Omega, ax=axes[2], order=order,
-                            title=f"Omega of {labels[0]}" + (" (by cluster)" if order is not None else ""))
-    _make_parent(args.out)
-    plotting.save_figure(fig, args.out)
-    print(f"wrote {args.out}: {len(runs)} run(s)" + (", with Omega" if show_omega else ""))
+    runs = _read_runs(args.results)
+    groups = _figure_groups(runs)
+    if args.labels is not None and (len(groups) > 1 or "solver" not in groups):
+        raise CLIError("--labels: only for solver runs plotted into one figure")
+    written = []
+    for key, group in groups.items():
+        if key == "solver":
+            fig = _solver_figure(group, _run_labels(group, args.labels), args)
+        else:
+            fig = _weighting_figure(group, _run_labels(group, None))
+        # One figure per group; with several groups each gets its own file next to --out.
+        path = args.out if len(groups) == 1 else f"{stem}_{key.split(':')[-1]}{ext}"
+        _make_parent(path)
+        plotting.save_figure(fig, path)
+        written.append(f"{path} ({len(group)} {key.split(':')[0]} run(s))")
+    print("wrote " + ", ".join(written))
     return 0
 
 
@@ -568,3 +548,8 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def entry_point() -> None:
+    """The ``mtl-jax`` console script."""
+    sys.exit(main())
