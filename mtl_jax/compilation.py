@@ -54,6 +54,11 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> str | Non
     return folder
 
 
+def cache_dir() -> str | None:
+    """The folder of the persistent compilation cache now in use, or None when it is off."""
+    return jax.config.jax_compilation_cache_dir or None
+
+
 def disable_compilation_cache() -> None:
     """Turn the persistent cache off for the rest of this process."""
     jax.config.update("jax_compilation_cache_dir", None)

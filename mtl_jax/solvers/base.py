@@ -7,7 +7,9 @@ knows about a particular algorithm (docs/architecture.md, section 4: where a new
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 import time
 from collections import OrderedDict
 from typing import NamedTuple
@@ -15,6 +17,8 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
+from mtl_jax import compilation
+from mtl_jax.data.io import atomic_write
 from mtl_jax.mtrl import SpectralMatrix
 
 
@@ -90,7 +94,40 @@ def history_capacity(max_iter: int, smallest: int = 64) -> int:
 
 _COMPILED: OrderedDict = OrderedDict()
 MAX_COMPILED = 32
-_stats = {"compiled": 0, "hits": 0}
+_stats = {"compiled": 0, "hits": 0, "loaded": 0}
+_EXPORTABLE: set = set()
+
+
+def register_exportable(*classes) -> None:
+    """Let NamedTuple ``classes`` appear in programs stored on disk (:func:`compiled`'s persistent layer).
+
+    A program whose arguments or results hold an unregistered pytree node type is simply not stored.
+    """
+    for cls in classes:
+        if cls in _EXPORTABLE:
+            continue
+        jax.export.register_namedtuple_serialization(cls, serialized_name=f"{cls.__module__}.{cls.__qualname__}")
+        _EXPORTABLE.add(cls)
+
+
+register_exportable(SpectralMatrix)
+
+
+def _source_digest() -> str:
+    """A digest of the package's source files: a stored program is only reused by the code that made it."""
+    if "digest" not in _SOURCE:
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        h = hashlib.sha256()
+        for folder, subfolders, files in os.walk(root):
+            subfolders.sort()
+            for name in sorted(f for f in files if f.endswith(".py")):
+                with open(os.path.join(folder, name), "rb") as f:
+                    h.update(name.encode() + b"\0" + f.read())
+        _SOURCE["digest"] = h.hexdigest()
+    return _SOURCE["digest"]
+
+
+_SOURCE: dict = {}
 
 
 def _leaf_key(x):
@@ -117,13 +154,17 @@ def compiled(fn, args, static: dict):
     options. Returns ``(executable, seconds spent compiling now)`` (0.0 on a cache hit).
     """
     leaves, tree = jax.tree_util.tree_flatten(args)
-    key = (fn, tree, tuple(_leaf_key(x) for x in leaves), tuple(sorted(static.items())))
+    leaf_keys = tuple(_leaf_key(x) for x in leaves)
+    key = (fn, tree, leaf_keys, tuple(sorted(static.items())))
     if key in _COMPILED:
         _COMPILED.move_to_end(key)
         _stats["hits"] += 1
         return _COMPILED[key], 0.0
     t0 = time.perf_counter()
-    exe = fn.lower(*args, **static).compile()
+    exe = _stored_program(fn, args, static, key) if all(k[2] is None or _single_device(k[2]) for k in leaf_keys) \
+        else None
+    if exe is None:
+        exe = fn.lower(*args, **static).compile()
     if len(_COMPILED) >= MAX_COMPILED:
         _COMPILED.popitem(last=False)  # the least recently used
     _COMPILED[key] = exe
@@ -131,11 +172,49 @@ def compiled(fn, args, static: dict):
     return exe, time.perf_counter() - t0
 
 
+def _single_device(sharding) -> bool:
+    return len(sharding.device_set) == 1
+
+
+def _stored_program(fn, args, static, key):
+    """The program of ``key`` through the persistent layer, or None when that layer is off or fails.
+
+    With the persistent compilation cache on (:func:`mtl_jax.enable_compilation_cache`), tracing and
+    lowering our Python is most of a new process's first solve; so the lowered program itself is
+    stored next to XLA's cache (``jax.export`` serialisation, a flatbuffer, no pickle), keyed on the
+    program's identity, the argument shapes, dtypes and placement, the static options, the JAX
+    version and a digest of this package's source. Loading it skips tracing; XLA's cache then skips
+    compiling. Any failure (an unregistered pytree node, a version mismatch) falls back to tracing.
+    """
+    folder = compilation.cache_dir()
+    if folder is None:
+        return None
+    try:
+        text = repr((getattr(fn, "__module__", ""), getattr(fn, "__qualname__", repr(fn)), key[1], key[2], key[3],
+                     jax.__version__, jax.default_backend(), _source_digest()))
+        path = os.path.join(folder, "mtl_jax_programs", hashlib.sha256(text.encode()).hexdigest() + ".jaxexport")
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                exported = jax.export.deserialize(bytearray(f.read()))
+            _stats["loaded"] += 1
+        else:
+            exported = jax.export.export(fn)(*args, **static)
+            blob = exported.serialize()
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with atomic_write(path, "wb") as f:
+                f.write(blob)
+        return jax.jit(exported.call).lower(*args).compile()
+    except Exception:  # the store is an optimisation: never let it break a solve
+        return None
+
+
 def cache_info() -> dict:
-    """``{"compiled": programs compiled so far, "hits": calls served from the cache, "size": entries held}``."""
+    """``{"compiled": programs compiled so far, "hits": calls served from the in-process cache,
+    "loaded": programs loaded from the persistent store, "size": entries held}``."""
     return {**_stats, "size": len(_COMPILED)}
 
 
 def clear_cache() -> None:
     """Forget every compiled program (the next solve compiles again)."""
     _COMPILED.clear()
+    _stats.update(compiled=0, hits=0, loaded=0)
