@@ -1,6 +1,6 @@
 """Per-sample losses of the MTRL objective, their convex conjugates and the dual coordinate step.
 
-DESIGN section 2 and 3. For a sample with target ``y``, margin ``a = <w_t, x>`` and task weight
+docs/mathematics.md, sections 1 and 4. For a sample with target ``y``, margin ``a = <w_t, x>`` and task weight
 ``c = 1 / n_t`` the primal term is ``c * loss(y, a)``; the Fenchel dual term of its dual variable
 ``alpha`` is ``-c * loss*(-alpha / c; y)``:
 

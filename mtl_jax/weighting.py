@@ -1,4 +1,4 @@
-"""Loss-driven task weighting for deep multi-task networks (DESIGN section 4).
+"""Loss-driven task weighting for deep multi-task networks (docs/weighting.md).
 
 Every scheme is an optax-style pair of pure functions bundled in a :class:`Weighting`::
 

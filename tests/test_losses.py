@@ -2,7 +2,7 @@
 one-dimensional optimisation (the convex conjugate and the dual coordinate step are computed
 numerically, never with the module's own formulas).
 
-Conventions (DESIGN section 2-3): squared ``(y - a)^2``, hinge ``max(0, 1 - y a)``, logistic
+Conventions (docs/mathematics.md, sections 1 and 4): squared ``(y - a)^2``, hinge ``max(0, 1 - y a)``, logistic
 ``log(1 + exp(-y a))``; dual term ``-c loss*(-alpha/c; y)`` with
 ``loss*(u) = sup_a u a - loss(y, a)``.
 """
@@ -61,7 +61,7 @@ def np_conjugate(name, u, y):
 
 
 def np_dual_term(name, alpha, y, c):
-    """Closed forms of DESIGN section 3 (checked against ``np_conjugate`` in this file)."""
+    """Closed forms of docs/mathematics.md, section 4 (checked against ``np_conjugate`` in this file)."""
     if name == "squared":
         return alpha * y - alpha**2 / (4.0 * c)
     s = y * alpha / c

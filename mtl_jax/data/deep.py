@@ -1,4 +1,4 @@
-"""Small, offline, seeded multi-task datasets for deep multi-task networks (issue 4).
+"""Small, offline, seeded multi-task datasets for deep multi-task networks.
 
 Every generator returns a :class:`MultiTaskDataset`: a ``train`` and a ``test`` :class:`Split` of
 arrays plus a static :class:`TaskSpec`. The layout is the one :mod:`mtl_jax.training` consumes:
