@@ -1,4 +1,4 @@
-"""Multi-Task Relationship Learning: the objective, the Omega-step and Sigma (DESIGN section 2).
+"""Multi-Task Relationship Learning: the objective, the Omega-step and Sigma (docs/mathematics.md, sections 1-3).
 
 MTRL (Zhang and Yeung, UAI 2010), in the notation of DMTRL (Liu, Pan, Ho, KDD 2017). With ``m``
 tasks, ``W`` (m, d) task-major and ``Omega`` (m, m) PSD with trace 1,
@@ -256,7 +256,7 @@ class SigmaQuadratic(NamedTuple):
     """``R(W) = (lam1/2) ||W||_F^2 + (lam2/2) tr(W^T Omega^{-1} W) = (1/2) tr(W^T Sigma^{-1} W)``.
 
     The regulariser of P at a fixed Omega (the W-step); ``R*(V) = (1/2) tr(V^T Sigma V)`` and the
-    primal-dual map is ``W = Sigma V`` (DESIGN section 3).
+    primal-dual map is ``W = Sigma V`` (docs/mathematics.md, section 4).
     """
 
     omega: SpectralMatrix

@@ -7,7 +7,7 @@ rows are zero in ``X`` and ``y`` and have ``mask == 0``; per-site sums must be w
 ``mask`` (or use ``counts``). :func:`from_sites` restores the original flat arrays, row order
 included.
 
-Intercepts (DESIGN section 2). The models are linear without a bias term, ``a = <w_t, x>``. Give
+Intercepts (docs/mathematics.md, section 1). The models are linear without a bias term, ``a = <w_t, x>``. Give
 each task an intercept in one of two ways, and say which you used:
 
 * :func:`add_intercept` appends a constant-1 feature, so the intercept is one more weight of

@@ -14,7 +14,7 @@ Zhang and Yeung (UAI 2010); DMTRL (Liu, Pan, Ho, KDD 2017) distributes its W-ste
 Every alternation is certified on J (not on P): the W-step's dual point ``alpha`` is also feasible
 for J's dual, so ``J(W) - D_J(alpha) >= J(W) - J*``. The alternation is monotone in P but, once an
 eigenvalue of Omega collapses to the floor, ``Omega^{-1}`` keeps W out of that direction: measured on
-``Exam`` it stalls 0.7 % above min J (DESIGN section 2). Use it as a reference, not to reach the optimum.
+``Exam`` it stalls about 1.2 % above min J (docs/mathematics.md, section 3; benchmarks/README.md). Use it as a reference, not to reach the optimum.
 """
 from __future__ import annotations
 
