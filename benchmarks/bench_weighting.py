@@ -1,15 +1,17 @@
-"""Speed of loss-driven task weighting (issue 4), as ratios measured side by side in one run.
+"""Speed of loss-driven task weighting (docs/weighting.md), as ratios measured side by side in one run.
 
 (a) ``schemes``: per-step time of each weighting scheme relative to ``equal`` -- the same model, data and
-    batch size, the jitted step of :func:`mtl_jax.training.make_train_step` run ``--scan`` times inside one
-    ``lax.scan`` (so dispatch is amortised); the schemes are timed round-robin, medians of ``--reps``.
+    batch size, the training run of :func:`mtl_jax.training.make_run` with ``--scan`` steps inside its
+    one ``lax.scan`` (so dispatch is amortised; the run's initial state and its test metrics on 64
+    samples cost well under one step); the schemes are timed round-robin, medians of ``--reps``.
 (b) ``seeds``: five seeds as one vmapped :func:`~mtl_jax.training.train_seeds` program against five
     sequential :func:`~mtl_jax.training.train` calls (same config), compile-inclusive (first call after
     ``jax.clear_caches()``) and compile-exclusive (medians of repeated calls).
 (c) ``cnn``: steps per second of the CNN on ``multi_digits`` at batch 256, one model and five seeds vmapped.
 
 Compilation is timed on its own (ahead-of-time ``lower().compile()`` in (a) and (c)). Nothing here assumes
-a CPU: on a GPU machine ``--only cnn`` runs (c) alone.
+a CPU: on a GPU machine ``--only cnn`` runs (c) alone. Run it with the package installed
+(``pip install -e .``) or with the repository root on ``PYTHONPATH``.
 
     python benchmarks/bench_weighting.py              # everything (~3-4 min on 2 CPU cores)
     python benchmarks/bench_weighting.py --only cnn   # (c) only
@@ -22,18 +24,16 @@ import dataclasses
 import datetime
 import os
 import statistics
-import sys
 import time
 from typing import Callable
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
-
-from mtl_jax import weighting  # noqa: E402
-from mtl_jax.data.deep import imbalanced_regression, multi_digits, school_multihead  # noqa: E402
-from mtl_jax.training import TrainConfig, init_state, make_components, to_device, train, train_seeds  # noqa: E402
+from mtl_jax import weighting
+from mtl_jax.data.deep import imbalanced_regression, multi_digits, school_multihead
+from mtl_jax.training import TrainConfig, init_params, make_components, make_run, to_device, train, train_seeds
 
 PARTS = ("schemes", "seeds", "cnn")
 LOSS_ONLY_TARGET = 1.05
@@ -68,28 +68,31 @@ def round_robin(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def scan_program(step, steps: int, seeds: int | None = None):
-    """A jitted ``(state, data) -> state`` running ``step`` ``steps`` times in a ``lax.scan`` (vmapped over
-    a leading seed axis of the state when ``seeds`` is given)."""
-    def run(state, data):
-        return jax.lax.scan(lambda s, _: (step(s, data)[0], None), state, None, length=steps)[0]
+def compiled_run(config: TrainConfig, data, steps: int, seeds: int | None = None):
+    """``(program, args, compile_seconds)``: :func:`~mtl_jax.training.make_run`'s run of ``config`` with
+    ``steps`` steps, compiled ahead of time (vmapped over seeds 0..``seeds``-1 when given), and its
+    arguments ``(seed, params, train, test)``; ``program(*args)`` is one timed run.
 
-    return jax.jit(run if seeds is None else jax.vmap(run, in_axes=(0, None)))
-
-
-def compiled_scan(config: TrainConfig, data, steps: int, seeds: int | None = None):
-    """``(compiled, state, train_split, compile_seconds)`` for the scan of ``steps`` training steps."""
+    The initial weights are drawn here, outside the timed program, as :func:`~mtl_jax.training.train`
+    does (the threefry init is not a cost of the scheme)."""
     spec = data.spec
-    comp = make_components(config, spec)
-    split = to_device(data.train, spec)
+    config = dataclasses.replace(config, steps=steps)
+    model = make_components(config, spec).model
+    train_split, test_split = to_device(data.train, spec), to_device(data.test, spec)
+    run = make_run(config, spec)
+    seed = jnp.asarray(0 if seeds is None else np.arange(seeds), jnp.int32)
 
-    def init(seed):
-        return init_state(comp.model, comp.scheme, comp.optimizer, jax.random.key(seed), split.x[:1], mtrl=comp.mtrl)
+    def init(s):
+        return init_params(model, jax.random.key(s), train_split.x[:1])
 
-    state = block(init(0) if seeds is None else jax.vmap(init)(np.arange(seeds)))
+    if seeds is None:
+        params, program = block(jax.jit(init)(seed)), jax.jit(run)
+    else:
+        params, program = block(jax.jit(jax.vmap(init))(seed)), jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)))
+    args = (seed, params, train_split, test_split)
     t0 = time.perf_counter()
-    compiled = scan_program(comp.step, steps, seeds).lower(state, split).compile()
-    return compiled, state, split, time.perf_counter() - t0
+    compiled = program.lower(*args).compile()
+    return compiled, args, time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- (a) schemes
@@ -102,8 +105,8 @@ def bench_schemes(quick: bool, reps: int, scan: int, schemes: tuple[str, ...] = 
     config = TrainConfig(model="mlp", hidden=(32,) if quick else (128, 128), batch_size=64, learning_rate=1e-2)
     programs, compile_s = {}, {}
     for name in schemes:
-        compiled, state, split, compile_s[name] = compiled_scan(dataclasses.replace(config, scheme=name), data, scan)
-        programs[name] = (lambda c=compiled, s=state, d=split: c(s, d))
+        compiled, args, compile_s[name] = compiled_run(dataclasses.replace(config, scheme=name), data, scan)
+        programs[name] = (lambda c=compiled, a=args: c(*a))
     med = round_robin(programs, reps)
     print(f"\n(a) per-step time relative to equal: MLP {config.hidden}, K = {len(data.spec.kinds)} regression tasks, "
           f"batch {config.batch_size}, {scan} steps per lax.scan, median of {reps}")
@@ -174,9 +177,9 @@ def bench_cnn(quick: bool, reps: int, scan: int, n_seeds: int = 5) -> dict:
     data = multi_digits(512 if quick else 2000, 64, seed=0)
     config = TrainConfig(model="cnn", features=(4, 8) if quick else (16, 32), hidden=(16,) if quick else (64,),
                          batch_size=32 if quick else 256, learning_rate=1e-3)
-    one, state1, split, c1 = compiled_scan(config, data, scan)
-    many, state5, _, c5 = compiled_scan(config, data, scan, seeds=n_seeds)
-    med = round_robin({"one": lambda: one(state1, split), "many": lambda: many(state5, split)}, reps)
+    one, args1, c1 = compiled_run(config, data, scan)
+    many, args5, c5 = compiled_run(config, data, scan, seeds=n_seeds)
+    med = round_robin({"one": lambda: one(*args1), "many": lambda: many(*args5)}, reps)
     print(f"\n(c) CNN on multi_digits: features {config.features}, dense {config.hidden[-1]}, batch "
           f"{config.batch_size}, scheme equal, {scan} steps per lax.scan, median of {reps} "
           f"({jax.devices()[0].platform})")

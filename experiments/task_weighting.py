@@ -44,15 +44,7 @@ import numpy as np  # noqa: E402
 from mtl_jax import plotting, weighting  # noqa: E402
 from mtl_jax.data import deep  # noqa: E402
 from mtl_jax.data.io import atomic_write, save_npz  # noqa: E402
-from mtl_jax.training import (  # noqa: E402
-    TrainConfig,
-    evaluate,
-    init_state,
-    make_components,
-    make_train_step,
-    to_device,
-    train_seeds,
-)
+from mtl_jax.training import TrainConfig, make_run, to_device, train_seeds  # noqa: E402
 
 FORMAT = 1            # bump when a cell's content or meaning changes (old cells are then recomputed)
 BASELINE = "equal"
@@ -147,19 +139,19 @@ def train_fixed_weights(config: TrainConfig, data: deep.MultiTaskDataset, seeds,
 
     The runs are those of :func:`~mtl_jax.training.train_seeds` with the scheme replaced by
     :func:`mtl_jax.weighting.fixed` (same initial weights, batches and steps for a seed): one-hot rows
-    give the single-task baselines. Returns ``(history, test)`` with leading axes (R, S)."""
+    give the single-task baselines. ``weight_rows`` (R, K), ``seeds`` S integers. Returns
+    ``(history, test)`` with leading axes (R, S): e.g. ``history.task_losses`` (R, S, T, K),
+    ``test.mse`` (R, S, K)."""
     spec = data.spec
-    comp = make_components(config, spec)
     dtype = jnp.dtype(config.dtype)
     train_split, test_split = to_device(data.train, spec, dtype), to_device(data.test, spec, dtype)
 
     def run(weights, seed, tr, te):
-        scheme = weighting.fixed(weights)
-        step = make_train_step(comp.model, scheme, comp.optimizer, spec.kinds, batch_size=config.batch_size,
-                               stratify=config.stratify, mtrl=comp.mtrl)
-        state = init_state(comp.model, scheme, comp.optimizer, jax.random.key(seed), tr.x[:1], mtrl=comp.mtrl)
-        state, history = jax.lax.scan(lambda s, _: step(s, tr), state, None, length=config.steps)
-        return history, evaluate(comp.model, state.params, te, spec.kinds)
+        # The scheme holds the traced weight row, so the run is built inside the vmap over rows.
+        # params=None: drawn from the seed inside the run; it depends on the seed alone, so the
+        # vmap over rows computes it once per seed.
+        result = make_run(config, spec, weighting.fixed(weights))(seed, None, tr, te)
+        return result.history, result.test  # the final states (R * S models) are not needed
 
     over_seeds = jax.vmap(run, in_axes=(None, 0, None, None))
     program = jax.jit(jax.vmap(over_seeds, in_axes=(0, None, None, None)))

@@ -16,7 +16,8 @@ K heads, flattened, are the rows of ``H`` (K, p * out) and the training loss gai
 
 with ``Omega`` (K, K) held in the training state (no gradient flows into it) and refreshed in closed
 form, ``Omega = (H H^T)^{1/2} / tr((H H^T)^{1/2})`` (:func:`mtl_jax.mtrl.omega_update`), every
-``every`` steps. Head biases are not regularised.
+``every`` steps (the Omega-step of ``docs/mathematics.md``, section 2; its use in training:
+``docs/weighting.md``, section 3). Head biases are not regularised.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.mtrl import SigmaQuadratic, as_spectral, omega_update
+from mtl_jax.validation import check_int, check_real
 
 SHARED_LAST = "shared_last"
 HEADS = "heads"
@@ -234,19 +236,19 @@ class MTRLCoupling(NamedTuple):
     eps: float = 1e-8
 
 
-def validate_coupling(coupling: MTRLCoupling) -> MTRLCoupling:
-    """Check an :class:`MTRLCoupling` (lam1 >= 0, lam2 > 0, every >= 1, eps > 0); return it."""
+def validate_coupling(coupling: MTRLCoupling, name: str = "mtrl") -> MTRLCoupling:
+    """Check an :class:`MTRLCoupling`: lam1 >= 0, lam2 > 0 and eps > 0 finite numbers, every an integer >= 1.
+
+    Returns it with Python numbers (float, float, int, float), so it hashes and compares by value.
+    ``name``: the argument it came in as; a ValueError names the field, e.g. ``mtrl.lam2``."""
     if not isinstance(coupling, MTRLCoupling):
-        raise ValueError(f"mtrl: must be an MTRLCoupling, got {type(coupling).__name__}")
-    if not coupling.lam1 >= 0:
-        raise ValueError(f"lam1: must be >= 0, got {coupling.lam1!r}")
-    if not coupling.lam2 > 0:
-        raise ValueError(f"lam2: must be > 0, got {coupling.lam2!r}")
-    if isinstance(coupling.every, bool) or not isinstance(coupling.every, int) or coupling.every < 1:
-        raise ValueError(f"every: must be an integer >= 1, got {coupling.every!r}")
-    if not coupling.eps > 0:
-        raise ValueError(f"eps: must be > 0, got {coupling.eps!r}")
-    return coupling
+        raise ValueError(f"{name}: must be an MTRLCoupling, got {type(coupling).__name__}")
+    return MTRLCoupling(
+        lam1=check_real(f"{name}.lam1", coupling.lam1, low=0.0),
+        lam2=check_real(f"{name}.lam2", coupling.lam2, low=0.0, strict=True),
+        every=check_int(f"{name}.every", coupling.every, low=1),
+        eps=check_real(f"{name}.eps", coupling.eps, low=0.0, strict=True),
+    )
 
 
 def mtrl_regulariser(H: jax.Array, omega: jax.Array, lam1: float, lam2: float, eps: float = 1e-8) -> jax.Array:

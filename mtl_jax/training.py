@@ -1,11 +1,13 @@
-"""Jitted multi-task training with loss-driven task weighting, vmapped over seeds (issue 4).
+"""Jitted multi-task training with loss-driven task weighting, vmapped over seeds (docs/weighting.md).
 
 One pure step does: draw a batch from the state's key, forward, per-task losses ``L`` (K,), weights
 ``w`` from the scheme (no gradient), the gradient of ``sum_k w_k L_k`` (+ the MTRL regulariser of the
 heads, :mod:`mtl_jax.models`), an optax update, and the scheme's state update. Everything that changes
-lives in one pytree, :class:`TrainState`; the loop is a ``lax.scan`` over steps, and
-:func:`train_seeds` ``vmap``s the whole run (init, loop, test metrics) over seeds, so S seeds train as one
-compiled program (the weight init is compiled separately, once per model, and shared by all schemes).
+lives in one pytree, :class:`TrainState`. One pure function, built by :func:`make_run`, is the whole run
+(initial state, a ``lax.scan`` of the step, test metrics); :func:`train` jits it and :func:`train_seeds`
+``vmap``s it over seeds, so S seeds train as one compiled program (the weight init is compiled
+separately, once per model, and shared by all schemes). Scripts that need a variant -- another scheme,
+constant weights vmapped over rows, an ahead-of-time compiled benchmark -- build it with :func:`make_run`.
 
 Typical use (what an experiment or benchmark script needs)::
 
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -52,10 +53,12 @@ from mtl_jax.models import (
     refresh_omega,
     validate_coupling,
 )
+from mtl_jax.validation import check_int, check_real
 
 _SUPPORTED_EXTRAS = ("grad_norms",)
 _OPTIMIZERS = ("adam", "sgd")
 _DTYPES = ("float32", "float64")
+_SEED_LIMIT = 2**31  # seeds go through int32 arrays (vmapped over seeds)
 
 
 # ----------------------------------------------------------------------------- state and records
@@ -272,13 +275,13 @@ def make_train_step(
     if unknown:
         raise ValueError(f"scheme: needs inputs {unknown} that the training step cannot supply "
                          f"(supported: {_SUPPORTED_EXTRAS})")
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size: must be a positive int or None, got {batch_size!r}")
+    if batch_size is not None:
+        batch_size = check_int("batch_size", batch_size, low=1)
     if stratify and batch_size is not None and batch_size < len(kinds):
         raise ValueError(f"batch_size: stratified batches need at least one row per task "
                          f"({len(kinds)}), got {batch_size}")
     if mtrl is not None:
-        validate_coupling(mtrl)
+        mtrl = validate_coupling(mtrl)
     wants_grad_norms = "grad_norms" in needs
 
     @jax.jit
@@ -332,6 +335,23 @@ def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
 
 
+def _as_coupling(value) -> MTRLCoupling | None:
+    """``mtrl`` as a checked :class:`MTRLCoupling` of Python numbers (hashable), or None.
+
+    A dict of its fields (``{"lam2": 0.05, "every": 4}``, the others at their defaults) is accepted
+    for convenience, e.g. from a JSON file."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - set(MTRLCoupling._fields))
+        if unknown:
+            raise ValueError(f"mtrl: unknown fields {unknown}; expected some of {MTRLCoupling._fields}")
+        value = MTRLCoupling(**value)
+    elif not isinstance(value, MTRLCoupling):
+        raise ValueError(f"mtrl: must be None, an MTRLCoupling or a dict of its fields, got {value!r}")
+    return validate_coupling(value, "mtrl")
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Everything that defines a training run except the data and the seed list.
@@ -346,9 +366,15 @@ class TrainConfig:
         or pairs; stored as sorted pairs so the config is hashable). For ``"uncertainty"`` the
         log-variances use Adam with the model's ``learning_rate`` unless ``learning_rate`` is given.
     seed: the seed of :func:`train` (``train_seeds`` takes its own list).
-    mtrl_heads: couple the heads by the MTRL regulariser ``(lam1/2)||H||^2 + (lam2/2) tr(H^T Omega^{-1} H)``,
-        Omega recomputed every ``omega_every`` steps with relative eigenvalue floor ``omega_eps``.
+    mtrl: None (independent heads), or a :class:`~mtl_jax.models.MTRLCoupling` (or a dict of its
+        fields) coupling the heads by the MTRL regulariser
+        ``(lam1/2)||H||^2 + (lam2/2) tr(H^T Omega^{-1} H)``, Omega recomputed every ``every`` steps with
+        relative eigenvalue floor ``eps`` (``docs/weighting.md``, section 3). Needs tasks with equal
+        output sizes.
     dtype: ``"float32"`` or ``"float64"`` (parameters and inputs; float64 needs ``jax_enable_x64``).
+
+    A config is hashable (the compiled programs are cached on it): containers are normalised to
+    tuples, ``scheme_kwargs`` to sorted pairs and ``mtrl`` to an ``MTRLCoupling`` of Python numbers.
     """
 
     model: str = "mlp"
@@ -363,17 +389,14 @@ class TrainConfig:
     scheme: str = "equal"
     scheme_kwargs: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
-    mtrl_heads: bool = False
-    lam1: float = 0.0
-    lam2: float = 1e-3
-    omega_every: int = 10
-    omega_eps: float = 1e-8
+    mtrl: MTRLCoupling | None = None
     dtype: str = "float32"
 
     def __post_init__(self):
         # Normalise containers so that equal configs hash equal (the compiled program is cached on it).
         for name in ("hidden", "features", "head_hidden"):
-            object.__setattr__(self, name, tuple(int(v) for v in _as_tuple(getattr(self, name))))
+            widths = tuple(check_int(name, v, low=1) for v in _as_tuple(getattr(self, name)))
+            object.__setattr__(self, name, widths)
         kwargs = self.scheme_kwargs
         items = kwargs.items() if isinstance(kwargs, dict) else kwargs
         try:
@@ -386,45 +409,35 @@ class TrainConfig:
             raise ValueError(f"scheme_kwargs: values must be hashable (numbers, strings, tuples), "
                              f"got {kwargs!r}") from None
         object.__setattr__(self, "scheme_kwargs", items)
+        object.__setattr__(self, "mtrl", _as_coupling(self.mtrl))
         self._validate()
 
     def _validate(self):
         if self.model not in ("mlp", "cnn"):
             raise ValueError(f"model: must be 'mlp' or 'cnn', got {self.model!r}")
-        if not self.hidden or min(self.hidden) < 1:
-            raise ValueError(f"hidden: need at least one positive width, got {self.hidden}")
-        if not self.features or min(self.features) < 1:
-            raise ValueError(f"features: need at least one positive width, got {self.features}")
-        if self.head_hidden and min(self.head_hidden) < 1:
-            raise ValueError(f"head_hidden: widths must be positive, got {self.head_hidden}")
+        # The widths themselves were checked (integers >= 1) when normalised in __post_init__.
+        if not self.hidden:
+            raise ValueError(f"hidden: need at least one width, got {self.hidden}")
+        if not self.features:
+            raise ValueError(f"features: need at least one width, got {self.features}")
         if self.optimizer not in _OPTIMIZERS:
             raise ValueError(f"optimizer: must be one of {_OPTIMIZERS}, got {self.optimizer!r}")
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not np.isfinite(lr) or lr <= 0:
-            raise ValueError(f"learning_rate: must be a finite number > 0, got {self.learning_rate!r}")
-        if isinstance(self.steps, bool) or not isinstance(self.steps, numbers.Integral) or self.steps < 1:
-            raise ValueError(f"steps: must be an integer >= 1, got {self.steps!r}")
-        bs = self.batch_size
-        if bs is not None and (isinstance(bs, bool) or not isinstance(bs, numbers.Integral) or bs < 1):
-            raise ValueError(f"batch_size: must be an integer >= 1 or None, got {self.batch_size!r}")
+        check_real("learning_rate", self.learning_rate, low=0.0, strict=True)
+        check_int("steps", self.steps, low=1)
+        if self.batch_size is not None:
+            check_int("batch_size", self.batch_size, low=1)
         if not isinstance(self.stratify, (bool, np.bool_)):
             raise ValueError(f"stratify: must be a bool, got {self.stratify!r}")
         if self.scheme not in weighting_lib.SCHEMES:
             raise ValueError(f"scheme: must be one of {weighting_lib.SCHEMES}, got {self.scheme!r}")
-        _check_seed("seed", self.seed)
-        if not isinstance(self.mtrl_heads, (bool, np.bool_)):
-            raise ValueError(f"mtrl_heads: must be a bool, got {self.mtrl_heads!r}")
-        if self.mtrl_heads:
-            validate_coupling(self.coupling())
+        check_int("seed", self.seed, low=0, high=_SEED_LIMIT)
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {_DTYPES}, got {self.dtype!r}")
         self.make_scheme()  # the factory checks scheme_kwargs (ValueError naming the argument)
 
     def coupling(self) -> MTRLCoupling | None:
-        """The :class:`~mtl_jax.models.MTRLCoupling` of this config, or None without MTRL heads."""
-        if not self.mtrl_heads:
-            return None
-        return MTRLCoupling(lam1=self.lam1, lam2=self.lam2, every=self.omega_every, eps=self.omega_eps)
+        """The :class:`~mtl_jax.models.MTRLCoupling` of this config (``self.mtrl``), or None without MTRL heads."""
+        return self.mtrl
 
     def make_scheme(self) -> weighting_lib.Weighting:
         kwargs = dict(self.scheme_kwargs)
@@ -434,12 +447,6 @@ class TrainConfig:
 
     def make_optimizer(self) -> optax.GradientTransformation:
         return optax.adam(self.learning_rate) if self.optimizer == "adam" else optax.sgd(self.learning_rate)
-
-
-def _check_seed(name: str, seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < 2**31:
-        raise ValueError(f"{name}: must be an integer in [0, 2**31), got {seed!r}")
-    return int(seed)
 
 
 def to_device(split: Split, spec: TaskSpec, dtype=jnp.float32) -> Split:
@@ -461,10 +468,12 @@ class Components(NamedTuple):
     step: Callable[[TrainState, Split], tuple[TrainState, StepMetrics]]
 
 
-def make_components(config: TrainConfig, spec: TaskSpec) -> Components:
-    """Model, scheme, optimizer, MTRL coupling and jitted step exactly as :func:`train` uses them.
+def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None) -> Components:
+    """Model, scheme, optimizer, MTRL coupling and jitted step exactly as :func:`make_run` uses them.
 
-    With ``data = to_device(dataset.train, spec, config.dtype)`` and
+    ``scheme``: a :class:`~mtl_jax.weighting.Weighting` used instead of the config's ``scheme`` and
+    ``scheme_kwargs`` (None: ``config.make_scheme()``). With
+    ``data = to_device(dataset.train, spec, config.dtype)`` and
     ``state = init_state(c.model, c.scheme, c.optimizer, jax.random.key(seed), data.x[:1], mtrl=c.mtrl)``,
     ``c.step(state, data)`` is one training step of the run with that seed."""
     if not isinstance(config, TrainConfig):
@@ -472,10 +481,44 @@ def make_components(config: TrainConfig, spec: TaskSpec) -> Components:
     spec = validate_spec(spec)
     model = make_model(config.model, spec.out_dims, hidden=config.hidden, features=config.features,
                        head_hidden=config.head_hidden, param_dtype=jnp.dtype(config.dtype))
-    scheme, optimizer, mtrl = config.make_scheme(), config.make_optimizer(), config.coupling()
+    if scheme is None:
+        scheme = config.make_scheme()
+    optimizer, mtrl = config.make_optimizer(), config.coupling()
     step = make_train_step(model, scheme, optimizer, spec.kinds, batch_size=config.batch_size,
                            stratify=config.stratify, mtrl=mtrl)
     return Components(model, scheme, optimizer, mtrl, step)
+
+
+def make_run(
+    config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None
+) -> Callable[[jax.Array, Any, Split, Split], TrainResult]:
+    """The whole training run of ``config`` as one pure function ``run(seed, params, train, test)``.
+
+    ``run`` builds the initial :class:`TrainState` from ``jax.random.key(seed)`` (:func:`init_state`),
+    takes ``config.steps`` steps of the jitted step (:func:`make_components`) in one ``lax.scan`` over
+    the ``train`` split, and evaluates the final parameters on the ``test`` split; it returns a
+    :class:`TrainResult` (history leading axis T = ``config.steps``, test metrics (K,)).
+
+      seed: () integer (``config.seed`` is not used: the seed is an argument, so it can be vmapped);
+      params: ``init_params(model, jax.random.key(seed), train.x[:1])``, or None to draw them inside
+          ``run`` (the same numbers; precompute them to compile the weight init once for many runs);
+      train, test: :class:`Split` s of device arrays, as :func:`to_device` gives them.
+
+    ``run`` is not jitted: ``jax.jit(run)`` is :func:`train`'s program and
+    ``jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)))`` is :func:`train_seeds`'. ``scheme``
+    replaces the config's scheme; since the scheme is built before ``run`` is traced, a scheme with
+    traced arrays inside works too, e.g. ``make_run(config, spec, weighting.fixed(w))(seed, None, tr, te)``
+    inside a ``vmap`` over weight rows ``w``. Inputs are not checked here (:func:`train` does that)."""
+    spec = validate_spec(spec)
+    model, scheme, optimizer, mtrl, step = make_components(config, spec, scheme)
+
+    def run(seed, params, train_split: Split, test_split: Split) -> TrainResult:
+        key = jax.random.key(seed)
+        state = init_state(model, scheme, optimizer, key, train_split.x[:1], mtrl=mtrl, params=params)
+        state, history = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=config.steps)
+        return TrainResult(state, history, evaluate(model, state.params, test_split, spec.kinds))
+
+    return run
 
 
 @functools.lru_cache(maxsize=64)
@@ -492,18 +535,11 @@ def _compiled_init(model):
 
 @functools.lru_cache(maxsize=64)
 def _compiled_run(config: TrainConfig, spec: TaskSpec):
-    """(run_one, run_many): jitted ``(seed, params0, train, test) -> TrainResult`` and its vmap over seeds.
+    """(run_one, run_many): :func:`make_run`'s ``run`` jitted, and jitted after a vmap over seeds and params.
 
     Cached on (config without its seed, spec), so repeated calls -- several seeds, a benchmark --
     reuse one compiled program per input shape."""
-    model, scheme, optimizer, mtrl, step = make_components(config, spec)
-
-    def run(seed, params, train_split: Split, test_split: Split) -> TrainResult:
-        key = jax.random.key(seed)
-        state = init_state(model, scheme, optimizer, key, train_split.x[:1], mtrl=mtrl, params=params)
-        state, history = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=config.steps)
-        return TrainResult(state, history, evaluate(model, state.params, test_split, spec.kinds))
-
+    run = make_run(config, spec)
     return jax.jit(run), jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)))
 
 
@@ -517,8 +553,8 @@ def _prepare(config: TrainConfig, data: MultiTaskDataset):
     validate_split(data.test, spec, "data.test")
     if config.dtype == "float64" and not jax.config.jax_enable_x64:
         raise ValueError("config: dtype 'float64' needs jax.config.update('jax_enable_x64', True)")
-    if config.mtrl_heads and len(set(spec.out_dims)) != 1:
-        raise ValueError(f"config: mtrl_heads needs tasks with equal output sizes, got {spec.out_dims}")
+    if config.mtrl is not None and len(set(spec.out_dims)) != 1:
+        raise ValueError(f"config: mtrl (coupled heads) needs tasks with equal output sizes, got {spec.out_dims}")
     if config.model == "cnn" and np.asarray(data.train.x).ndim not in (3, 4):
         raise ValueError(f"config: model 'cnn' needs images (N, H, W[, C]), "
                          f"got inputs of shape {np.shape(data.train.x)}")
@@ -547,7 +583,7 @@ def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int
     arr = np.asarray(list(seeds) if isinstance(seeds, range) else seeds)
     if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
         raise ValueError(f"seeds: must be a non-empty 1-D sequence of integers, got {seeds!r}")
-    seeds = [_check_seed("seeds", int(s)) for s in arr]
+    seeds = [check_int("seeds", int(s), low=0, high=_SEED_LIMIT) for s in arr]
     (_, init_many), (_, run_many), train_split, test_split = _prepare(config, data)
     seeds = jnp.asarray(seeds, jnp.int32)
     return run_many(seeds, init_many(seeds, train_split.x[:1]), train_split, test_split)

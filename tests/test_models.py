@@ -142,3 +142,16 @@ def test_make_model_rejects_bad_arguments():
         models.validate_coupling(models.MTRLCoupling(lam2=0.0))
     with pytest.raises(ValueError, match="every"):
         models.validate_coupling(models.MTRLCoupling(every=0))
+
+
+def test_validate_coupling_names_the_field_and_returns_python_numbers():
+    got = models.validate_coupling(models.MTRLCoupling(lam1=np.float32(0.5), lam2=1, every=np.int64(3), eps=1e-6))
+    assert got == models.MTRLCoupling(0.5, 1.0, 3, 1e-6)
+    assert [type(v) for v in got] == [float, float, int, float]
+    hash(got)
+    for field, value in (("lam1", -1.0), ("lam1", float("inf")), ("lam2", 0.0), ("every", 1.5), ("every", True),
+                         ("eps", 0.0), ("eps", "small")):
+        with pytest.raises(ValueError, match=f"coupling.{field}:"):
+            models.validate_coupling(models.MTRLCoupling()._replace(**{field: value}), "coupling")
+    with pytest.raises(ValueError, match="mtrl:"):
+        models.validate_coupling((0.0, 1.0, 10, 1e-8))

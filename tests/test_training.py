@@ -1,5 +1,7 @@
 """The jitted, seed-vmapped training loop: equivalence with separate runs, MTRL heads, GradNorm's inputs."""
 import dataclasses
+import importlib.util
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +16,10 @@ from mtl_jax.training import (
     TrainConfig,
     draw_batch,
     to_device,
+    init_params,
     init_state,
+    make_components,
+    make_run,
     make_train_step,
     task_losses,
     train,
@@ -50,7 +55,7 @@ BASE = TrainConfig(model="mlp", hidden=(8,), steps=8, batch_size=16, learning_ra
 # One config per scheme under test; "equal" runs with MTRL-coupled heads, so the same compiled
 # programs (cached by mtl_jax.training on the config) also serve the MTRL tests below.
 CONFIGS = {
-    "equal+mtrl": dataclasses.replace(BASE, scheme="equal", mtrl_heads=True, lam1=0.01, lam2=0.05, omega_every=4),
+    "equal+mtrl": dataclasses.replace(BASE, scheme="equal", mtrl=models.MTRLCoupling(lam1=0.01, lam2=0.05, every=4)),
     "dwa": dataclasses.replace(BASE, scheme="dwa"),
     "gradnorm": dataclasses.replace(BASE, scheme="gradnorm"),
     "uncertainty": dataclasses.replace(BASE, scheme="uncertainty"),
@@ -117,7 +122,7 @@ def _np_omega(H):
 
 def test_mtrl_omega_inside_training_is_the_closed_form(data):
     config = CONFIGS["equal+mtrl"]
-    assert config.steps % config.omega_every == 0  # so the last step refreshed Omega
+    assert config.steps % config.mtrl.every == 0  # so the last step refreshed Omega
     result = train(config, data)
     H = np.asarray(models.head_matrix(result.state.params))
     assert H.shape == (3, 8 * 2)
@@ -237,8 +242,12 @@ def test_config_and_inputs_are_validated(data):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="dtype"):
         TrainConfig(dtype="float16")
-    with pytest.raises(ValueError, match="lam2"):
-        TrainConfig(mtrl_heads=True, lam2=-1.0)
+    with pytest.raises(ValueError, match="mtrl.lam2"):
+        TrainConfig(mtrl=models.MTRLCoupling(lam2=-1.0))
+    with pytest.raises(ValueError, match="seed"):
+        TrainConfig(seed=2**31)
+    with pytest.raises(ValueError, match="hidden"):
+        TrainConfig(hidden=(8, 0))
     with pytest.raises(ValueError, match="learning_rate"):
         TrainConfig(learning_rate=0.0)
     with pytest.raises(ValueError, match="batch_size"):
@@ -258,3 +267,71 @@ def test_config_and_inputs_are_validated(data):
         TrainConfig(scheme="dwa", scheme_kwargs={"temperature": -1.0})
     with pytest.raises(ValueError, match="scheme_kwargs"):
         TrainConfig(scheme="dwa", scheme_kwargs={"temperature": [1.0]})
+
+
+def test_mtrl_field_takes_a_coupling_or_a_dict_and_hashes(data):
+    as_dict = TrainConfig(mtrl={"lam1": 0.01, "lam2": 0.05, "every": 4})
+    as_tuple = TrainConfig(mtrl=models.MTRLCoupling(lam1=0.01, lam2=np.float64(0.05), every=np.int64(4)))
+    assert as_dict == as_tuple and hash(as_dict) == hash(as_tuple)  # one cached program for both
+    assert as_dict.mtrl == models.MTRLCoupling(0.01, 0.05, 4, 1e-8) and as_dict.coupling() is as_dict.mtrl
+    assert type(as_tuple.mtrl.every) is int and type(as_tuple.mtrl.lam2) is float
+    assert TrainConfig().mtrl is None and TrainConfig().coupling() is None
+    for bad, name in ((dict(every=0), "mtrl.every"), (dict(every=2.5), "mtrl.every"), (dict(eps=0.0), "mtrl.eps"),
+                      (dict(lam1=-0.1), "mtrl.lam1"), (dict(lam1=float("nan")), "mtrl.lam1"),
+                      (dict(omega_every=4), "mtrl")):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(mtrl=bad)
+    with pytest.raises(ValueError, match="mtrl"):
+        TrainConfig(mtrl=True)
+    def widen(split):  # the last task gets a third output: heads of unequal sizes cannot be coupled
+        y = split.y[:2] + (np.concatenate([split.y[2], split.y[2][:, :1]], axis=1),)
+        return split._replace(y=y)
+
+    unequal = MultiTaskDataset(widen(data.train), widen(data.test), data.spec._replace(out_dims=(2, 2, 3)))
+    with pytest.raises(ValueError, match="mtrl"):
+        train(CONFIGS["equal+mtrl"], unequal)
+
+
+# --- the public run builder: train's program, and the constant-weight runs of the experiment ---
+
+
+def _load_task_weighting():
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "task_weighting.py"
+    spec = importlib.util.spec_from_file_location("task_weighting", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_make_run_is_trains_program(data):
+    config = dataclasses.replace(CONFIGS["equal+mtrl"], seed=2)
+    split, test = to_device(data.train, SPEC, jnp.float64), to_device(data.test, SPEC, jnp.float64)
+    run = jax.jit(make_run(config, SPEC))
+    model = make_components(config, SPEC).model
+    params = jax.jit(lambda s: init_params(model, jax.random.key(s), split.x[:1]))(jnp.int32(2))
+    expected = train(config, data)
+    _assert_trees_close(run(jnp.int32(2), params, split, test), expected, rtol=0, atol=0)
+    # params=None draws the same initial weights inside the run
+    _assert_trees_close(run(jnp.int32(2), None, split, test), expected, rtol=1e-12, atol=1e-14)
+
+
+def test_make_run_with_fixed_one_hot_weights_is_the_single_task_baseline(data):
+    task_weighting = _load_task_weighting()
+    config, seeds, rows = CONFIGS["dwa"], [0, 1], np.eye(3)
+    history, test_metrics = task_weighting.train_fixed_weights(config, data, seeds, rows)
+    assert history.task_losses.shape == (3, 2, BASE.steps, 3) and test_metrics.mse.shape == (3, 2, 3)
+    split, test = to_device(data.train, SPEC, jnp.float64), to_device(data.test, SPEC, jnp.float64)
+    for r, row in enumerate(rows):
+        # the scheme overrides the config's ("dwa"): constant one-hot weights, task r alone
+        run = jax.jit(make_run(config, SPEC, weighting.fixed(row)))
+        for i, seed in enumerate(seeds):
+            alone = run(jnp.int32(seed), None, split, test)
+            np.testing.assert_array_equal(alone.history.weights, np.broadcast_to(row, (BASE.steps, 3)))
+            _assert_trees_close((alone.history, alone.test), _seed_slice(_seed_slice((history, test_metrics), r), i),
+                                rtol=1e-10, atol=1e-12)
+    # one-hot runs differ from each other and from the adaptive scheme's run
+    assert not np.allclose(history.task_losses[0], history.task_losses[1])
+    ones = jax.jit(make_run(config, SPEC, weighting.fixed(np.ones(3))))(jnp.int32(0), None, split, test)
+    equal = train(dataclasses.replace(config, scheme="equal"), data)
+    _assert_trees_close((ones.state.params, ones.history, ones.test), (equal.state.params, equal.history, equal.test),
+                        rtol=1e-12, atol=1e-14)  # (the schemes' states differ in kind)
