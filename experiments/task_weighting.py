@@ -14,8 +14,10 @@ program per dataset. Written to the output folder:
   Delta m % against equal weighting and against the single-task baselines);
 * ``results.json``: the same numbers, per seed too, and the configuration;
 * ``<dataset>_curves.png``: task losses and task weights over training, per scheme;
-* ``cells/<dataset>/<scheme>.npz``: one finished (scheme, dataset) cell. A rerun with the same
-  configuration skips finished cells (``--overwrite`` recomputes them).
+* ``cells/<dataset>/<scheme>/``: one finished (scheme, dataset) cell, a run folder of the results
+  store (docs/results.md: manifest, per-seed training curves in history.jsonl, arrays); ``mtl-jax plot
+  --results OUT`` draws them. A rerun with the same configuration skips finished cells (``--overwrite``
+  recomputes them).
 
 Delta m (Maninis et al. CVPR 2019; Liu et al. CVPR 2019), higher is better::
 
@@ -35,18 +37,18 @@ import sys
 import time
 from typing import Any, Callable, NamedTuple
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+from mtl_jax import plotting, weighting
+from mtl_jax.compilation import enable_compilation_cache
+from mtl_jax.data import deep
+from mtl_jax.data.io import atomic_write
+from mtl_jax.runner import store
+from mtl_jax.training import TrainConfig, make_run, to_device, train_seeds
 
-from mtl_jax import plotting, weighting  # noqa: E402
-from mtl_jax.data import deep  # noqa: E402
-from mtl_jax.data.io import atomic_write, save_npz  # noqa: E402
-from mtl_jax.training import TrainConfig, make_run, to_device, train_seeds  # noqa: E402
-
-FORMAT = 1            # bump when a cell's content or meaning changes (old cells are then recomputed)
+FORMAT = 2            # bump when a cell's content or meaning changes (old cells are then recomputed)
 BASELINE = "equal"
 SINGLE_TASK = "single_task"
 CURVE_BINS = 100      # training curves are stored as means over this many windows of steps
@@ -198,20 +200,37 @@ def fingerprint(dataset: str, setup: Setup, scheme: str, seeds) -> str:
 
 
 def cell_path(out: str, dataset: str, scheme: str) -> str:
-    return os.path.join(out, "cells", dataset, f"{scheme}.npz")
+    """The run folder of one (dataset, scheme) cell."""
+    return os.path.join(out, "cells", dataset, scheme)
 
 
 def load_cell(path: str, expected: str) -> dict[str, np.ndarray] | None:
-    """The arrays of a finished cell at ``path`` if its fingerprint is ``expected``, else None."""
-    if not os.path.exists(path):
+    """The arrays of a finished cell in run folder ``path`` if its fingerprint is ``expected``, else None."""
+    if not store.is_run(path):
         return None
     try:
-        with np.load(path, allow_pickle=False) as f:
-            if str(f["fingerprint"]) != expected:
-                return None
-            return {k: f[k] for k in f.files if k != "fingerprint"}
-    except (OSError, ValueError, KeyError):
+        run = store.read_run(path)
+    except ValueError:
         return None  # unreadable: recompute
+    if run.config.get("fingerprint") != expected or not CELL_ARRAYS <= set(run.arrays):
+        return None
+    return {**run.arrays, "seconds": np.float64(run.summary.get("seconds", np.nan))}
+
+
+CELL_ARRAYS = {"metric", "task_losses", "weights", "curve_x"}
+
+
+def save_cell(path: str, cell: dict, *, dataset: str, scheme: str, expected: str, spec: deep.TaskSpec,
+              seeds, started: str) -> None:
+    """Store a finished cell as a weighting run: the binned curves per seed as history, the arrays, the
+    fingerprint in the config (a rerun reuses the cell only if it matches)."""
+    config = {"experiment": "task_weighting", "dataset": dataset, "scheme": scheme, "tasks": list(spec.names),
+              "seeds": [int(s) for s in seeds], "fingerprint": expected}
+    metric = np.asarray(cell["metric"], float)
+    summary = {"seconds": float(cell["seconds"]), "metric_mean": metric.mean(axis=0), "metric_std": metric.std(axis=0)}
+    store.write_run(path, kind="weighting", config=config, summary=summary, started=started,
+                    history=store.curve_records(cell["task_losses"], cell["weights"], cell["curve_x"]),
+                    arrays={k: cell[k] for k in CELL_ARRAYS})
 
 
 def get_cell(out, dataset, setup, data, scheme, seeds, overwrite, log) -> tuple[dict, bool]:
@@ -224,9 +243,10 @@ def get_cell(out, dataset, setup, data, scheme, seeds, overwrite, log) -> tuple[
         if cell is not None:
             log(f"  {dataset:22s} {scheme:12s} done (stored)")
             return cell, False
+    started = store.now()
     cell = run_cell(setup, data, scheme, seeds)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_npz(path, fingerprint=np.array(expected), **cell)
+    save_cell(path, cell, dataset=dataset, scheme=scheme, expected=expected, spec=data.spec, seeds=seeds,
+              started=started)
     log(f"  {dataset:22s} {scheme:12s} {float(cell['seconds']):6.1f} s")
     return cell, True
 
@@ -313,6 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         f"('{BASELINE}' is always run: it is the Delta m baseline)")
     parser.add_argument("--quick", action="store_true", help="tiny data, 20 steps, 2 seeds (seconds)")
     parser.add_argument("--overwrite", action="store_true", help="recompute finished cells")
+    parser.add_argument("--no-compile-cache", action="store_true", help="do not use the persistent compilation cache")
     return parser.parse_args(argv)
 
 
@@ -329,6 +350,8 @@ def main(argv=None, log: Callable[[str], None] = print) -> dict[str, Any]:
     schemes = _names(args.schemes, weighting.SCHEMES, "--schemes")
     schemes = (BASELINE,) + tuple(s for s in schemes if s != BASELINE)
     seeds = list(range(n_seeds))
+    if not args.no_compile_cache:
+        enable_compilation_cache()
     os.makedirs(args.out, exist_ok=True)
 
     all_setups = setups(args.quick)

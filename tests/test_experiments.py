@@ -1,4 +1,4 @@
-"""The task-weighting experiment and benchmark scripts, end to end on tiny settings (--quick)."""
+"""The experiment and benchmark scripts, end to end on tiny settings, and their outputs plotted by the CLI."""
 import importlib.util
 import json
 import os
@@ -7,7 +7,9 @@ import pathlib
 import numpy as np
 import pytest
 
+from mtl_jax import cli
 from mtl_jax.data.deep import school_multihead
+from mtl_jax.runner import store
 from mtl_jax.training import TrainConfig, train_seeds
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -30,7 +32,8 @@ def task_weighting():
 @pytest.fixture(scope="module")
 def quick_run(task_weighting, tmp_path_factory):
     out = tmp_path_factory.mktemp("task_weighting")
-    argv = ["--quick", "--out", str(out), "--schemes", "equal,dwa", "--datasets", "school_multihead"]
+    argv = ["--quick", "--out", str(out), "--schemes", "equal,dwa", "--datasets", "school_multihead",
+            "--no-compile-cache"]
     first = task_weighting.main(argv, log=lambda _: None)
     return out, argv, first
 
@@ -56,13 +59,49 @@ def test_delta_m_of_equal_against_itself_is_zero(quick_run):
 
 def test_rerun_skips_finished_cells(quick_run, task_weighting):
     out, argv, _ = quick_run
-    cell = out / "cells" / "school_multihead" / "dwa.npz"
+    cell = out / "cells" / "school_multihead" / "dwa" / store.MANIFEST
     before = cell.stat().st_mtime_ns
     again = task_weighting.main(argv, log=lambda _: None)
     assert again["computed"] == []
     assert len(again["skipped"]) == 3
     assert cell.stat().st_mtime_ns == before
     assert again["results"] == quick_run[2]["results"]
+
+
+def test_cells_are_weighting_runs_whose_history_is_the_stored_curves(quick_run):
+    out, _, _ = quick_run
+    paths = store.find_runs(out)
+    assert sorted(os.path.relpath(p, out) for p in paths) == [
+        os.path.join("cells", "school_multihead", s) for s in ("dwa", "equal", "single_task")]
+    run = store.read_run(out / "cells" / "school_multihead" / "dwa")
+    assert run.kind == "weighting" and run.config["scheme"] == "dwa" and run.config["seeds"] == [0, 1]
+    curves = store.weighting_curves(run)
+    np.testing.assert_array_equal(curves["task_losses"], run.arrays["task_losses"])
+    np.testing.assert_array_equal(curves["weights"], run.arrays["weights"])
+    np.testing.assert_array_equal(curves["x"], run.arrays["curve_x"])
+    assert run.manifest["environment"]["versions"]["jax"]
+
+
+def test_task_weighting_output_plots_through_the_cli(quick_run, tmp_path):
+    out, _, _ = quick_run
+    assert cli.main(["plot", "--results", str(out), "--out", str(tmp_path / "tw.png")]) == 0
+    assert (tmp_path / "tw.png").stat().st_size > 0   # one data set: one figure, no suffix
+
+
+def test_school_experiment_smallest_setting_writes_runs_that_plot_through_the_cli(tmp_path):
+    school = load_script("experiments/school_convergence.py")
+    out = tmp_path / "school"
+    assert school.main(["--out", str(out), "--alternations", "3", "--no-compile-cache"]) == 0
+    runs = [store.read_run(p) for p in store.find_runs(out)]
+    assert sorted(os.path.basename(r.path) for r in runs) == ["alternating", "apg"]
+    apg = next(r for r in runs if r.path.endswith("apg"))
+    assert apg.summary["converged"] and apg.summary["relative_gap"] <= 1e-9
+    cols = apg.columns()
+    assert cols["round"][-1] == apg.summary["iterations"] and cols["gap"][-1] == pytest.approx(apg.summary["gap"])
+    for name in ("convergence.png", "omega.png", "results.md"):
+        assert (out / name).stat().st_size > 0
+    assert cli.main(["plot", "--results", str(out), "--omega", "--out", str(tmp_path / "school.png")]) == 0
+    assert (tmp_path / "school.png").stat().st_size > 0
 
 
 def test_delta_m_signs_and_values(task_weighting):
