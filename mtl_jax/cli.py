@@ -128,7 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="fit MTRL on a data file and write W, Omega, the history and the config to a directory",
         description=_para("Minimise J(W) = sum_t mean_i loss(y_ti, <w_t, x_ti>) + lam1/2 ||W||_F^2 + "
                     "lam2/2 ||W||_*^2 on a data file (.npz with X, y, task; or CSV with a task column) "
-                    "and write result.npz, config.json and history.csv into --out, atomically. "
+                    "and write a run folder into --out, atomically: manifest.json (arguments, data, result, "
+                    "environment), history.jsonl (one record per iteration) and arrays.npz (W, Omega, ...). "
                     "Computes in float64 unless --float32."),
         epilog="example:\n  mtl-jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam")
     io = fit.add_argument_group("data")
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", required=True, metavar="DIR", help="result directory (created if missing)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="warm-start from the W in DIR/result.npz and continue (the history restarts); "
+                       help="warm-start from the W in DIR/arrays.npz and continue (the history restarts); "
                             "starts from scratch when DIR holds no result")
     again.add_argument("--overwrite", action="store_true", help="replace a result already in DIR")
     fit.add_argument("--no-compile-cache", action="store_true",
@@ -471,12 +472,15 @@ def _weighting_figure(runs, labels):
     from mtl_jax import plotting
 
     curves, x, task_names = {}, None, None
-    for label, run in zip(labels, runs):
+    schemes = [run.config.get("scheme", label) for label, run in zip(labels, runs)]
+    for label, run, scheme in zip(labels, runs, schemes):
         try:
             c = store.weighting_curves(run)
         except ValueError as e:
             raise CLIError(f"--results: {e}") from None
-        curves[run.config.get("scheme", label)] = {"task_losses": c["task_losses"], "weights": c["weights"]}
+        # One column per run: a scheme that several runs share is told apart by the run's folder.
+        key = scheme if schemes.count(scheme) == 1 else f"{scheme} ({label})"
+        curves[key] = {"task_losses": c["task_losses"], "weights": c["weights"]}
         x = c["x"] if x is None else x
         task_names = task_names or run.config.get("tasks")
     try:

@@ -145,8 +145,8 @@ def columns_from_records(records: Iterable[Mapping]) -> dict[str, np.ndarray]:
         except (TypeError, ValueError):
             out[field] = np.array(values, dtype=object)
         if field in ("round", "step", "seed", "bytes") and out[field].dtype == float \
-                and np.all(np.isfinite(out[field])):
-            out[field] = out[field].astype(np.int64)
+                and np.all(np.isfinite(out[field])) and np.all(out[field] == np.round(out[field])):
+            out[field] = out[field].astype(np.int64)  # integral values only: steps may be window centres (9.5)
     return out
 
 
