@@ -22,13 +22,7 @@ number, an output that exists without ``--resume``/``--overwrite``), reported on
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
-import datetime
-import json
-import math
 import os
-import platform
 import sys
 import textwrap
 import time
@@ -67,16 +61,18 @@ class CLIError(Exception):
 
 # ----------------------------------------------------------------------------- argument types
 
-def _number(text, *, kind=float, low=None, strict=False, what="a number"):
+def _number(text, *, kind=float, low=0.0):
+    """``text`` parsed as ``kind`` and checked by :mod:`mtl_jax.validation` (argparse adds the option name)."""
+    from mtl_jax.validation import check_int, check_real
+
     try:
         value = kind(text)
     except (TypeError, ValueError):
-        raise argparse.ArgumentTypeError(f"invalid {what}: {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-    if low is not None and (value <= low if strict else value < low):
-        raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"invalid {'integer' if kind is int else 'number'}: {text!r}") from None
+    try:
+        return check_int("value", value, low=low) if kind is int else check_real("value", value, low=low)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("value: ")) from None
 
 
 def _nonneg_float(text):
@@ -84,11 +80,11 @@ def _nonneg_float(text):
 
 
 def _positive_int(text):
-    return _number(text, kind=int, low=1, what="integer")
+    return _number(text, kind=int, low=1)
 
 
 def _nonneg_int(text):
-    return _number(text, kind=int, low=0, what="integer")
+    return _number(text, kind=int, low=0)
 
 
 def _samples(text):
@@ -243,7 +239,6 @@ def cmd_fit(args) -> int:
     if not args.no_compile_cache:
         mtl_jax.enable_compilation_cache()
     from mtl_jax.data import add_intercept, center_by_task, load, validate_lams
-    from mtl_jax.losses import get_loss
 
     started = time.perf_counter()
     started_at = store.now()
