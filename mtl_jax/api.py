@@ -1,12 +1,13 @@
 """The public entry points ``mtl_jax.fit`` and ``mtl_jax.objective`` (docs/architecture.md, section 5)."""
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 import jax.numpy as jnp
 import numpy as np
 
 from mtl_jax import names
-from mtl_jax.data.sites import to_sites
+from mtl_jax.data.sites import pack_sites, to_sites
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
 from mtl_jax.solvers import centralized
 from mtl_jax.solvers.base import check_options, history_columns
@@ -111,11 +112,12 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
         solver_options["inner_max_iter"] = check_int("inner_max_iter", solver_options["inner_max_iter"],
                                                      low=1, high=2**31)
 
-    sites = to_sites(X, y, task, num_tasks=m)
+    sites = pack_sites(X, y, task, m)  # validated above: no second check
     if alpha0 is not None:
         alpha0 = _dual_start(alpha0, y, task, loss, np.asarray(sites.index))
     out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
-                            max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps, **solver_options)
+                            max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps, data_key=_data_key(X, task, m),
+                            **solver_options)
     alpha = np.zeros(len(y), dtype=out.alpha.dtype)
     index = np.asarray(sites.index)
     alpha[index[index >= 0]] = out.alpha[index >= 0]
@@ -125,6 +127,19 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     return FitResult(W=out.W, omega=out.omega, history=out.history, objective=out.objective,
                      gap=out.gap, converged=out.converged, iterations=out.iterations, config=config,
                      alpha=alpha, compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)
+
+
+def _data_key(X, task, m):
+    """A fingerprint of the grouped features, so that fits of the same data reuse the step size's ``lmax``.
+
+    ``lmax`` depends on ``X`` and ``task`` only (not on ``y``, lam1, lam2 or the loss): the key hashes
+    ``X @ r`` for a fixed random ``r`` (one pass at the matrix-vector rate; any change of a row
+    changes its product with probability one) together with ``task``, the shape and the dtype.
+    """
+    r = np.random.default_rng(0x5EED).uniform(0.5, 1.5, X.shape[1]).astype(X.dtype)
+    digest = hashlib.blake2b(np.ascontiguousarray(X @ r).tobytes(), digest_size=16)
+    digest.update(np.ascontiguousarray(task).tobytes())
+    return (X.shape, str(X.dtype), m, digest.hexdigest())
 
 
 def _dual_start(alpha0, y, task, loss, index):

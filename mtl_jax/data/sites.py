@@ -101,6 +101,40 @@ def to_sites(X, y, task, num_tasks=None, n_max=None) -> Sites:
       ``counts`` (m,). Samples keep their original relative order within each site.
     """
     X, y, task, m = validate_dataset(X, y, task, num_tasks=num_tasks)
+    return pack_sites(X, y, task, m, n_max)
+
+
+def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised array whose data start on an ``align``-byte boundary.
+
+    ``jax.device_put`` of a 64-byte aligned NumPy array on the CPU shares its memory instead of
+    copying it: the padded ``X`` is then written once, by the packing, and never copied again.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    raw = np.empty(nbytes + align, np.uint8)
+    offset = (-raw.ctypes.data) % align
+    return raw[offset:offset + nbytes].view(dtype).reshape(shape)
+
+
+def _device(a: np.ndarray) -> jax.Array:
+    """``a`` on the default device; shares the memory of an aligned array on the CPU (see :func:`_aligned_empty`).
+
+    The caller gives up ``a``: it must not be written afterwards.
+    """
+    if not jax.config.jax_enable_x64 and a.dtype.itemsize > 4:
+        return jnp.asarray(a)  # stored as float32 / int32: a conversion, so a copy anyway
+    return jax.device_put(a)
+
+
+def pack_sites(X, y, task, m: int, n_max=None) -> Sites:
+    """:func:`to_sites` on data that :func:`~mtl_jax.validation.validate_dataset` has already checked.
+
+    X (N, d) float, y (N,), task (N,) int64 with every id in 0..m-1 present. One pass writes ``X``
+    into the padded (m, n_max, d) layout (no intermediate ``X[order]`` copy), into memory that the
+    device array then shares; when the rows are already grouped by task with equal counts that
+    pass is a plain copy.
+    """
     n, d = X.shape
     counts = np.bincount(task, minlength=m)
     largest = int(counts.max())
@@ -113,21 +147,30 @@ def to_sites(X, y, task, num_tasks=None, n_max=None) -> Sites:
         if n_max < largest:
             raise ValueError(f"n_max: {n_max} is smaller than the largest task ({largest} samples)")
 
-    order = np.argsort(task, kind="stable")             # rows grouped by task, original order kept
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    sorted_task = task[order]
-    slot = np.arange(n) - starts[sorted_task]           # position of each row inside its site
-
-    Xs = np.zeros((m, n_max, d), dtype=X.dtype)
-    ys = np.zeros((m, n_max), dtype=X.dtype)
-    mask = np.zeros((m, n_max), dtype=X.dtype)
-    index = np.full((m, n_max), -1, dtype=np.int64)
-    Xs[sorted_task, slot] = X[order]
-    ys[sorted_task, slot] = y[order]
-    mask[sorted_task, slot] = 1
-    index[sorted_task, slot] = order
+    Xs = _aligned_empty((m, n_max, d), X.dtype)
+    grouped = n == m * n_max and bool(np.all(task[1:] >= task[:-1]))  # sorted ids, every task n_max rows
+    if grouped:
+        index = np.arange(n, dtype=np.int64).reshape(m, n_max)
+        np.copyto(Xs.reshape(n, d), X)
+        ys = y.reshape(m, n_max).copy()
+        mask = np.ones((m, n_max), dtype=X.dtype)
+    else:
+        order = np.argsort(task, kind="stable")             # rows grouped by task, original order kept
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        sorted_task = task[order]
+        slot = np.arange(n) - starts[sorted_task]           # position of each row inside its site
+        index = np.full((m, n_max), -1, dtype=np.int64)
+        index[sorted_task, slot] = order
+        flat = index.reshape(-1)
+        real = flat >= 0
+        # Gather straight into the padded array; mode="clip" keeps np.take from buffering ``out``
+        # (every index is valid: padding slots read row 0 and are zeroed next).
+        np.take(X, np.where(real, flat, 0), axis=0, out=Xs.reshape(m * n_max, d), mode="clip")
+        Xs.reshape(m * n_max, d)[~real] = 0
+        ys = np.where(real, y[np.where(real, flat, 0)], 0).astype(X.dtype).reshape(m, n_max)
+        mask = real.astype(X.dtype).reshape(m, n_max)
     return Sites(
-        X=jnp.asarray(Xs),
+        X=_device(Xs),
         y=jnp.asarray(ys),
         mask=jnp.asarray(mask),
         counts=jnp.asarray(counts.astype(np.int64)),

@@ -16,8 +16,10 @@ The solver-neutral pieces (history rows, the output, the compiled-program cache)
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +29,7 @@ from mtl_jax import names
 from mtl_jax.losses import get_loss
 from mtl_jax.mtrl import DEFAULT_EPS, TraceNormSq, omega_factored
 from mtl_jax.solvers.alternating import alternation
-from mtl_jax.solvers.apg import dual_apg, dual_lipschitz, gram_lmax, primal_apg, primal_lipschitz
+from mtl_jax.solvers.apg import dual_apg, dual_lipschitz, gram_lmax_bound, primal_apg, primal_lipschitz
 from mtl_jax.solvers.base import (
     HistoryRecord,
     SolveOutput,
@@ -50,7 +52,7 @@ def apg_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, *, loss, dua
     Args:
       sites: padded per-site data. W0: (m, d) primal start; alpha0: (m, n_max) dual start.
       lam1, lam2, tol, max_iter: traced scalars (a new value does not compile again).
-      lmax: (m,) ``lambda_max(X_t^T X_t)`` per site (:func:`~mtl_jax.solvers.apg.gram_lmax`).
+      lmax: (m,) ``lambda_max(X_t^T X_t)`` per site or an upper bound (:func:`~mtl_jax.solvers.apg.gram_lmax_bound`).
       loss: a loss name; dual: ascend the dual (needed for hinge); history_size: length of the
         recorded history, at least ``max_iter`` (:func:`~mtl_jax.solvers.base.history_capacity`).
 
@@ -65,12 +67,74 @@ def apg_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, *, loss, dua
                       tol=tol, max_iter=max_iter, history_size=history_size)
 
 
-site_lmax = jax.jit(gram_lmax)
+#: ``lambda_max(X_t^T X_t)`` per site (an upper bound, :func:`~mtl_jax.solvers.apg.gram_lmax_bound`), compiled.
+site_lmax = jax.jit(gram_lmax_bound)
 factored_omega = jax.jit(omega_factored)
 
 
+class APGSolution(NamedTuple):
+    """What :func:`solve_program` hands back to the host: the certified point and its history, nothing more.
+
+    (The loop's full state, with its extrapolated point and stored margins, stays on the device.)
+    """
+
+    W: jax.Array           # (m, d)
+    alpha: jax.Array       # (m, n_max)
+    omega: object          # SpectralMatrix of W
+    objectives: jax.Array  # (history_size,)
+    gaps: jax.Array        # (history_size,)
+    objective: jax.Array   # ()
+    gap: jax.Array         # ()
+    converged: jax.Array   # () bool
+    iterations: jax.Array  # () int
+    lmax: jax.Array        # (m,) the step sizes' lambda_max, for reuse on the same data
+
+
+@partial(jax.jit, static_argnames=("loss", "dual", "history_size"))
+def solve_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, eps, *, loss, dual, history_size):
+    """One compiled program for a whole APG solve: the step size's ``lmax`` (when None), the loop, Omega.
+
+    One program rather than three (``site_lmax``, ``apg_program``, ``factored_omega``): a first fit in a
+    new process compiles (or loads from the persistent cache) once. Arguments as :func:`apg_program`,
+    plus ``eps`` (traced), the Omega-step's relative floor. Returns an :class:`APGSolution`.
+    """
+    lmax = gram_lmax_bound(sites.X) if lmax is None else lmax
+    res = apg_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, loss=loss, dual=dual,
+                      history_size=history_size)
+    s = res.state
+    return APGSolution(s.W, s.alpha, omega_factored(s.W, eps), res.objectives, res.gaps, s.objective, s.gap,
+                       res.converged, s.iteration, lmax)
+
+
+_blas = {"controller": None}
+
+
+def one_blas_thread():
+    """A context in which the BLAS/LAPACK libraries loaded in the process (OpenBLAS) use one thread.
+
+    The compiled programs call LAPACK (``eigh`` of the d x d Gram matrix, twice per APG iteration)
+    from XLA's own threads; a multi-threaded OpenBLAS then competes with XLA for the cores and, on a
+    small shared machine, spins: a 100 x 100 ``eigh`` took ~100 ms instead of ~1 ms on 2 cores. The
+    small factorisations gain nothing from threads. A no-op without ``threadpoolctl``.
+    """
+    if _blas["controller"] is None:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            return contextlib.nullcontext()
+        controller = ThreadpoolController()
+        if not controller.select(user_api="blas").lib_controllers:
+            return contextlib.nullcontext()  # LAPACK not loaded yet: look again next time
+        _blas["controller"] = controller
+    return _blas["controller"].limit(limits=1, user_api="blas")
+
+
+_LMAX_CACHE: dict = {}
+_LMAX_CACHE_SIZE = 8
+
+
 def solve(sites, *, lam1, lam2, loss="squared", method="apg", tol=1e-6, max_iter=None, W0=None,
-          alpha0=None, eps=DEFAULT_EPS, lmax=None, **options) -> SolveOutput:
+          alpha0=None, eps=DEFAULT_EPS, lmax=None, data_key=None, **options) -> SolveOutput:
     """Minimise J on ``sites`` (a :class:`mtl_jax.data.Sites`); inputs are assumed validated.
 
     Args:
@@ -81,9 +145,11 @@ def solve(sites, *, lam1, lam2, loss="squared", method="apg", tol=1e-6, max_iter
       max_iter: iterations (APG, default 5000) or alternations (default 100); traced.
       W0: (m, d) warm start for the primal methods; ``alpha0`` (m, n_max) for the dual ones.
       eps: relative eigenvalue floor of the Omega-step.
-      lmax: (m,) ``lambda_max(X_t^T X_t)`` per site, when already known (it sets the step sizes;
-        computing it costs a few passes over the data, so a caller fitting the same data again can
-        pass the ``lmax`` of the first solve, see :func:`site_lmax`).
+      lmax: (m,) ``lambda_max(X_t^T X_t)`` per site (or an upper bound), when already known (it sets
+        the step sizes; computing it costs a pass over the data and some small matrix products, see
+        :func:`site_lmax`).
+      data_key: a hashable fingerprint of the data (``mtl_jax.fit`` passes one): solves with the same
+        key reuse the ``lmax`` of the first (kept for the last few keys).
       **options: ``inner_tol`` (default 1e-10) and ``inner_max_iter`` (default 2000), the
         alternation's W-step accuracy (:data:`OPTIONS`).
     """
@@ -97,32 +163,48 @@ def solve(sites, *, lam1, lam2, loss="squared", method="apg", tol=1e-6, max_iter
     alpha0 = jnp.zeros((m, n_max), dtype) if alpha0 is None else jnp.asarray(alpha0, dtype)
     lam1 = jnp.asarray(lam1, dtype)
     lam2 = jnp.asarray(lam2, dtype)
-    lmax = site_lmax(sites.X) if lmax is None else jnp.asarray(lmax, dtype)
+    if lmax is None and data_key is not None:
+        lmax = _LMAX_CACHE.get(data_key)
+    elif lmax is not None:
+        lmax = jnp.asarray(lmax, dtype)
     kind = "alternating" if method == "alternating" else "apg"
     max_iter = DEFAULT_MAX_ITER[kind] if max_iter is None else int(max_iter)
 
     if method == "alternating":
-        return _alternate(sites, W0, alpha0, lam1, lam2, lmax, loss_.name, tol, max_iter, eps,
-                          options.get("inner_tol", 1e-10), options.get("inner_max_iter", 2000))
+        with one_blas_thread():
+            lmax = site_lmax(sites.X) if lmax is None else lmax
+            _remember_lmax(data_key, lmax)
+            return _alternate(sites, W0, alpha0, lam1, lam2, lmax, loss_.name, tol, max_iter, eps,
+                              options.get("inner_tol", 1e-10), options.get("inner_max_iter", 2000))
 
     dual = method == "apg_dual" or (method == "apg" and loss_.curvature is None)
     if method == "apg_primal" and loss_.curvature is None:
         raise ValueError(f"method: 'apg_primal' needs a smooth loss; loss {loss_.name!r} is not (use 'apg_dual')")
-    args = (sites, W0, alpha0, lam1, lam2, lmax, jnp.asarray(tol, dtype), jnp.asarray(max_iter, jnp.int32))
+    args = (sites, W0, alpha0, lam1, lam2, lmax, jnp.asarray(tol, dtype), jnp.asarray(max_iter, jnp.int32),
+            jnp.asarray(eps, dtype))
     static = dict(loss=loss_.name, dual=dual, history_size=history_capacity(max_iter))
-    program, compile_seconds = compiled(apg_program, args, static)
+    program, compile_seconds = compiled(solve_program, args, static)
     t1 = time.perf_counter()
-    res = jax.block_until_ready(program(*args))
+    with one_blas_thread():
+        res = jax.block_until_ready(program(*args))
     t2 = time.perf_counter()
-    its = int(res.state.iteration)
+    _remember_lmax(data_key, res.lmax)
+    its = int(res.iterations)
     per_iter = (t2 - t1) / max(its, 1)
     objs, gaps = np.asarray(res.objectives), np.asarray(res.gaps)
     history = tuple(HistoryRecord(k + 1, float(objs[k]), float(gaps[k]), 0, per_iter * (k + 1))
                     for k in range(its))
-    W = np.asarray(res.state.W)
-    omega = numpy_tree(factored_omega(res.state.W, jnp.asarray(eps, dtype)))
-    return SolveOutput(W, omega, np.asarray(res.state.alpha), history, float(res.state.objective),
-                       float(res.state.gap), bool(res.converged), its, compile_seconds, t2 - t1)
+    return SolveOutput(np.asarray(res.W), numpy_tree(res.omega), np.asarray(res.alpha), history,
+                       float(res.objective), float(res.gap), bool(res.converged), its, compile_seconds, t2 - t1)
+
+
+def _remember_lmax(data_key, lmax):
+    if data_key is None:
+        return
+    _LMAX_CACHE.pop(data_key, None)
+    if len(_LMAX_CACHE) >= _LMAX_CACHE_SIZE:
+        _LMAX_CACHE.pop(next(iter(_LMAX_CACHE)))  # the oldest
+    _LMAX_CACHE[data_key] = lmax
 
 
 def _alternate(sites, W, alpha, lam1, lam2, lmax, loss, tol, max_iter, eps, inner_tol, inner_max_iter):
