@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.losses import Loss, dual_prox, get_loss
-from mtl_jax.data.sites import feature_sums, margins, sample_weights
+from mtl_jax.data.sites import feature_sums, margins, margins_and_feature_sums, sample_weights
 from mtl_jax.mtrl import dual_objective, empirical_loss
 
 
@@ -44,20 +44,37 @@ class APGState(NamedTuple):
     gap: jax.Array        # () F(W) - D(alpha) >= 0
     iteration: jax.Array  # () int
     restarts: jax.Array   # () int
-    carry: "PrimalCarry | None" = None  # the primal method's stored margins and gradients; None for the dual
+    carry: "PrimalCarry | None" = None  # the primal method's stored margins, gradients, previous point; None for the dual
 
 
 class PrimalCarry(NamedTuple):
     """What the primal method keeps between iterations so that it passes over the data only once each way.
 
-    Margins are linear in ``W``, and so is the gradient of a quadratic loss: the extrapolated point's
-    margins (and, for squared loss, its gradient) are combined from stored ones instead of recomputed.
+    The extrapolated point ``z = x + beta (x - prev)`` is never stored: margins are linear in ``W``, and
+    so is the gradient of a quadratic loss, so ``z``'s margins (and, for squared loss, its gradient)
+    are the same combination of stored ones, formed where they are used. Keeping the previous point
+    instead of ``z`` makes the restart's bookkeeping one select per array instead of two (``prev`` is
+    the old ``x`` whether the step is accepted or not; a rejected step sets ``beta = 0``).
     """
 
-    z_margins: jax.Array  # (m, n_max) margins of the extrapolated point z
-    z_grad: jax.Array     # (m, d) loss gradient at z
-    x_margins: jax.Array  # (m, n_max) margins of the current iterate x
-    x_grad: jax.Array     # (m, d) loss gradient at x
+    x_margins: jax.Array     # (m, n_max) margins of the current iterate x
+    x_grad: jax.Array        # (m, d) loss gradient at x
+    prev: jax.Array          # (m, d) the iterate before x
+    prev_margins: jax.Array  # (m, n_max) its margins
+    prev_grad: jax.Array     # (m, d) its loss gradient
+    beta: jax.Array          # () momentum weight of the next extrapolation (0 after a restart)
+
+
+class _PrimalLoop(NamedTuple):
+    """The primal loop's state: F(W) is both the monotone value and the certified objective."""
+
+    x: jax.Array          # (m, d) current iterate, the certified W
+    t: jax.Array          # () FISTA momentum parameter
+    objective: jax.Array  # () F(x)
+    gap: jax.Array        # () certificate of x
+    iteration: jax.Array  # () int
+    restarts: jax.Array   # () int
+    carry: PrimalCarry
 
 
 class APGResult(NamedTuple):
@@ -242,28 +259,43 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000, hist
     a0 = margins(W0, X)
     g0 = gradient(a0)
     inf = jnp.asarray(jnp.inf, W0.dtype)
-    init = APGState(W0, W0, jnp.ones((), W0.dtype), inf, W0, jnp.zeros_like(sites.y), inf, inf,
-                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), carry=PrimalCarry(a0, g0, a0, g0))
+    zero = jnp.zeros((), W0.dtype)
+    init = _PrimalLoop(W0, jnp.ones((), W0.dtype), inf, inf, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
+                       PrimalCarry(a0, g0, W0, a0, g0, zero))
 
-    def step(s: APGState) -> APGState:
-        aZ, gZ, aW, gW = s.carry
-        W_new, reg_new = reg.prox(s.z - step_size * gZ, step_size)
-        a_new = margins(W_new, X)
-        g_new = gradient(a_new)
-        obj_new, gap_new, alpha_new = _primal_certificate(W_new, a_new, g_new, sites, loss, reg, reg_new)
-        advanced, worse, beta = _advance(s, W_new, obj_new, W_new, alpha_new, obj_new, gap_new)
+    def step(s: _PrimalLoop) -> _PrimalLoop:
+        aW, gW, prev, a_prev, g_prev, beta = s.carry
+        z = s.x + beta * (s.x - prev)
+        if loss.linear_derivative:
+            gZ = gW + beta * (gW - g_prev)
+        else:
+            gZ = gradient(aW + beta * (aW - a_prev))
+        W_new, reg_new = reg.prox(z - step_size * gZ, step_size)
+        a_new, g_new = margins_and_feature_sums(W_new, X, lambda a, y, c: c * loss.derivative(y, a), sites.y, c)
+        obj_new, gap_new, _ = _primal_certificate(W_new, a_new, g_new, sites, loss, reg, reg_new)
+        worse = _increased(obj_new, s.objective)
+        t_next, beta_next = _momentum(s.t)
 
         def keep(new, old):
             return jnp.where(worse, old, new)
 
-        aZ_next = keep(a_new + beta * (a_new - aW), aW)
-        if loss.linear_derivative:
-            gZ_next = keep(g_new + beta * (g_new - gW), gW)
-        else:
-            gZ_next = gradient(aZ_next)
-        return advanced._replace(carry=PrimalCarry(aZ_next, gZ_next, keep(a_new, aW), keep(g_new, gW)))
+        return _PrimalLoop(
+            x=keep(W_new, s.x),
+            t=jnp.where(worse, jnp.ones_like(s.t), t_next),
+            objective=keep(obj_new, s.objective),
+            gap=keep(gap_new, s.gap),
+            iteration=s.iteration + 1,
+            restarts=s.restarts + worse.astype(jnp.int32),
+            carry=PrimalCarry(keep(a_new, aW), keep(g_new, gW), s.x, aW, gW, jnp.where(worse, zero, beta_next)),
+        )
 
-    return _loop(step, init, max_iter, tol, max_iter if history_size is None else history_size)
+    res = _loop(step, init, max_iter, tol, max_iter if history_size is None else history_size)
+    s = res.state
+    aW, _, prev, _, _, beta = s.carry
+    alpha = loss.primal_to_dual(sites.y, aW, c) * sites.mask  # the certificate's dual point of x
+    state = APGState(s.x, s.x + beta * (s.x - prev), s.t, s.objective, s.x, alpha, s.objective, s.gap,
+                     s.iteration, s.restarts, s.carry)
+    return res._replace(state=state)
 
 
 def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, history_size=None) -> APGResult:

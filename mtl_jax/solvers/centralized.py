@@ -37,6 +37,7 @@ from mtl_jax.solvers.base import (
     compiled,
     history_capacity,
     numpy_tree,
+    register_exportable,
 )
 
 METHODS = names.METHODS
@@ -90,15 +91,20 @@ class APGSolution(NamedTuple):
     lmax: jax.Array        # (m,) the step sizes' lambda_max, for reuse on the same data
 
 
+register_exportable(APGSolution)  # so that the persistent layer of ``compiled`` can store solve_program
+
 @partial(jax.jit, static_argnames=("loss", "dual", "history_size"))
-def solve_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, eps, *, loss, dual, history_size):
-    """One compiled program for a whole APG solve: the step size's ``lmax`` (when None), the loop, Omega.
+def solve_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, eps, lmax_known, *, loss, dual,
+                  history_size):
+    """One compiled program for a whole APG solve: the step size's ``lmax`` (when unknown), the loop, Omega.
 
     One program rather than three (``site_lmax``, ``apg_program``, ``factored_omega``): a first fit in a
-    new process compiles (or loads from the persistent cache) once. Arguments as :func:`apg_program`,
-    plus ``eps`` (traced), the Omega-step's relative floor. Returns an :class:`APGSolution`.
+    new process compiles (or loads from the persistent cache) once, and a later fit that knows
+    ``lmax`` runs the same program (``lmax_known``, a traced bool, skips its computation). Arguments
+    as :func:`apg_program`, plus ``eps`` (traced), the Omega-step's relative floor. Returns an
+    :class:`APGSolution`.
     """
-    lmax = gram_lmax_bound(sites.X) if lmax is None else lmax
+    lmax = jax.lax.cond(lmax_known, lambda X: lmax, gram_lmax_bound, sites.X)
     res = apg_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, loss=loss, dual=dual,
                       history_size=history_size)
     s = res.state
@@ -180,8 +186,10 @@ def solve(sites, *, lam1, lam2, loss="squared", method="apg", tol=1e-6, max_iter
     dual = method == "apg_dual" or (method == "apg" and loss_.curvature is None)
     if method == "apg_primal" and loss_.curvature is None:
         raise ValueError(f"method: 'apg_primal' needs a smooth loss; loss {loss_.name!r} is not (use 'apg_dual')")
+    known = lmax is not None
+    lmax = jnp.zeros((m,), dtype) if lmax is None else lmax
     args = (sites, W0, alpha0, lam1, lam2, lmax, jnp.asarray(tol, dtype), jnp.asarray(max_iter, jnp.int32),
-            jnp.asarray(eps, dtype))
+            jnp.asarray(eps, dtype), jnp.asarray(known))
     static = dict(loss=loss_.name, dual=dual, history_size=history_capacity(max_iter))
     program, compile_seconds = compiled(solve_program, args, static)
     t1 = time.perf_counter()
