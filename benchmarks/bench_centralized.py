@@ -1,20 +1,33 @@
-"""Centralized MTRL: the fast certified solver against the classic alternation and plain NumPy.
+"""Centralized MTRL: the fast certified solver against the classic alternation and plain NumPy, and at memory speed.
 
-For each problem (Exam: 65 schools; synthetic: m = 1000 tasks, d = 50) it prints, from one run:
-iterations and seconds for the fast solver (JAX, compiled) to reach 1e-4 and 1e-6 relative accuracy of
-J (against an optimum certified to 1e-10 by the duality gap), the same iteration in plain NumPy, the
-accuracy that the alternating scheme reaches in the same time and in a much longer one, the compile
-time on its own, and the ratios. Then the fast solver alone at m = 100,000 tasks with peak memory.
+For each problem (Exam: 65 schools; synthetic: m = 1000 tasks, d = 50; Gaussian: m = 10,000 tasks x 40
+samples, d = 100, X = 320 MB) it prints, from one run:
 
-    python benchmarks/bench_centralized.py            # full run (a few minutes on 2 CPU cores)
-    python benchmarks/bench_centralized.py --quick    # small sizes, seconds: a smoke test
+* iterations and seconds for the fast solver (JAX, compiled) to reach 1e-4 and 1e-6 relative accuracy of
+  J (against an optimum certified to 1e-10 by the duality gap), the same iteration in plain NumPy, the
+  accuracy that the alternating scheme reaches in the same time and in a much longer one (not at the
+  largest size), the compile time on its own, and the ratios;
+* memory speed: the rate at which NumPy streams the flat X (``X @ v``, best of default BLAS threads and one
+  thread), the floor of one iteration (two streams over X at that rate), the milliseconds per iteration
+  of a warm ``mtl_jax.fit`` (the whole call, host work included, divided by its iterations) and the
+  fraction of the floor it reaches (target >= 50 %);
+* in a fresh process per problem: the first ``fit`` (compilation included, no persistent cache) and the
+  peak resident memory against the target 3 x X + 0.6 GiB.
+
+Then the fast solver alone at m = 100,000 tasks with peak memory.
+
+    python benchmarks/bench_centralized.py              # full run (several minutes on 2 CPU cores)
+    python benchmarks/bench_centralized.py --quick      # small sizes, seconds: a smoke test
+    python benchmarks/bench_centralized.py --no-large   # without the m = 10,000 x 40, d = 100 problem
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 
@@ -30,11 +43,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from numpy_apg import numpy_apg_squared  # noqa: E402
 
+import mtl_jax  # noqa: E402
 from mtl_jax.data.school import load_exam  # noqa: E402
 from mtl_jax.data.sites import to_sites  # noqa: E402
 from mtl_jax.data.synthetic import make_clustered_tasks  # noqa: E402
 from mtl_jax.solvers import centralized  # noqa: E402
-from mtl_jax.solvers.apg import gram_lmax, primal_lipschitz  # noqa: E402
+from mtl_jax.solvers.apg import primal_lipschitz  # noqa: E402
 
 LAM1, LAM2 = 0.1, 1.0
 
@@ -79,7 +93,7 @@ def compiled_apg(sites, max_iter):
     return exe, args, time.perf_counter() - t0
 
 
-def bench_problem(name, X, y, task, *, reps, alt_iters):
+def bench_problem(key, name, X, y, task, *, reps, alt_iters):
     sites = to_sites(X, y, task)
     m, n_max, d = sites.X.shape
     print(f"\n## {name}: m = {m} tasks, d = {d}, N = {len(y)} samples (padded to {m} x {n_max})")
@@ -91,7 +105,7 @@ def bench_problem(name, X, y, task, *, reps, alt_iters):
     rows = []
     compile_s = None
     numpy_inputs = [np.asarray(a) for a in (sites.X, sites.y, sites.mask, sites.counts)]
-    lipschitz = float(primal_lipschitz("squared", jax.jit(gram_lmax)(sites.X), sites.counts))
+    lipschitz = float(primal_lipschitz("squared", centralized.site_lmax(sites.X), sites.counts))
     for target in (1e-4, 1e-6):
         k = first_reaching(objs, optimum, target)
         exe, args, c_s = compiled_apg(sites, k)
@@ -104,24 +118,108 @@ def bench_problem(name, X, y, task, *, reps, alt_iters):
         agree = abs(float(res_jax.state.objective) - objs_np[-1]) / optimum
         rows.append((target, k, t_jax, t_np, np_setting, agree))
 
-    alt = centralized.solve(sites, lam1=LAM1, lam2=LAM2, method="alternating", tol=0.0, max_iter=alt_iters)
-    alt_objs = np.array([r.objective for r in alt.history])
-    alt_secs = np.array([r.seconds for r in alt.history])
-    t_fast6 = rows[-1][2]
-    within = alt_secs <= t_fast6
-    acc_same_time = (alt_objs[within].min() - optimum) / optimum if within.any() else float("nan")
-    acc_long = (alt_objs.min() - optimum) / optimum
-
     print(f"compile (fast solver, once per shape): {compile_s:.2f} s")
     print("| target | iterations | JAX s | NumPy s (best setting) | NumPy / JAX | same J (rel diff) |")
     print("|---|---|---|---|---|---|")
     for target, k, t_jax, t_np, setting, agree in rows:
         print(f"| {target:.0e} | {k} | {t_jax:.4f} | {t_np:.4f} ({setting}) | {t_np / t_jax:.2f}x | {agree:.1e} |")
-    print(f"alternating: after {t_fast6:.4f} s (the fast solver's time to 1e-6): "
-          f"{'no alternation finished' if not within.any() else f'{acc_same_time:.2e} above J*'}; "
-          f"after {len(alt_objs)} alternations ({alt_secs[-1]:.2f} s): {acc_long:.2e} above J*; "
-          f"reached 1e-4: {'yes' if acc_long <= 1e-4 else 'no'}")
+    if alt_iters:
+        alt = centralized.solve(sites, lam1=LAM1, lam2=LAM2, method="alternating", tol=0.0, max_iter=alt_iters)
+        alt_objs = np.array([r.objective for r in alt.history])
+        alt_secs = np.array([r.seconds for r in alt.history])
+        t_fast6 = rows[-1][2]
+        within = alt_secs <= t_fast6
+        acc_same_time = (alt_objs[within].min() - optimum) / optimum if within.any() else float("nan")
+        acc_long = (alt_objs.min() - optimum) / optimum
+        print(f"alternating: after {t_fast6:.4f} s (the fast solver's time to 1e-6): "
+              f"{'no alternation finished' if not within.any() else f'{acc_same_time:.2e} above J*'}; "
+              f"after {len(alt_objs)} alternations ({alt_secs[-1]:.2f} s): {acc_long:.2e} above J*; "
+              f"reached 1e-4: {'yes' if acc_long <= 1e-4 else 'no'}")
+    del sites
+    bench_memory_speed(key, X, y, task, reps=reps)
     return rows, compile_s
+
+
+def streaming_rate(X, reps):
+    """NumPy's rate over the flat X (N, d) in bytes/s: ``X @ v``, the best of default BLAS threads and one."""
+    v = np.ones(X.shape[1], X.dtype)
+    seconds, setting = numpy_time(lambda: X @ v, reps)
+    return X.nbytes / seconds, setting
+
+
+def bench_memory_speed(key, X, y, task, *, reps):
+    """A warm ``mtl_jax.fit`` per iteration against two streams over X at NumPy's rate, measured side by side;
+    then the first fit and the peak memory in a fresh process."""
+    X = np.ascontiguousarray(X, dtype=np.float64)
+    mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2)  # compile, and lmax for the data
+    fits, rates, settings = [], [], []
+    for _ in range(reps):  # interleaved, so that both see the same machine
+        t0 = time.perf_counter()
+        res = mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2)
+        fits.append(time.perf_counter() - t0)
+        rate, setting = streaming_rate(X, 3)
+        rates.append(rate)
+        settings.append(setting)
+    per_iter = float(np.median(fits)) / res.iterations
+    rate = max(rates)
+    floor = 2 * X.nbytes / rate
+    if X.nbytes < 100e6:
+        verdict = "fixed per-iteration costs dominate at this size; the target is set at X = 320 MB"
+    else:
+        verdict = f"target >= 50 %: {'met' if floor / per_iter >= 0.5 else 'NOT met'}"
+    print(f"memory speed: NumPy streams X ({X.shape[0]} x {X.shape[1]}, {X.nbytes / 1e6:.0f} MB) at {rate / 1e9:.1f} GB/s "
+          f"({settings[int(np.argmax(rates))]}); floor (two streams over X) {floor * 1e3:.1f} ms; warm fit "
+          f"{np.median(fits):.3f} s for {res.iterations} iterations = {per_iter * 1e3:.1f} ms per iteration "
+          f"(host work included) = {floor / per_iter:.0%} of the floor ({verdict})")
+    child = fresh_process_fit(key)
+    limit = 3 * X.nbytes / 2**30 + 0.6
+    print(f"fresh process: first fit {child['first_fit_s']:.2f} s (compile {child['compile_s']:.2f} s, no persistent "
+          f"cache); peak RSS {child['peak_gib']:.2f} GiB (data in that process: {child['data_gib']:.2f} GiB) against "
+          f"3 X + 0.6 GiB = {limit:.2f} GiB: {'met' if child['peak_gib'] <= limit else 'NOT met'}")
+
+
+# --- the problems, by name (a fresh process rebuilds one to measure its first fit and peak memory) ---
+
+def gaussian_tasks(m, n, d, seed=0):
+    """m tasks of n Gaussian samples in d dimensions, rows grouped by task; y = <w_t, x> + noise.
+    Built without (N, d) temporaries besides X itself, so that peak memory measures the solver."""
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((m * n, d))
+    W = rng.standard_normal((m, d))
+    y = np.einsum("tnd,td->tn", X.reshape(m, n, d), W).reshape(-1) + 0.1 * rng.standard_normal(m * n)
+    return X, y, np.repeat(np.arange(m), n)
+
+
+def problem(name):
+    if name == "exam":
+        X, y, task, _ = load_exam()
+        return "Exam (school data)", X, y, task
+    if name.startswith("synthetic"):
+        m, d = (100, 10) if name == "synthetic-quick" else (1000, 50)
+        X, y, task, _ = make_clustered_tasks(m, d, num_clusters=5, samples_per_task=(10, 50), noise=0.5, seed=0)
+        return f"synthetic m = {m}, d = {d}", X, y, task
+    if name == "gaussian":
+        X, y, task = gaussian_tasks(10_000, 40, 100)
+        return "Gaussian m = 10000, n = 40, d = 100", X, y, task
+    raise ValueError(name)
+
+
+def fresh_process_fit(key):
+    """First fit of problem ``key`` in a new Python process: seconds, compile seconds, peak RSS (GiB)."""
+    env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")  # no persistent cache: a true first fit
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", key], env=env,
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(key):
+    _, X, y, task = problem(key)
+    data_gib = (X.nbytes + y.nbytes + task.nbytes) / 2**30
+    t0 = time.perf_counter()
+    res = mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2)
+    first = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print(json.dumps(dict(first_fit_s=first, compile_s=res.compile_seconds, peak_gib=peak, data_gib=data_gib)))
 
 
 def bench_many_tasks(m, d, n):
@@ -143,18 +241,25 @@ def bench_many_tasks(m, d, n):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke test")
+    parser.add_argument("--no-large", action="store_true", help="skip the m = 10,000 x 40, d = 100 problem")
     parser.add_argument("--many-tasks", type=int, default=100_000, help="m of the large run (0 skips it)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: first fit and peak memory of one problem
     args = parser.parse_args()
+    if args.child:
+        return child(args.child)
 
     print(f"# bench_centralized  {time.strftime('%Y-%m-%d %H:%M')}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}, "
           f"numpy {np.__version__}; float64; lam1 = {LAM1}, lam2 = {LAM2}, squared loss")
     reps = 3 if args.quick else 7
-    X, y, task, _ = load_exam()
-    bench_problem("Exam (school data)", X, y, task, reps=reps, alt_iters=30 if args.quick else 300)
-    m, d = (100, 10) if args.quick else (1000, 50)
-    X, y, task, _ = make_clustered_tasks(m, d, num_clusters=5, samples_per_task=(10, 50), noise=0.5, seed=0)
-    bench_problem(f"synthetic m = {m}, d = {d}", X, y, task, reps=reps, alt_iters=10 if args.quick else 40)
+    keys = ["exam", "synthetic-quick" if args.quick else "synthetic"]
+    if not (args.quick or args.no_large):
+        keys.append("gaussian")
+    alt_iters = {"exam": 30 if args.quick else 300, "synthetic-quick": 10, "synthetic": 40, "gaussian": 0}
+    for key in keys:
+        name, X, y, task = problem(key)
+        bench_problem(key, name, X, y, task, reps=3 if key == "gaussian" else reps, alt_iters=alt_iters[key])
+        del X, y, task
     if args.many_tasks:
         bench_many_tasks(1000 if args.quick else args.many_tasks, 10 if args.quick else 50, 10)
 
