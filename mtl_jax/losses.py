@@ -31,7 +31,9 @@ from typing import Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-LOSSES = ("squared", "hinge", "logistic")
+from mtl_jax import names
+
+LOSSES = names.LOSSES
 
 _NEWTON_STEPS = 40  # rtsafe steps of the logistic coordinate step: Newton's rate, bisection's guarantee
 
@@ -177,12 +179,15 @@ _REGISTRY = {
 }
 
 
+assert tuple(_REGISTRY) == LOSSES, "mtl_jax.names.LOSSES and the loss registry disagree"
+
+
 def get_loss(name: str | Loss) -> Loss:
     """The :class:`Loss` called ``name`` (one of :data:`LOSSES`); a :class:`Loss` passes through."""
     if isinstance(name, Loss):
         return name
     if name not in _REGISTRY:
-        raise ValueError(f"loss must be one of {LOSSES}, got {name!r}")
+        raise ValueError(f"loss: must be one of {LOSSES}, got {name!r}")
     return _REGISTRY[name]
 
 
