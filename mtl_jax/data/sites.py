@@ -80,38 +80,6 @@ def feature_sums(coef, X):
     return jnp.einsum("tn,tnd->td", coef, X)
 
 
-def _block_size(m: int, largest: int = 8) -> int:
-    """The largest divisor of ``m`` up to ``largest``: sites per block of :func:`margins_and_feature_sums`."""
-    return max(b for b in range(1, min(largest, m) + 1) if m % b == 0)
-
-
-def margins_and_feature_sums(W, X, coef, *rows):
-    """``a = margins(W, X)`` and ``feature_sums(coef(a, *rows), X)`` in one pass over ``X``.
-
-    W (m, d), X (m, n_max, d), ``rows`` (m, n_max) arrays that ``coef`` (elementwise) also reads
-    (targets, weights). Returns (a (m, n_max), sums (m, d)). A few sites at a time, so that a block
-    of ``X`` is still in cache for the backward product: one stream over ``X`` instead of two. On
-    a CPU this beats the two whole-array contractions by ~20 % (XLA runs batched matrix-vector
-    products on one thread, at about half the memory rate; docs/mathematics.md, section 3 for the
-    iteration). When ``m`` has no divisor between 2 and 8 it falls back to the two contractions.
-    """
-    m, n, d = X.shape
-    b = _block_size(m)
-    if b == 1:
-        a = margins(W, X)
-        return a, feature_sums(coef(a, *rows), X)
-
-    def block(args):
-        Xb, Wb, *rb = args
-        ab = margins(Wb, Xb)
-        return ab, feature_sums(coef(ab, *rb), Xb)
-
-    k = m // b
-    blocks = (X.reshape(k, b, n, d), W.reshape(k, b, d)) + tuple(r.reshape(k, b, n) for r in rows)
-    a, sums = jax.lax.map(block, blocks)
-    return a.reshape(m, n), sums.reshape(m, d)
-
-
 def sample_weights(sites: Sites):
     """Per-sample weights ``c_t = 1 / n_t`` (each task's loss is a mean), zero at padding: (m, n_max)."""
     return sites.mask / jnp.maximum(sites.counts, 1).astype(sites.mask.dtype)[:, None]

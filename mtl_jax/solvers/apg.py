@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.losses import Loss, dual_prox, get_loss
-from mtl_jax.data.sites import feature_sums, margins, margins_and_feature_sums, sample_weights
+from mtl_jax.data.sites import feature_sums, margins, sample_weights
 from mtl_jax.mtrl import dual_objective, empirical_loss
 
 
@@ -271,7 +271,8 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000, hist
         else:
             gZ = gradient(aW + beta * (aW - a_prev))
         W_new, reg_new = reg.prox(z - step_size * gZ, step_size)
-        a_new, g_new = margins_and_feature_sums(W_new, X, lambda a, y, c: c * loss.derivative(y, a), sites.y, c)
+        a_new = margins(W_new, X)
+        g_new = gradient(a_new)
         obj_new, gap_new, _ = _primal_certificate(W_new, a_new, g_new, sites, loss, reg, reg_new)
         worse = _increased(obj_new, s.objective)
         t_next, beta_next = _momentum(s.t)
