@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import textwrap
 import time
@@ -220,13 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _read_npz(path, what):
     """All arrays of the ``.npz`` at ``path`` (no pickle), or a :class:`CLIError` naming ``what``."""
+    from mtl_jax.data.io import read_npz
+
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
+        return read_npz(path)
     except FileNotFoundError:
         raise CLIError(f"{what}: {path} does not exist") from None
-    except Exception as e:  # not a zip, truncated, object arrays, ...
-        raise CLIError(f"{what}: cannot read {path} ({type(e).__name__}: {e})") from None
+    except ValueError as e:
+        raise CLIError(f"{what}: {e}") from None
 
 
 def cmd_fit(args) -> int:
@@ -523,6 +525,36 @@ def cmd_plot(args) -> int:
 
 # ----------------------------------------------------------------------------- entry point
 
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+def _value_options(parser) -> set[str]:
+    """Every option string, in any sub-command, that takes exactly one value."""
+    found = set()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                found |= _value_options(sub)
+        elif action.option_strings and action.nargs is None and action.const is None:
+            found.update(action.option_strings)
+    return found
+
+
+def _attach_negative_numbers(parser, argv: list[str]) -> list[str]:
+    """``--tol -1e-6`` -> ``--tol=-1e-6``: argparse takes ``-1e-6`` for an option and reports "expected one
+    argument" instead of the range check; attached, the value reaches the check ("must be >= 0")."""
+    options = _value_options(parser)
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in options and i + 1 < len(argv) and _NUMBER.match(argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv=None) -> int:
     """Run the command line on ``argv`` (default ``sys.argv[1:]``) and return the exit code.
 
@@ -532,7 +564,7 @@ def main(argv=None) -> int:
     """
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_attach_negative_numbers(parser, sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as e:  # --help, --version (0) and usage errors (2): argparse has printed the message
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     try:

@@ -247,7 +247,7 @@ def test_out_that_is_a_file_exits_2(tmp_path, data_file, capsys):
     assert out.read_text() == "x"
 
 
-@pytest.mark.parametrize("lam1, problem", [("-1", "lam1: must be > 0"), ("abc", "--lam1"), ("inf", "lam1")])
+@pytest.mark.parametrize("lam1, problem", [("-1", "lam1: must be a finite number > 0"), ("abc", "--lam1"), ("inf", "lam1")])
 def test_bad_lam1_exits_2_naming_it(tmp_path, data_file, capsys, lam1, problem):
     out = tmp_path / "run"
     assert cli.main(["fit", "--data", data_file, "--lam1", lam1, "--lam2", "1", "--out", str(out)]) == 2
@@ -493,3 +493,17 @@ def test_plot_of_a_folder_without_runs_exits_2(tmp_path, capsys):
 def test_plot_of_an_unsupported_image_format_exits_2(tmp_path, two_fits, capsys):
     assert cli.main(["plot", "--results", str(two_fits[0]), "--out", str(tmp_path / "x.bmpx")]) == 2
     assert "unsupported image format" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option, value, problem", [
+    ("--tol", "-1e-6", "--tol: must be a finite number >= 0"),
+    ("--lam2", "-1e-3", "lam2: must be a finite number >= 0"),
+    ("--lam1", "-.5", "lam1: must be a finite number > 0"),
+])
+def test_negative_numbers_with_exponents_reach_the_range_check(data_file, tmp_path, capsys, option, value, problem):
+    argv = ["fit", "--data", str(data_file), "--lam1", "0.1", "--lam2", "1", "--out", str(tmp_path / "run")]
+    argv += [option, value]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert problem.split(": ")[-1] in err and option.lstrip("-") in err
+    assert "expected one argument" not in err

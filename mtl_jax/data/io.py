@@ -135,7 +135,14 @@ def load(path, *, task_column: str = "task", target_column: str = "y"):
     return X, y, task
 
 
-def _read_npz(path):
+def read_npz(path, names=None) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` at ``path`` (all of them, or those in ``names``), never unpickling.
+
+    Raises FileNotFoundError for a missing file and ValueError, in our own words, for a file that is
+    not a zip archive, a truncated or corrupt one, a missing array, or an array of Python objects
+    (which only pickle could load: NumPy's advice to load such a file "unsafely" is not passed on).
+    """
+    path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError(path)
     if not zipfile.is_zipfile(path):
@@ -143,19 +150,30 @@ def _read_npz(path):
     try:
         data = np.load(path, allow_pickle=False)
     except Exception as e:  # BadZipFile, truncated archive, ...
-        raise ValueError(f"{path}: not a valid .npz file ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{path}: not a valid .npz file ({type(e).__name__})") from None
     if not isinstance(data, np.lib.npyio.NpzFile):
         raise ValueError(f"{path}: not a valid .npz file")
     with data:
-        missing = [k for k in ("X", "y", "task") if k not in data.files]
+        wanted = list(data.files) if names is None else list(names)
+        missing = [k for k in wanted if k not in data.files]
         if missing:
             raise ValueError(f"{path}: missing array(s) {', '.join(missing)} (found: {', '.join(data.files) or 'none'})")
         arrays = {}
-        for k in ("X", "y", "task"):
+        for k in wanted:
             try:
                 arrays[k] = data[k]
-            except Exception as e:  # object arrays refuse to load without pickle; corrupt members
-                raise ValueError(f"{path}: array {k!r} cannot be read ({type(e).__name__}: {e})") from None
+            except ValueError as e:
+                if "allow_pickle" in str(e):
+                    raise ValueError(f"{path}: array {k!r} holds Python objects, which are never loaded (they "
+                                     "would need pickle); save plain numeric arrays") from None
+                raise ValueError(f"{path}: array {k!r} cannot be read (corrupt: {type(e).__name__})") from None
+            except Exception as e:  # corrupt members: bad CRC, truncated data
+                raise ValueError(f"{path}: array {k!r} cannot be read (corrupt: {type(e).__name__})") from None
+    return arrays
+
+
+def _read_npz(path):
+    arrays = read_npz(path, ("X", "y", "task"))
     for k, ndim in (("X", 2), ("y", 1), ("task", 1)):
         if arrays[k].ndim != ndim:
             raise ValueError(f"{path}: array {k!r} must be {ndim}-D, got shape {arrays[k].shape}")
@@ -163,7 +181,8 @@ def _read_npz(path):
 
 
 def _read_csv(path, task_column, target_column):
-    with open(path, newline="", encoding="utf-8") as f:
+    # utf-8-sig: spreadsheets save "CSV UTF-8" with a byte-order mark, which must not join the first column's name.
+    with open(path, newline="", encoding="utf-8-sig") as f:
         reader = csv.reader(f)
         try:
             header = next(reader)

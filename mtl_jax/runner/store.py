@@ -29,13 +29,12 @@ import math
 import os
 import platform
 import subprocess
-import zipfile
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from mtl_jax.data.io import atomic_write
+from mtl_jax.data.io import atomic_write, read_npz
 
 FORMAT = "mtl_jax.run/1"
 MANIFEST = "manifest.json"
@@ -272,11 +271,7 @@ def read_run(path) -> Run:
     arrays = {}
     arrays_path = os.path.join(path, ARRAYS)
     if os.path.isfile(arrays_path):
-        try:
-            with np.load(arrays_path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except (OSError, ValueError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{arrays_path}: cannot be read ({e})") from None
+        arrays = read_npz(arrays_path)
     return Run(path, manifest, history, arrays)
 
 

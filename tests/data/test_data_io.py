@@ -134,3 +134,35 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (path.stat().st_mode & 0o777) == (0o666 & ~mask)
+
+
+def test_read_npz_refuses_object_arrays_in_its_own_words(tmp_path):
+    from mtl_jax.data.io import read_npz
+
+    path = tmp_path / "objects.npz"
+    np.savez(path, X=np.array([{"a": 1}, None], dtype=object), y=np.ones(2))
+    with pytest.raises(ValueError, match="Python objects") as e:
+        read_npz(path)
+    assert "allow_pickle" not in str(e.value) and "unsafely" not in str(e.value)
+    np.testing.assert_array_equal(read_npz(path, ["y"])["y"], np.ones(2))
+
+
+def test_read_npz_of_a_truncated_archive_names_the_file(tmp_path):
+    from mtl_jax.data.io import read_npz
+
+    path = tmp_path / "cut.npz"
+    np.savez(path, X=np.arange(1000.0))
+    path.write_bytes(path.read_bytes()[:-200])
+    with pytest.raises(ValueError, match="not a valid .npz|cannot be read") as e:
+        read_npz(path)
+    assert str(path) in str(e.value) and "allow_pickle" not in str(e.value)
+
+
+def test_csv_with_a_byte_order_mark_reads_like_one_without(tmp_path):
+    from mtl_jax.data import load
+
+    text = "task,x0,x1,y\n0,1.0,2.0,3.0\n1,4.0,5.0,6.0\n"
+    (tmp_path / "plain.csv").write_text(text, encoding="utf-8")
+    (tmp_path / "bom.csv").write_text(text, encoding="utf-8-sig")   # what spreadsheets write as "CSV UTF-8"
+    for a, b in zip(load(tmp_path / "plain.csv"), load(tmp_path / "bom.csv")):
+        np.testing.assert_array_equal(a, b)
