@@ -298,7 +298,15 @@ def cmd_fit(args) -> int:
             raise CLIError(f"--resume: the W in {os.path.join(out, store.ARRAYS)} is not a finite float array")
     alpha0 = None
     if W0 is not None and "alpha" in saved and saved["alpha"].shape == (n,):
-        alpha0 = saved["alpha"].astype(X.dtype)  # warm-starts the dual methods and the hinge W-step
+        # The duals warm-start the dual methods and the hinge W-step, but they belong to the loss and
+        # the data they were computed for: with another loss (or data) start them fresh, and say so.
+        before = previous.config.get("fit", {}).get("loss"), previous.config.get("data", {}).get("path")
+        if before == (args.loss, os.path.abspath(args.data)):
+            alpha0 = saved["alpha"].astype(X.dtype)
+        else:
+            print(f"note: --resume: the saved dual variables are for loss {before[0]!r} on {before[1]}; "
+                  f"starting them fresh for loss {args.loss!r} on {os.path.abspath(args.data)} (W is still "
+                  "warm-started)", file=sys.stderr)
 
     loaded = time.perf_counter()
     res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, method=args.method,

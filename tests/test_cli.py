@@ -507,3 +507,22 @@ def test_negative_numbers_with_exponents_reach_the_range_check(data_file, tmp_pa
     err = capsys.readouterr().err
     assert problem.split(": ")[-1] in err and option.lstrip("-") in err
     assert "expected one argument" not in err
+
+
+def test_resume_with_another_loss_starts_the_duals_fresh_and_says_so(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    X, task = rng.normal(size=(80, 3)), np.repeat(np.arange(4), 20)
+    y = np.where(X @ np.ones(3) + 0.3 * rng.normal(size=80) > 0, 1.0, -1.0)
+    path = tmp_path / "labels.npz"
+    np.savez(path, X=X, y=y, task=task)
+    out = tmp_path / "run"
+    base = ["fit", "--data", str(path), "--lam1", "0.1", "--lam2", "1", "--out", str(out)]
+    assert cli.main(base) == 0                                   # squared loss on the +-1 labels
+    capsys.readouterr()
+    assert cli.main(base + ["--loss", "hinge", "--resume"]) == 0  # was: "alpha0 is not dual feasible"
+    err = capsys.readouterr().err
+    assert "starting them fresh" in err and "'squared'" in err
+    resumed = store.read_run(out)
+    ref = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, loss="hinge")
+    assert resumed.summary["converged"]
+    assert abs(resumed.summary["objective"] - ref.objective) <= 1e-6 * abs(ref.objective) + resumed.summary["gap"] + ref.gap
