@@ -140,3 +140,33 @@ def test_many_tasks_keep_omega_factored():
     assert res.converged
     assert res.omega.U.shape == (300, 4)  # O(m d), never (m, m) on the fast path
     np.testing.assert_allclose(float(jnp.asarray(res.omega.trace())), 1.0, rtol=1e-10)
+
+
+@pytest.mark.parametrize("shape", [(50, 8, 20), (40, 30, 6), (7, 1, 3)])
+def test_lmax_bound_is_an_upper_bound_and_tight(shape):
+    # lambda_max <= (tr K^q)^(1/q) <= rank^(1/q) lambda_max, per site, also for all-zero sites.
+    from mtl_jax.solvers.apg import gram_lmax_bound
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=shape) * rng.uniform(0.1, 10.0, size=(shape[0], 1, 1))
+    X[0] = 0.0
+    exact = np.linalg.eigvalsh(np.einsum("tnd,tne->tde", X, X))[:, -1]
+    bound = np.asarray(gram_lmax_bound(jnp.asarray(X)))
+    rank = min(shape[1], shape[2])
+    assert bound[0] == 0.0
+    assert np.all(bound >= exact * (1 - 1e-12))
+    assert np.all(bound <= exact * rank ** (1 / 64) * (1 + 1e-12))
+
+
+def test_lmax_reuse_follows_the_data():
+    # fit reuses the step size's lmax for the same data and recomputes it when X changes in place.
+    from mtl_jax.solvers import centralized
+    X, y, task, _ = make_clustered_tasks(6, 4, samples_per_task=(5, 9), seed=2)
+    first = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
+    again = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
+    np.testing.assert_array_equal(again.W, first.W)
+    X *= 10.0  # same array object, new content: a stale lmax would be 100x too small
+    scaled = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
+    centralized._LMAX_CACHE.clear()
+    fresh = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
+    np.testing.assert_array_equal(scaled.W, fresh.W)
+    assert scaled.converged

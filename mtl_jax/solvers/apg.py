@@ -119,6 +119,10 @@ def gram_lmax_bound(X, squarings: int = 5):
     it has no start vector to be unlucky with.
     """
     m, n, d = X.shape
+    blocks = _lmax_blocks(m, min(n, d) ** 2 * X.dtype.itemsize)
+    if blocks > 1:  # a block of sites at a time: the Gram powers' temporaries are a fraction of X
+        bound = jax.lax.map(lambda Xb: gram_lmax_bound(Xb, squarings), X.reshape(blocks, m // blocks, n, d))
+        return bound.reshape(m)
     K = jnp.einsum("tnd,tkd->tnk", X, X) if n <= d else jnp.einsum("tnd,tne->tde", X, X)
     tiny = jnp.finfo(X.dtype).tiny
 
@@ -134,6 +138,15 @@ def gram_lmax_bound(X, squarings: int = 5):
     log_trace_q = 2.0 * log_scale + jnp.log(jnp.maximum(jnp.sum(A * A, axis=(1, 2)), tiny))
     bound = jnp.exp(log_trace_q / 2 ** (squarings + 1))
     return jnp.where(jnp.trace(K, axis1=1, axis2=2) > 0, bound, 0.0)
+
+
+def _lmax_blocks(m: int, gram_bytes: int, budget: int = 32 << 20) -> int:
+    """Blocks of sites for :func:`gram_lmax_bound`: the fewest that divide ``m`` and keep a block's Gram
+    matrices (``gram_bytes`` each) within ``budget`` bytes; 1 (no blocking) when no divisor up to 64 does."""
+    for blocks in range(1, min(m, 64) + 1):
+        if m % blocks == 0 and (m // blocks) * gram_bytes <= budget:
+            return blocks
+    return 1
 
 
 def primal_lipschitz(loss: Loss, lmax, counts):

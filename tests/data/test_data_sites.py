@@ -76,3 +76,32 @@ def test_add_intercept_appends_ones(rng):
     Xi = add_intercept(X)
     np.testing.assert_array_equal(Xi, np.column_stack([X, np.ones(5)]))
     np.testing.assert_array_equal(add_intercept(jax.numpy.asarray(X)), Xi)
+
+
+def test_grouped_equal_counts_take_the_copy_path_and_match_the_gather_path(rng):
+    # Rows grouped by task with equal counts are packed by one copy; shuffled rows by a gather.
+    # Both must give the same sites (up to the order of rows, which index records).
+    m, n, d = 6, 5, 4
+    X = rng.normal(size=(m * n, d))
+    y = rng.normal(size=m * n)
+    task = np.repeat(np.arange(m), n)
+    grouped = to_sites(X, y, task)
+    perm = rng.permutation(m * n)
+    shuffled = to_sites(X[perm], y[perm], task[perm])
+    np.testing.assert_array_equal(grouped.index, np.arange(m * n).reshape(m, n))
+    np.testing.assert_array_equal(np.asarray(grouped.X), X.reshape(m, n, d))
+    np.testing.assert_array_equal(np.asarray(grouped.y), y.reshape(m, n))
+    np.testing.assert_array_equal(np.asarray(grouped.mask), np.ones((m, n)))
+    for t in range(m):  # same rows per site, in their (original, resp. shuffled) order
+        np.testing.assert_array_equal(np.sort(np.asarray(shuffled.X[t]), axis=0), np.sort(X.reshape(m, n, d)[t], axis=0))
+
+
+def test_packed_sites_do_not_share_memory_with_the_input(rng):
+    # The device array may share the packing buffer, never the caller's X: writing X afterwards
+    # must not change the sites.
+    m, n, d = 4, 3, 2
+    X = rng.normal(size=(m * n, d))
+    s = to_sites(X, rng.normal(size=m * n), np.repeat(np.arange(m), n))
+    before = np.asarray(s.X).copy()
+    X[:] = 0.0
+    np.testing.assert_array_equal(np.asarray(s.X), before)
