@@ -88,8 +88,9 @@ def gram_lmax(X, iters: int = 30, safety: float = 1.02):
     """Per-task ``lambda_max(X_t^T X_t)``: X (m, n_max, d) -> (m,), by power iteration.
 
     A Rayleigh quotient bounds lambda_max from below; ``safety`` covers the few-percent shortfall
-    left after ``iters`` steps (a too-long step is caught by the restart, not lost). Costs
-    ``2 iters`` passes over the data, O(m d) memory.
+    left after ``iters`` steps for most sites (measured: 12-14 % short on a few sites of 10,000 after
+    30 steps, while the maximum over sites, which sets the step, came out right). Costs ``2 iters``
+    passes over the data, O(m d) memory. The solvers use the guaranteed :func:`gram_lmax_bound`.
     """
     v = jnp.ones(X.shape[::2], X.dtype) + 0.01 * jnp.arange(X.shape[2], dtype=X.dtype)
 
