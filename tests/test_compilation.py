@@ -67,6 +67,29 @@ def test_fits_differing_in_tol_and_max_iter_compile_once(problem):
     assert loose.objective - tight.objective <= loose.gap   # the loose gap bounds its sub-optimality
 
 
+@pytest.mark.parametrize("persistent", [False, True])
+def test_a_second_fit_of_new_data_hits_the_program_of_the_first(problem, tmp_path, monkeypatch, persistent):
+    """The first fit of new data computes lmax inside the program; the second reuses it (a committed
+    array, the first program's output, placed as the stored program's outputs are): both must run the
+    same compiled program, with and without the persistent layer."""
+    from mtl_jax.solvers import centralized
+
+    X, y, task = problem
+    base.clear_cache()
+    centralized._LMAX_CACHE.clear()
+    if persistent:
+        monkeypatch.delenv(compilation.ENV_DISABLE)
+        assert compilation.enable_compilation_cache(tmp_path) is not None
+    try:
+        first = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
+        second = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
+    finally:
+        compilation.disable_compilation_cache()
+    info = base.cache_info()
+    assert info["compiled"] == 1 and info["hits"] == 1 and second.compile_seconds == 0.0
+    np.testing.assert_allclose(second.W, first.W, rtol=0, atol=1e-12)
+
+
 def test_new_lam_values_do_not_compile_again(problem):
     X, y, task = problem
     base.clear_cache()

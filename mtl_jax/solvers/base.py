@@ -135,10 +135,14 @@ def _leaf_key(x):
 
     A committed JAX array carries its sharding (devices and layout over them): a program compiled
     for inputs on one device must not be called with inputs spread over several. NumPy arrays and
-    Python numbers are placed by the program itself (key None).
+    Python numbers are placed by the program itself (key None), and so is an array on the default
+    device alone (a program's own output, committed there, must hit the program compiled for
+    uncommitted inputs).
     """
     if isinstance(x, jax.Array):
         sharding = x.sharding if getattr(x, "committed", True) else None
+        if sharding is not None and sharding.device_set == {jax.devices()[0]}:
+            sharding = None
         return (x.shape, str(x.dtype), sharding, bool(getattr(x, "weak_type", False)))
     a = np.asarray(x)
     return (a.shape, str(a.dtype), None, isinstance(x, (int, float, complex)))
