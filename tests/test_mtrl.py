@@ -229,3 +229,21 @@ def test_duality_gap_is_nonnegative(small_problem, rng):
         W = rng.normal(size=(m, d))
         alpha = rng.normal(size=sites.y.shape) * np.asarray(sites.mask)
         assert float(mtrl.duality_gap(W, alpha, sites, reg, "squared")) >= 0
+
+
+def test_objective_of_a_low_rank_w_matches_an_svd_reference_to_round_off():
+    """J of a rank-2 W (as at the optimum): the trace norm from LAPACK's SVD, not from Gram eigenvalues,
+    whose zero singular values would come out near sqrt(eps) * s_max and overstate J."""
+    import mtl_jax
+
+    rng = np.random.default_rng(7)
+    m, d = 12, 6
+    W = rng.normal(size=(m, 2)) @ rng.normal(size=(2, d))
+    X = rng.normal(size=(m * 10, d))
+    task = np.repeat(np.arange(m), 10)
+    y = rng.normal(size=m * 10)
+    s = np.linalg.svd(W, compute_uv=False)
+    loss = sum(np.mean((y[task == t] - X[task == t] @ W[t]) ** 2) for t in range(m))
+    expected = loss + 0.1 / 2 * np.sum(W**2) + 1.0 / 2 * np.sum(s) ** 2
+    got = mtl_jax.objective(W, X, y, task, lam1=0.1, lam2=1.0)
+    assert abs(got - expected) <= 1e-13 * expected
