@@ -246,18 +246,11 @@ def test_read_run_of_a_wrong_format_names_the_manifest(tmp_path):
     assert str(tmp_path / "run" / store.MANIFEST) in str(e.value) and "run/99" in str(e.value)
 
 
-def test_read_run_of_a_manifest_that_is_not_an_object_names_it(tmp_path):
+@pytest.mark.parametrize("text, problem", [("[1, 2]", "not a JSON object"), ("{not json", "cannot be read as JSON")])
+def test_read_run_of_a_manifest_that_is_not_a_json_object_names_it(tmp_path, text, problem):
     _write(tmp_path / "run")
-    (tmp_path / "run" / store.MANIFEST).write_text("[1, 2]")
-    with pytest.raises(ValueError, match="not a JSON object") as e:
-        store.read_run(tmp_path / "run")
-    assert str(tmp_path / "run" / store.MANIFEST) in str(e.value)
-
-
-def test_read_run_of_a_manifest_that_is_not_json_names_it(tmp_path):
-    _write(tmp_path / "run")
-    (tmp_path / "run" / store.MANIFEST).write_text("{not json")
-    with pytest.raises(ValueError, match="cannot be read as JSON") as e:
+    (tmp_path / "run" / store.MANIFEST).write_text(text)
+    with pytest.raises(ValueError, match=problem) as e:
         store.read_run(tmp_path / "run")
     assert str(tmp_path / "run" / store.MANIFEST) in str(e.value)
 
