@@ -30,6 +30,7 @@ import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -39,16 +40,13 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
 from numpy_apg import numpy_apg_squared  # noqa: E402
 
 import mtl_jax  # noqa: E402
 from mtl_jax.data.school import load_exam  # noqa: E402
 from mtl_jax.data.sites import to_sites  # noqa: E402
 from mtl_jax.data.synthetic import make_clustered_tasks  # noqa: E402
-from mtl_jax.solvers import centralized  # noqa: E402
+from mtl_jax.solvers import base, centralized  # noqa: E402
 from mtl_jax.solvers.apg import primal_lipschitz  # noqa: E402
 
 LAM1, LAM2 = 0.1, 1.0
@@ -202,6 +200,14 @@ def bench_memory_speed(key, X, y, task, *, reps):
     print(f"fresh process: first fit {child['first_fit_s']:.2f} s (compile {child['compile_s']:.2f} s, no persistent "
           f"cache); peak RSS {child['peak_gib']:.2f} GiB (data in that process: {child['data_gib']:.2f} GiB) against "
           f"3 X + 0.6 GiB = {limit:.2f} GiB: {'met' if child['peak_gib'] <= limit else 'NOT met'}")
+    with tempfile.TemporaryDirectory() as cache:
+        fresh_process_fit(key, cache)                     # fills the persistent cache
+        warm = [fresh_process_fit(key, cache) for _ in range(3)]
+    firsts = sorted(w["first_fit_s"] for w in warm)
+    target = " (target on Exam <= 0.3 s: " + ("met)" if firsts[1] <= 0.3 else "NOT met)") if key == "exam" else ""
+    print(f"fresh process with a warm persistent cache (mtl_jax.enable_compilation_cache): first fit "
+          f"{firsts[1]:.2f} s (median of 3; {firsts[0]:.2f}-{firsts[-1]:.2f}){target}; solver programs loaded from "
+          f"disk: {warm[0]['loaded']}")
 
 
 # --- the problems, by name (a fresh process rebuilds one to measure its first fit and peak memory) ---
@@ -230,9 +236,14 @@ def problem(name):
     raise ValueError(name)
 
 
-def fresh_process_fit(key):
-    """First fit of problem ``key`` in a new Python process: seconds, compile seconds, peak RSS (GiB)."""
-    env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")  # no persistent cache: a true first fit
+def fresh_process_fit(key, cache_dir=None):
+    """First fit of problem ``key`` in a new Python process: seconds, compile seconds, peak RSS (GiB).
+
+    Without ``cache_dir`` no persistent cache is used (a true first fit); with it, the child calls
+    ``mtl_jax.enable_compilation_cache(cache_dir)`` before fitting."""
+    env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")
+    if cache_dir is not None:
+        env.update(MTL_JAX_NO_COMPILE_CACHE="0", MTL_JAX_CACHE_DIR=cache_dir)
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", key], env=env,
                          capture_output=True, text=True)
     if out.returncode != 0:
@@ -241,13 +252,16 @@ def fresh_process_fit(key):
 
 
 def child(key):
+    if os.environ.get("MTL_JAX_NO_COMPILE_CACHE") == "0":
+        mtl_jax.enable_compilation_cache()
     _, X, y, task = problem(key)
     data_gib = (X.nbytes + y.nbytes + task.nbytes) / 2**30
     t0 = time.perf_counter()
     res = mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2)
     first = time.perf_counter() - t0
     peak = peak_rss_gib()
-    print(json.dumps(dict(first_fit_s=first, compile_s=res.compile_seconds, peak_gib=peak, data_gib=data_gib)))
+    print(json.dumps(dict(first_fit_s=first, compile_s=res.compile_seconds, peak_gib=peak, data_gib=data_gib,
+                          loaded=base.cache_info()["loaded"])))
 
 
 def bench_many_tasks(m, d, n):
