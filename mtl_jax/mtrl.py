@@ -294,7 +294,7 @@ class SigmaQuadratic(NamedTuple):
 def empirical_loss(W, sites, loss: str | Loss, a=None):
     """``sum_t (1/n_t) sum_i loss(y_ti, <w_t, x_ti>)`` over real (unmasked) samples."""
     loss = get_loss(loss)
-    a = margins(W, sites.X) if a is None else a
+    a = margins(W, sites) if a is None else a
     return jnp.sum(sample_weights(sites) * loss.value(sites.y, a))
 
 
@@ -319,7 +319,7 @@ def dual_objective(alpha, sites, reg, loss: str | Loss, V=None):
     c = sample_weights(sites)
     safe_c = jnp.where(sites.mask > 0, c, 1.0)
     conj = jnp.sum(sites.mask * loss.dual_term(alpha, sites.y, safe_c))
-    V = feature_sums(alpha, sites.X) if V is None else V
+    V = feature_sums(alpha, sites) if V is None else V
     W, reg_conj, reg_at_W = reg.conjugate(V)
     return conj - reg_conj, W, reg_at_W
 

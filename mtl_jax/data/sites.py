@@ -7,6 +7,12 @@ rows are zero in ``X`` and ``y`` and have ``mask == 0``; per-site sums must be w
 ``mask`` (or use ``counts``). :func:`from_sites` restores the original flat arrays, row order
 included.
 
+Long-tailed task sizes (one site with 20,000 rows, a thousand with one) would make that padding
+cost m x n_max rows; there :func:`to_sites` cuts each site into chunks of a few rows instead (the
+*chunked* layout: the leading axis holds chunks, ``Sites.site`` names each chunk's site, see
+:class:`Sites`). The contractions :func:`margins`, :func:`feature_sums`, :func:`site_sums` and
+:func:`sample_weights` serve both layouts, so solvers written against them need not know which.
+
 Intercepts (docs/mathematics.md, section 1). The models are linear without a bias term, ``a = <w_t, x>``. Give
 each task an intercept in one of two ways, and say which you used:
 
@@ -30,15 +36,29 @@ from mtl_jax.validation import validate_dataset
 
 
 class Sites(NamedTuple):
-    """Per-site padded arrays; the leading axis is the site (task), a pytree that ``vmap`` maps over.
+    """Per-site arrays; the leading axis holds blocks of rows, one site per block: a pytree.
+
+    Two layouts share these fields (docs/architecture.md, "Sites"):
+
+    * **padded** (``site is None``): block t is site t, padded to ``n_max`` rows (the largest site);
+      ``X`` is (m, n_max, d). Used when padding costs little (total padded rows <= 2 N).
+    * **chunked** (``site`` a (K,) array): each site's rows are cut into blocks ("chunks") of ``n_max``
+      rows, the last one padded; the chunks of a site are consecutive (``site`` is sorted) and every
+      site has at least one. ``X`` is (K, n_max, d) with K >= m; a site pads at most ``n_max - 1`` rows.
+      Used for long-tailed task sizes, where padding every site to the largest would multiply memory.
+
+    Per-site sums and the per-sample weights go through :func:`margins`, :func:`feature_sums`,
+    :func:`site_sums` and :func:`sample_weights`, which serve both layouts; elementwise per-sample
+    arrays (``y``, ``mask``, margins, dual variables) have the shape of ``y`` in either.
 
     Attributes:
-      X: (m, n_max, d) features; padding rows are all zeros.
-      y: (m, n_max) targets; zero at padding.
-      mask: (m, n_max), the dtype of ``X``: 1 for a real sample, 0 for padding.
+      X: (K, n_max, d) features; padding rows are all zeros.
+      y: (K, n_max) targets; zero at padding.
+      mask: (K, n_max), the dtype of ``X``: 1 for a real sample, 0 for padding.
       counts: (m,) integer number of real samples per site, ``n_t``.
-      index: (m, n_max) integer row of each slot in the original flat arrays, -1 at padding.
-        Within a site, real rows come first and in their original order.
+      index: (K, n_max) integer row of each slot in the original flat arrays, -1 at padding.
+        Within a site, real rows come first and in their original order (across its chunks).
+      site: None (padded: K = m, block t is site t) or (K,) the site of each chunk, sorted.
 
     With ``jax_enable_x64`` off JAX stores the float arrays as float32 and ``counts``/``index``
     as int32.
@@ -49,44 +69,110 @@ class Sites(NamedTuple):
     mask: jax.Array
     counts: jax.Array
     index: jax.Array
+    site: jax.Array | None = None
 
     @property
     def num_sites(self) -> int:
+        """m, the number of sites (tasks)."""
+        return self.counts.shape[0]
+
+    @property
+    def num_blocks(self) -> int:
+        """K, the leading axis of ``X``: m when padded, the number of chunks when chunked."""
         return self.X.shape[0]
 
     @property
     def n_max(self) -> int:
+        """Rows per block: the largest site when padded, the chunk size when chunked."""
         return self.X.shape[1]
 
     @property
     def dim(self) -> int:
         return self.X.shape[2]
 
+    @property
+    def chunked(self) -> bool:
+        return self.site is not None
+
+
+def site_sums(values, sites: Sites):
+    """Per-block values (K, ...) summed per site: (m, ...). The identity for the padded layout."""
+    if sites.site is None:
+        return values
+    return jax.ops.segment_sum(values, sites.site, num_segments=sites.num_sites, indices_are_sorted=True)
+
+
+def per_block(values, sites: Sites):
+    """Per-site values (m, ...) repeated for every block: (K, ...). The identity for the padded layout."""
+    return values if sites.site is None else values[sites.site]
+
 
 def margins(W, X):
-    """Forward contraction ``a_ti = <w_t, x_ti>`` for all sites at once: W (m, d), X (m, n_max, d) -> (m, n_max).
+    """Forward contraction ``a_ti = <w_t, x_ti>`` for all sites at once: W (m, d) -> the shape of ``y``.
 
-    Padding rows of ``X`` are zero, so their margins are zero.
+    ``X`` is a :class:`Sites` (either layout) or a padded (m, n_max, d) array. Padding rows of ``X``
+    are zero, so their margins are zero. The chunked layout gathers ``W[site]`` ((K, d), small).
     """
+    if isinstance(X, Sites):
+        W = per_block(W, X)
+        X = X.X
     return jnp.einsum("tnd,td->tn", X, W)
 
 
 def feature_sums(coef, X):
-    """Backward contraction ``X_t^T r_t = sum_i r_ti x_ti`` for all sites at once: (m, n_max), (m, n_max, d) -> (m, d).
+    """Backward contraction ``X_t^T r_t = sum_i r_ti x_ti`` for all sites at once: coef (shape of ``y``) -> (m, d).
 
-    With ``coef`` the dual variables this is ``V`` (row t is ``v_t``); with ``c_t loss'(a_t)`` it is the
-    gradient of the empirical loss.
+    ``X`` is a :class:`Sites` (either layout) or a padded (m, n_max, d) array. With ``coef`` the dual
+    variables this is ``V`` (row t is ``v_t``); with ``c_t loss'(a_t)`` it is the gradient of the
+    empirical loss. The chunked layout sums the chunks' (K, d) products per site (a sorted segment sum).
     """
+    if isinstance(X, Sites):
+        return site_sums(jnp.einsum("tn,tnd->td", coef, X.X), X)
     return jnp.einsum("tn,tnd->td", coef, X)
 
 
 def sample_weights(sites: Sites):
-    """Per-sample weights ``c_t = 1 / n_t`` (each task's loss is a mean), zero at padding: (m, n_max)."""
-    return sites.mask / jnp.maximum(sites.counts, 1).astype(sites.mask.dtype)[:, None]
+    """Per-sample weights ``c_t = 1 / n_t`` (each task's loss is a mean), zero at padding: the shape of ``y``."""
+    inv = 1.0 / jnp.maximum(sites.counts, 1).astype(sites.mask.dtype)
+    return sites.mask * per_block(inv, sites)[:, None]
 
 
-def to_sites(X, y, task, num_tasks=None, n_max=None) -> Sites:
-    """Split a flat dataset into padded per-site arrays.
+def site_gram_lmax_bound(sites: Sites, bound, budget: int = 32 << 20):
+    """Per-site upper bound on ``lambda_max(X_t^T X_t)`` (m,) from ``bound``, a per-block bound (K, n, d) -> (K,).
+
+    Padded: ``bound(sites.X)``. Chunked: a site's Gram is the sum of its chunks' Grams, so the sum of
+    the chunks' bounds bounds it (``lambda_max`` is subadditive), but loosely (about
+    ``(1 + sqrt(d / n_max))^2`` times too large for random rows). When the per-site d x d Grams fit in
+    ``budget`` bytes (or in half of ``X``), they are summed exactly and their largest eigenvalue, plus a
+    rigorous allowance for its rounding error, is taken where it is smaller.
+    """
+    per_chunk = bound(sites.X)
+    if sites.site is None:
+        return per_chunk
+    summed = site_sums(per_chunk, sites)
+    K, _, d = sites.X.shape
+    m = sites.num_sites
+    if max(K, m) * d * d * sites.X.dtype.itemsize > max(budget, sites.X.size * sites.X.dtype.itemsize // 2):
+        return summed
+    G = site_sums(jnp.einsum("knd,kne->kde", sites.X, sites.X), sites)
+    top = jnp.linalg.eigvalsh(G)[:, -1]
+    # eigvalsh is backward stable: |computed - exact| <= c d eps ||G||_2 <= c d eps tr(G); c = 64 is generous.
+    slack = 64 * d * jnp.finfo(G.dtype).eps * jnp.trace(G, axis1=1, axis2=2)
+    return jnp.minimum(summed, top + slack)
+
+
+LAYOUTS = ("auto", "padded", "chunked")
+#: ``layout="auto"`` pads every site to the largest while the padded rows are at most this many times N.
+PADDED_WASTE_LIMIT = 2.0
+#: ... or while the padded ``X`` is at most this many bytes (then the padding costs little in absolute terms).
+PADDED_SMALL_BYTES = 8 << 20
+#: Cost of a chunk beyond its rows, in rows, for :func:`choose_chunk` (the gather of ``W[site]`` and
+#: the segment sum, per chunk and pass).
+CHUNK_OVERHEAD_ROWS = 4
+
+
+def to_sites(X, y, task, num_tasks=None, n_max=None, layout="auto", chunk=None) -> Sites:
+    """Split a flat dataset into per-site arrays (padded, or chunked for long-tailed task sizes).
 
     Args:
       X: (N, d) features; y: (N,) targets; task: (N,) ids in 0..m-1 (NumPy or array-like; checked
@@ -94,14 +180,41 @@ def to_sites(X, y, task, num_tasks=None, n_max=None) -> Sites:
       num_tasks: m; defaults to ``max(task) + 1``.
       n_max: rows per site after padding; defaults to the largest task size. A larger value
         (e.g. a round number, so that datasets of different sizes share one compiled program) is
-        allowed; a smaller one raises ``ValueError``.
+        allowed; a smaller one raises ``ValueError``. Giving it selects the padded layout.
+      layout: "padded" (every site padded to ``n_max``), "chunked" (each site cut into chunks of
+        ``chunk`` rows, see :class:`Sites`) or "auto": padded while the padded rows are at most
+        :data:`PADDED_WASTE_LIMIT` x N (or the padded ``X`` is small), chunked otherwise.
+      chunk: rows per chunk of the chunked layout; default :func:`choose_chunk`.
 
     Returns:
-      A :class:`Sites` of JAX arrays: ``X`` (m, n_max, d), ``y``/``mask``/``index`` (m, n_max),
-      ``counts`` (m,). Samples keep their original relative order within each site.
+      A :class:`Sites` of JAX arrays: padded, ``X`` (m, n_max, d), ``y``/``mask``/``index`` (m, n_max),
+      ``counts`` (m,); chunked, ``X`` (K, chunk, d), ... and ``site`` (K,). Samples keep their
+      original relative order within each site.
     """
     X, y, task, m = validate_dataset(X, y, task, num_tasks=num_tasks)
-    return pack_sites(X, y, task, m, n_max)
+    return pack_sites(X, y, task, m, n_max, layout=layout, chunk=chunk)
+
+
+def choose_chunk(counts, overhead: int = CHUNK_OVERHEAD_ROWS) -> int:
+    """The chunk size (a power of two, or the largest site) of least cost ``sum_t ceil(n_t / c) (c + overhead)``.
+
+    The cost counts the rows each pass streams (padding included) plus a per-chunk overhead: small
+    chunks waste little padding on small sites, but a large site then needs many chunks.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    largest = int(counts.max())
+    candidates = sorted({1 << k for k in range(largest.bit_length())} | {largest})
+    costs = [int(np.sum(-(-counts // c))) * (c + overhead) for c in candidates]
+    return candidates[int(np.argmin(costs))]
+
+
+def choose_layout(counts, dim: int, itemsize: int = 8) -> str:
+    """"padded" or "chunked", the choice of ``layout="auto"`` (see :func:`to_sites`)."""
+    counts = np.asarray(counts, dtype=np.int64)
+    padded_rows = counts.size * int(counts.max())
+    if padded_rows <= PADDED_WASTE_LIMIT * counts.sum() or padded_rows * dim * itemsize <= PADDED_SMALL_BYTES:
+        return "padded"
+    return "chunked"
 
 
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -127,26 +240,48 @@ def _device(a: np.ndarray) -> jax.Array:
     return jax.device_put(a)
 
 
-def pack_sites(X, y, task, m: int, n_max=None) -> Sites:
+def _check_size(name, value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: must be an integer, got {value!r}")
+    return int(value)
+
+
+def pack_sites(X, y, task, m: int, n_max=None, *, layout="auto", chunk=None) -> Sites:
     """:func:`to_sites` on data that :func:`~mtl_jax.validation.validate_dataset` has already checked.
 
     X (N, d) float, y (N,), task (N,) int64 with every id in 0..m-1 present. One pass writes ``X``
-    into the padded (m, n_max, d) layout (no intermediate ``X[order]`` copy), into memory that the
-    device array then shares; when the rows are already grouped by task with equal counts that
-    pass is a plain copy.
+    into the padded (m, n_max, d) or chunked (K, chunk, d) layout (no intermediate ``X[order]``
+    copy), into memory that the device array then shares; when the rows are already grouped by task
+    with equal counts that pass is a plain copy.
     """
     n, d = X.shape
     counts = np.bincount(task, minlength=m)
     largest = int(counts.max())
-    if n_max is None:
-        n_max = largest
-    else:
-        if isinstance(n_max, (bool, np.bool_)) or not isinstance(n_max, (int, np.integer)):
-            raise ValueError(f"n_max: must be an integer, got {n_max!r}")
-        n_max = int(n_max)
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout: must be one of {LAYOUTS}, got {layout!r}")
+    if n_max is not None:
+        n_max = _check_size("n_max", n_max)
         if n_max < largest:
             raise ValueError(f"n_max: {n_max} is smaller than the largest task ({largest} samples)")
+        if layout == "chunked":
+            raise ValueError("n_max: applies to the padded layout; give chunk= for the chunked one")
+        layout = "padded"
+    if chunk is not None:
+        chunk = _check_size("chunk", chunk)
+        if chunk < 1:
+            raise ValueError(f"chunk: must be at least 1, got {chunk}")
+        if layout == "padded":
+            raise ValueError("chunk: applies to the chunked layout, not to layout='padded'")
+        layout = "chunked"
+    if layout == "auto":
+        layout = choose_layout(counts, d, X.dtype.itemsize)
+    if layout == "padded":
+        return _pack_padded(X, y, task, m, counts, largest if n_max is None else n_max)
+    return _pack_chunked(X, y, task, m, counts, choose_chunk(counts) if chunk is None else chunk)
 
+
+def _pack_padded(X, y, task, m, counts, n_max) -> Sites:
+    n, d = X.shape
     Xs = _aligned_empty((m, n_max, d), X.dtype)
     grouped = n == m * n_max and bool(np.all(task[1:] >= task[:-1]))  # sorted ids, every task n_max rows
     if grouped:
@@ -161,21 +296,41 @@ def pack_sites(X, y, task, m: int, n_max=None) -> Sites:
         slot = np.arange(n) - starts[sorted_task]           # position of each row inside its site
         index = np.full((m, n_max), -1, dtype=np.int64)
         index[sorted_task, slot] = order
-        flat = index.reshape(-1)
-        real = flat >= 0
-        # Gather straight into the padded array; mode="clip" keeps np.take from buffering ``out``
-        # (every index is valid: padding slots read row 0 and are zeroed next).
-        np.take(X, np.where(real, flat, 0), axis=0, out=Xs.reshape(m * n_max, d), mode="clip")
-        Xs.reshape(m * n_max, d)[~real] = 0
-        ys = np.where(real, y[np.where(real, flat, 0)], 0).astype(X.dtype).reshape(m, n_max)
-        mask = real.astype(X.dtype).reshape(m, n_max)
-    return Sites(
-        X=_device(Xs),
-        y=jnp.asarray(ys),
-        mask=jnp.asarray(mask),
-        counts=jnp.asarray(counts.astype(np.int64)),
-        index=jnp.asarray(index),
-    )
+        Xs, ys, mask = _gather_rows(X, y, index, Xs)
+    return Sites(X=_device(Xs), y=jnp.asarray(ys), mask=jnp.asarray(mask),
+                 counts=jnp.asarray(counts.astype(np.int64)), index=jnp.asarray(index))
+
+
+def _pack_chunked(X, y, task, m, counts, chunk) -> Sites:
+    n, d = X.shape
+    blocks = -(-counts // chunk)                            # chunks per site, >= 1
+    first = np.concatenate([[0], np.cumsum(blocks)[:-1]])   # each site's first chunk
+    K = int(blocks.sum())
+    order = np.argsort(task, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    sorted_task = task[order]
+    slot = np.arange(n) - starts[sorted_task]
+    index = np.full((K, chunk), -1, dtype=np.int64)
+    index[first[sorted_task] + slot // chunk, slot % chunk] = order
+    Xs, ys, mask = _gather_rows(X, y, index, _aligned_empty((K, chunk, d), X.dtype))
+    site = np.repeat(np.arange(m, dtype=np.int64), blocks)
+    return Sites(X=_device(Xs), y=jnp.asarray(ys), mask=jnp.asarray(mask),
+                 counts=jnp.asarray(counts.astype(np.int64)), index=jnp.asarray(index), site=jnp.asarray(site))
+
+
+def _gather_rows(X, y, index, Xs):
+    """Fill ``Xs`` (K, c, d) from ``X`` by ``index`` (K, c) (-1: a zero padding row); return (Xs, ys, mask)."""
+    K, c = index.shape
+    d = X.shape[1]
+    flat = index.reshape(-1)
+    real = flat >= 0
+    # Gather straight into the padded array; mode="clip" keeps np.take from buffering ``out``
+    # (every index is valid: padding slots read row 0 and are zeroed next).
+    np.take(X, np.where(real, flat, 0), axis=0, out=Xs.reshape(K * c, d), mode="clip")
+    Xs.reshape(K * c, d)[~real] = 0
+    ys = np.where(real, y[np.where(real, flat, 0)], 0).astype(X.dtype).reshape(K, c)
+    mask = real.astype(X.dtype).reshape(K, c)
+    return Xs, ys, mask
 
 
 def from_sites(sites: Sites):
@@ -192,7 +347,8 @@ def from_sites(sites: Sites):
     rows = index[real]
     if not np.array_equal(np.sort(rows), np.arange(n)):
         raise ValueError("sites: index is not a permutation of 0..N-1 over the real slots")
-    site_of_slot = np.broadcast_to(np.arange(index.shape[0])[:, None], index.shape)
+    block_site = np.arange(index.shape[0]) if sites.site is None else np.asarray(sites.site)
+    site_of_slot = np.broadcast_to(block_site[:, None], index.shape)
     X = np.empty((n, Xs.shape[2]), dtype=Xs.dtype)
     y = np.empty(n, dtype=ys.dtype)
     task = np.empty(n, dtype=np.int64)

@@ -38,7 +38,7 @@ from mtl_jax.solvers.apg import dual_apg, dual_lipschitz, primal_apg, primal_lip
 
 def w_step_squared(sites, reg: SigmaQuadratic, *, tol=1e-12, max_iter=1000):
     """Exact W-step for squared loss at fixed Omega, by preconditioned-variable CG. Returns W (m, d)."""
-    X = sites.X
+    X = sites  # either layout: the contractions take the Sites
     c = sample_weights(sites)
     root = reg.sigma.map(jnp.sqrt)
     rhs = root.apply(feature_sums(2.0 * c * sites.y, X))
@@ -66,7 +66,7 @@ def alternation(W, alpha, sites, lam1, lam2, lmax, inner_tol, inner_max_iter, ep
     c = sample_weights(sites)
     if loss_.name == "squared":
         W = w_step_squared(sites, reg, tol=inner_tol, max_iter=inner_max_iter)
-        alpha = loss_.primal_to_dual(sites.y, margins(W, sites.X), c) * sites.mask
+        alpha = loss_.primal_to_dual(sites.y, margins(W, sites), c) * sites.mask
     elif loss_.curvature is not None:
         lipschitz = primal_lipschitz(loss_, lmax, sites.counts)
         res = primal_apg(sites, loss_, reg, W, lipschitz=lipschitz, tol=inner_tol, max_iter=inner_max_iter,

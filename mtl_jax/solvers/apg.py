@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from mtl_jax.losses import Loss, dual_prox, get_loss
-from mtl_jax.data.sites import feature_sums, margins, sample_weights
+from mtl_jax.data.sites import Sites, feature_sums, margins, sample_weights, site_gram_lmax_bound
 from mtl_jax.mtrl import dual_objective, empirical_loss
 
 
@@ -119,6 +119,8 @@ def gram_lmax_bound(X, squarings: int = 5):
     ``O(m s^3 squarings)`` work with s = min(n_max, d); unlike power iteration (:func:`gram_lmax`)
     it has no start vector to be unlucky with.
     """
+    if isinstance(X, Sites):  # either layout; a chunked site's bound covers all its chunks
+        return site_gram_lmax_bound(X, lambda A: gram_lmax_bound(A, squarings))
     m, n, d = X.shape
     blocks = _lmax_blocks(m, min(n, d) ** 2 * X.dtype.itemsize)
     if blocks > 1:  # a block of sites at a time: the Gram powers' temporaries are a fraction of X
@@ -263,7 +265,7 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000, hist
         raise ValueError(f"loss {loss.name!r} is not smooth: use the dual method")
     c = sample_weights(sites)
     step_size = 1.0 / lipschitz
-    X = sites.X
+    X = sites  # either layout: the contractions take the Sites
 
     def gradient(a):
         return feature_sums(c * loss.derivative(sites.y, a), X)
@@ -322,7 +324,7 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, hi
     loss = get_loss(loss)
     c = jnp.where(sites.mask > 0, sample_weights(sites), 1.0)
     step_size = 1.0 / lipschitz
-    X = sites.X
+    X = sites  # either layout: the contractions take the Sites
 
     def certify(alpha):
         dual, W, reg_at_W = dual_objective(alpha, sites, reg, loss)
@@ -330,7 +332,7 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, hi
         return dual, W, primal
 
     inf = jnp.asarray(jnp.inf, alpha0.dtype)
-    W0 = jnp.zeros(sites.X.shape[::2], alpha0.dtype)
+    W0 = jnp.zeros((sites.num_sites, sites.dim), alpha0.dtype)
     init = APGState(alpha0, alpha0, jnp.ones((), alpha0.dtype), inf, W0, alpha0, inf, inf,
                     jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 

@@ -104,7 +104,7 @@ def solve_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, eps, lmax_
     as :func:`apg_program`, plus ``eps`` (traced), the Omega-step's relative floor. Returns an
     :class:`APGSolution`.
     """
-    lmax = jax.lax.cond(lmax_known, lambda X: lmax, gram_lmax_bound, sites.X)
+    lmax = jax.lax.cond(lmax_known, lambda s: lmax, gram_lmax_bound, sites)
     res = apg_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, loss=loss, dual=dual,
                       history_size=history_size)
     s = res.state
@@ -164,9 +164,9 @@ def solve(sites, *, lam1, lam2, loss="squared", method="apg", tol=1e-6, max_iter
     if method not in METHODS:
         raise ValueError(f"method: must be one of {METHODS}, got {method!r}")
     dtype = sites.X.dtype
-    m, n_max, d = sites.X.shape
+    m, d = sites.num_sites, sites.dim  # the padded or the chunked layout
     W0 = jnp.zeros((m, d), dtype) if W0 is None else jnp.asarray(W0, dtype)
-    alpha0 = jnp.zeros((m, n_max), dtype) if alpha0 is None else jnp.asarray(alpha0, dtype)
+    alpha0 = jnp.zeros(sites.y.shape, dtype) if alpha0 is None else jnp.asarray(alpha0, dtype)
     lam1 = jnp.asarray(lam1, dtype)
     lam2 = jnp.asarray(lam2, dtype)
     if lmax is None and data_key is not None:
@@ -178,7 +178,7 @@ def solve(sites, *, lam1, lam2, loss="squared", method="apg", tol=1e-6, max_iter
 
     if method == "alternating":
         with one_blas_thread():
-            lmax = site_lmax(sites.X) if lmax is None else lmax
+            lmax = site_lmax(sites) if lmax is None else lmax
             _remember_lmax(data_key, lmax)
             return _alternate(sites, W0, alpha0, lam1, lam2, lmax, loss_.name, tol, max_iter, eps,
                               options.get("inner_tol", 1e-10), options.get("inner_max_iter", 2000))
