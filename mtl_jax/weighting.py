@@ -5,6 +5,7 @@ Every scheme is an optax-style pair of pure functions bundled in a :class:`Weigh
     scheme = weighting.dwa(temperature=2.0)
     state = scheme.init(num_tasks)                      # or scheme.init(num_tasks, key) for rlw
     weights, state = scheme.update(task_losses, state)  # inside the jitted training step
+    # (the training step passes present=(K,) bool, False for a task with no sample in the batch)
     total = jnp.sum(weights * task_losses)
 
 Contract shared by all schemes:
@@ -23,6 +24,21 @@ Contract shared by all schemes:
   ignore ``key``.
 - State dtypes are fixed at ``init`` (the default float dtype); weights come back in the dtype of the
   losses.
+- ``update`` checks, at trace time, that ``task_losses`` (and ``present``, ``grad_norms``) have shape
+  ``(K,)`` for the ``K`` tasks the state was initialised for, and raises ``ValueError`` naming the
+  argument otherwise (shapes are static under jit/vmap/scan).
+
+Tasks absent from a batch. Every ``update`` takes ``present=None`` or a (K,) bool mask; the training
+loop passes ``present[k] = False`` when task k has no sample in the batch (its batch loss is then
+meaningless: 0 in :mod:`mtl_jax.training`, and any value, NaN included, is ignored). The rule, the same
+for every scheme: an absent task's loss -- and, for gradnorm, its gradient norm -- is replaced by its
+last observed value, and the scheme proceeds exactly as if that value had been passed. A task not yet
+observed at all is given the mean of the values the other tasks have this call (present or carried;
+1 if none has any), and any loss history a scheme keeps for it restarts at its first observation
+(dwa's two previous losses, famo's previous loss, the ``L(0)`` of huq_pervin "relative" and gradnorm,
+huq_pervin's EMA). Weights therefore stay finite, and an absent task's weight is what it would be with
+its loss unchanged. ``equal``, ``rlw`` and ``fixed`` do not look at the losses, so ``present`` changes
+nothing for them. With ``present=None`` (or all True) the numbers are those of the plain formulas.
 
 Factories validate their arguments once, in Python, and raise ``ValueError`` naming the argument;
 a hyper-parameter passed as a traced array (a sweep under ``vmap``) is not checked.
@@ -64,8 +80,9 @@ __all__ = [
 
 class Weighting(NamedTuple):
     """A task-weighting scheme: ``init(num_tasks, key=None) -> state`` and
-    ``update(task_losses, state, **extra) -> (weights, new_state)``; ``needs`` names the extra
-    keyword inputs that ``update`` requires."""
+    ``update(task_losses, state, present=None, **extra) -> (weights, new_state)``, with
+    ``task_losses`` (K,), ``present`` None or a (K,) bool mask of the tasks in the batch (module
+    docstring), weights (K,); ``needs`` names the extra keyword inputs that ``update`` requires."""
 
     init: Callable
     update: Callable
@@ -109,6 +126,46 @@ def _as_input(x: Any) -> jax.Array:
     return jax.lax.stop_gradient(x)
 
 
+def _check_losses(task_losses: Any, num_tasks: int) -> jax.Array:
+    """``task_losses`` as an input array, checked to be (K,) for the K tasks the state was made for.
+
+    Shapes are static under jit/vmap/scan, so a mismatch raises here, at trace time, instead of as an
+    opaque broadcasting error deep inside the scheme."""
+    losses = _as_input(task_losses)
+    if losses.shape != (num_tasks,):
+        raise ValueError(f"task_losses: expected shape ({num_tasks},), one loss per task the scheme's state "
+                         f"was initialised for, got shape {losses.shape}")
+    return losses
+
+
+def _check_present(present: Any, losses: jax.Array) -> jax.Array:
+    """The (K,) bool ``present`` mask of ``update`` (None: every task present)."""
+    if present is None:
+        return jnp.ones(losses.shape, dtype=bool)
+    present = jnp.asarray(present)
+    if present.shape != losses.shape:
+        raise ValueError(f"present: expected shape {losses.shape}, one flag per task, got shape {present.shape}")
+    return present.astype(bool)
+
+
+def _impute(values: jax.Array, present: jax.Array, last: jax.Array, seen: jax.Array) -> jax.Array:
+    """(K,) ``values`` with each absent task's entry replaced (the absence rule of the module docstring).
+
+    A task absent now but observed before gets ``last``, its last observed value; a task never observed
+    gets the mean over the tasks that have a value this call (present, or observed before), or 1 when no
+    task has ever been observed. Absent entries of ``values`` are never read (they may be NaN)."""
+    known = present | seen
+    carried = jnp.where(present, values, last.astype(values.dtype))
+    n_known = jnp.sum(known)
+    mean_known = jnp.sum(jnp.where(known, carried, 0.0)) / jnp.maximum(n_known, 1).astype(values.dtype)
+    fallback = jnp.where(n_known > 0, mean_known, jnp.ones((), values.dtype))
+    return jnp.where(known, carried, fallback)
+
+
+def _float_false(num_tasks: int) -> jax.Array:
+    return jnp.zeros((num_tasks,), dtype=bool)
+
+
 def _k_softmax(logits: jax.Array) -> jax.Array:
     """``K * softmax(logits)``: positive weights summing to ``K = logits.shape[-1]``."""
     return logits.shape[-1] * jax.nn.softmax(logits, axis=-1)
@@ -144,7 +201,9 @@ def _select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
 
 
 class EqualState(NamedTuple):
-    """Equal weighting keeps no state."""
+    """Equal weighting keeps no state but the task count, for the shape check of ``update``."""
+
+    tasks: jax.Array  # (K,) bool, all True: its static shape is the task count K
 
 
 def equal() -> Weighting:
@@ -154,11 +213,11 @@ def equal() -> Weighting:
     """
 
     def init(num_tasks, key=None):
-        _check_num_tasks(num_tasks)
-        return EqualState()
+        return EqualState(tasks=jnp.ones((_check_num_tasks(num_tasks),), dtype=bool))
 
-    def update(task_losses, state, **extra):
-        losses = _as_input(task_losses)
+    def update(task_losses, state, present=None, **extra):
+        losses = _check_losses(task_losses, state.tasks.shape[-1])
+        _check_present(present, losses)  # absent tasks change nothing: the weights ignore the losses
         return _finish(jnp.ones_like(losses), losses, state, state)
 
     return Weighting(init, update)
@@ -172,9 +231,11 @@ _HUQ_MODES = ("raw", "relative", "ema")
 
 
 class HuqPervinState(NamedTuple):
-    initial: jax.Array  # (K,) losses at the first update (mode "relative")
+    initial: jax.Array  # (K,) each task's first observed loss, L(0) (mode "relative")
     ema: jax.Array      # (K,) exponential moving average of the losses (mode "ema")
     count: jax.Array    # () int32, number of updates so far
+    last: jax.Array     # (K,) each task's last observed loss (stands in for it while it is absent)
+    seen: jax.Array     # (K,) bool, task observed at some update so far
 
 
 def huq_pervin(temperature: float = 1.0, mode: str = "raw", beta: float = 0.9) -> Weighting:
@@ -198,6 +259,10 @@ def huq_pervin(temperature: float = 1.0, mode: str = "raw", beta: float = 0.9) -
     ``mode="raw"`` the weights depend on the losses' scale, so choose ``T`` on the scale of the loss
     differences (or use ``"relative"``, which is scale-free).
 
+    Absent tasks (``present[k] = False``, module docstring): the task's last observed loss stands in for
+    it. ``L_k(0)`` and ``m_k(0)`` are task k's *first observed* loss: until then its relative signal is
+    1 and its EMA follows the stand-in value, and both restart when the task is first observed.
+
     Source: A. Huq and M. T. Pervin, "Adaptive weight assignment scheme for multi-task learning",
     IAES Int. J. Artificial Intelligence (IJ-AI) 11(1):173-178, 2022, doi 10.11591/ijai.v11.i1.pp173-178,
     arXiv 2303.07278. Only the paper's abstract could be consulted when this was written (the full
@@ -215,11 +280,16 @@ def huq_pervin(temperature: float = 1.0, mode: str = "raw", beta: float = 0.9) -
 
     def init(num_tasks, key=None):
         k = _check_num_tasks(num_tasks)
-        return HuqPervinState(initial=_float_ones(k), ema=_float_zeros(k), count=_count())
+        return HuqPervinState(initial=_float_ones(k), ema=_float_zeros(k), count=_count(),
+                              last=_float_ones(k), seen=_float_false(k))
 
-    def update(task_losses, state, **extra):
-        losses = _as_input(task_losses)
-        first = state.count == 0
+    def update(task_losses, state, present=None, **extra):
+        observed = _check_losses(task_losses, state.seen.shape[-1])
+        present = _check_present(present, observed)
+        losses = _impute(observed, present, state.last, state.seen)
+        # L(0) and m(0) are set by a task's first observation (with every task present: the first call);
+        # until then they follow the stand-in loss, so the relative signal is 1.
+        first = ~state.seen
         initial = jnp.where(first, losses, state.initial)
         ema = jnp.where(first, losses, beta * state.ema + (1.0 - beta) * losses)
         if mode == "raw":
@@ -229,7 +299,8 @@ def huq_pervin(temperature: float = 1.0, mode: str = "raw", beta: float = 0.9) -
         else:
             signal = ema
         weights = _k_softmax(signal / temperature)
-        new_state = HuqPervinState(initial=initial, ema=ema, count=state.count + 1)
+        new_state = HuqPervinState(initial=initial, ema=ema, count=state.count + 1, last=losses,
+                                   seen=state.seen | present)
         return _finish(weights, losses, new_state, state)
 
     return Weighting(init, update)
@@ -244,6 +315,7 @@ class DWAState(NamedTuple):
     last: jax.Array         # (K,) losses passed to the previous update, L(t-1)
     before_last: jax.Array  # (K,) losses passed to the one before, L(t-2)
     count: jax.Array        # () int32, number of updates so far
+    seen: jax.Array         # (K,) bool, task observed at some update so far
 
 
 def dwa(temperature: float = 2.0) -> Weighting:
@@ -256,18 +328,29 @@ def dwa(temperature: float = 2.0) -> Weighting:
     previous updates' losses (the losses passed now are stored for later), and ``w = 1`` for the
     first two updates (t = 0, 1). The paper calls it once per epoch with the epoch's average losses;
     calling it once per step with batch losses is allowed but noisier.
+
+    Absent tasks (``present[k] = False``, module docstring): ``L_k(t)`` is the task's last observed
+    loss, so its ratio is 1 for the update after an absence. A task's two stored losses restart at its
+    first observation (``L_k(t-1) = L_k(t-2)`` = that loss), so a task first seen late starts at ratio 1
+    too. (Without this, an absent task's batch loss 0 makes the next ratios 0 and then 0/0: NaN.)
     """
     _check_positive("temperature", temperature)
 
     def init(num_tasks, key=None):
         k = _check_num_tasks(num_tasks)
-        return DWAState(last=_float_ones(k), before_last=_float_ones(k), count=_count())
+        return DWAState(last=_float_ones(k), before_last=_float_ones(k), count=_count(), seen=_float_false(k))
 
-    def update(task_losses, state, **extra):
-        losses = _as_input(task_losses)
+    def update(task_losses, state, present=None, **extra):
+        observed = _check_losses(task_losses, state.seen.shape[-1])
+        present = _check_present(present, observed)
+        losses = _impute(observed, present, state.last, state.seen)
         ratio = state.last / state.before_last
         weights = jnp.where(state.count >= 2, _k_softmax(ratio / temperature), jnp.ones_like(ratio))
-        new_state = DWAState(last=losses, before_last=state.last, count=state.count + 1)
+        # A task's history starts at its first observation (with every task present: the first call,
+        # whose weights are 1 whatever is stored), so its first ratio is 1, not a stand-in's.
+        before_last = jnp.where(state.seen, state.last, losses)
+        new_state = DWAState(last=losses, before_last=before_last, count=state.count + 1,
+                             seen=state.seen | present)
         return _finish(weights, losses, new_state, state)
 
     return Weighting(init, update)
@@ -281,6 +364,8 @@ def dwa(temperature: float = 2.0) -> Weighting:
 class UncertaintyState(NamedTuple):
     log_vars: jax.Array  # (K,) s_k = log sigma_k^2, initialised at 0
     opt_state: Any       # the optax state of the optimizer on s
+    last: jax.Array      # (K,) each task's last observed loss (stands in for it while it is absent)
+    seen: jax.Array      # (K,) bool, task observed at some update so far
 
 
 def uncertainty(learning_rate: float = 1e-3, optimizer: optax.GradientTransformation | None = None) -> Weighting:
@@ -305,6 +390,10 @@ def uncertainty(learning_rate: float = 1e-3, optimizer: optax.GradientTransforma
     equals two Adams with the same hyper-parameters, unless something couples them such as clipping
     by the global norm). Pass ``optimizer`` to use another optax transformation on ``s``. The logged
     ``sum(w * L)`` omits the constant-in-theta term ``sum(s) / 2`` of ``total``.
+
+    Absent tasks (``present[k] = False``, module docstring): the ``s_k`` step uses the task's last
+    observed loss (``s_k`` keeps moving towards ``log L_k`` of that loss; with a zero loss it would
+    drift to ever larger weights).
     """
     if optimizer is None:
         _check_positive("learning_rate", learning_rate)
@@ -313,16 +402,20 @@ def uncertainty(learning_rate: float = 1e-3, optimizer: optax.GradientTransforma
         raise ValueError(f"optimizer must be an optax.GradientTransformation or None, got {optimizer!r}")
 
     def init(num_tasks, key=None):
-        s = _float_zeros(_check_num_tasks(num_tasks))
-        return UncertaintyState(log_vars=s, opt_state=optimizer.init(s))
+        k = _check_num_tasks(num_tasks)
+        s = _float_zeros(k)
+        return UncertaintyState(log_vars=s, opt_state=optimizer.init(s), last=_float_ones(k), seen=_float_false(k))
 
-    def update(task_losses, state, **extra):
-        losses = _as_input(task_losses)
+    def update(task_losses, state, present=None, **extra):
+        observed = _check_losses(task_losses, state.log_vars.shape[-1])
+        present = _check_present(present, observed)
+        losses = _impute(observed, present, state.last, state.seen)
         s = state.log_vars
         precision = jnp.exp(-s)
         grad = 0.5 * (1.0 - precision * losses)
         updates, opt_state = optimizer.update(grad.astype(s.dtype), state.opt_state, s)
-        new_state = UncertaintyState(log_vars=optax.apply_updates(s, updates), opt_state=opt_state)
+        new_state = UncertaintyState(log_vars=optax.apply_updates(s, updates), opt_state=opt_state,
+                                     last=losses, seen=state.seen | present)
         return _finish(0.5 * precision, losses, new_state, state)
 
     return Weighting(init, update)
@@ -334,7 +427,8 @@ def uncertainty(learning_rate: float = 1e-3, optimizer: optax.GradientTransforma
 
 
 class RLWState(NamedTuple):
-    key: jax.Array  # PRNG key, split at every update
+    key: jax.Array    # PRNG key, split at every update
+    tasks: jax.Array  # (K,) bool, all True: its static shape is the task count K
 
 
 def rlw(std: float = 1.0) -> Weighting:
@@ -349,16 +443,17 @@ def rlw(std: float = 1.0) -> Weighting:
     _check_positive("std", std)
 
     def init(num_tasks, key=None):
-        _check_num_tasks(num_tasks)
+        k = _check_num_tasks(num_tasks)
         if key is None:
             raise ValueError("key must be a PRNG key for rlw (its randomness lives in the state), got None")
-        return RLWState(key=key)
+        return RLWState(key=key, tasks=jnp.ones((k,), dtype=bool))
 
-    def update(task_losses, state, **extra):
-        losses = _as_input(task_losses)
+    def update(task_losses, state, present=None, **extra):
+        losses = _check_losses(task_losses, state.tasks.shape[-1])
+        _check_present(present, losses)  # absent tasks change nothing: the weights ignore the losses
         key, sub = jax.random.split(state.key)
         z = std * jax.random.normal(sub, losses.shape, dtype=jnp.result_type(float))
-        return _finish(_k_softmax(z), losses, RLWState(key=key), state)
+        return _finish(_k_softmax(z), losses, RLWState(key=key, tasks=state.tasks), state)
 
     return Weighting(init, update)
 
@@ -371,8 +466,9 @@ def rlw(std: float = 1.0) -> Weighting:
 class FAMOState(NamedTuple):
     logits: jax.Array       # (K,) xi, initialised at 0 (z = softmax(xi) uniform)
     opt_state: Any          # optax state of the logits' optimizer
-    prev_losses: jax.Array  # (K,) losses passed to the previous update
+    prev_losses: jax.Array  # (K,) losses passed to the previous update (absent tasks: last observed)
     count: jax.Array        # () int32, number of updates so far
+    seen: jax.Array         # (K,) bool, task observed at some update so far
 
 
 def famo(learning_rate: float = 0.025, weight_decay: float = 1e-3, eps: float = 1e-8,
@@ -417,6 +513,10 @@ def famo(learning_rate: float = 0.025, weight_decay: float = 1e-3, eps: float = 
     ``equal`` (sum ``K``). With Adam-type model optimizers this is harmless (Adam is invariant to a
     constant gradient scale, up to its ``eps``); with SGD it multiplies the model's learning rate by
     ``K``, and it changes when gradient clipping by norm (the official code clips at 1.0) engages.
+
+    Absent tasks (``present[k] = False``, module docstring): ``D_k`` uses the task's last observed loss,
+    so its ``delta_k`` is 0 while it is absent (and at its first observation); with a zero loss instead,
+    ``D_k = eps`` would give the absent task almost all the weight and a huge ``delta``.
     """
     _check_positive("eps", eps)
     if optimizer is None:
@@ -429,13 +529,18 @@ def famo(learning_rate: float = 0.025, weight_decay: float = 1e-3, eps: float = 
     def init(num_tasks, key=None):
         k = _check_num_tasks(num_tasks)
         xi = _float_zeros(k)
-        return FAMOState(logits=xi, opt_state=optimizer.init(xi), prev_losses=_float_ones(k), count=_count())
+        return FAMOState(logits=xi, opt_state=optimizer.init(xi), prev_losses=_float_ones(k), count=_count(),
+                         seen=_float_false(k))
 
-    def update(task_losses, state, **extra):
-        losses = _as_input(task_losses)
+    def update(task_losses, state, present=None, **extra):
+        observed = _check_losses(task_losses, state.seen.shape[-1])
+        present = _check_present(present, observed)
+        losses = _impute(observed, present, state.prev_losses, state.seen)
         xi = state.logits
         z = jax.nn.softmax(xi)
-        delta = jnp.log(state.prev_losses + eps) - jnp.log(losses + eps)
+        # A task's history starts at its first observation: no logit signal from a stand-in loss.
+        prev = jnp.where(state.seen, state.prev_losses, losses)
+        delta = jnp.log(prev + eps) - jnp.log(losses + eps)
         grad = (z * (delta - jnp.sum(z * delta))).astype(xi.dtype)
         updates, stepped_opt = optimizer.update(grad, state.opt_state, xi)
         stepped_xi = optax.apply_updates(xi, updates)
@@ -443,7 +548,8 @@ def famo(learning_rate: float = 0.025, weight_decay: float = 1e-3, eps: float = 
         xi, opt_state = _select(has_prev, (stepped_xi, stepped_opt), (xi, state.opt_state))
         z = jax.nn.softmax(xi)
         weights = _sum_to_k(z / (losses + eps))
-        new_state = FAMOState(logits=xi, opt_state=opt_state, prev_losses=losses, count=state.count + 1)
+        new_state = FAMOState(logits=xi, opt_state=opt_state, prev_losses=losses, count=state.count + 1,
+                              seen=state.seen | present)
         return _finish(weights, losses, new_state, state)
 
     return Weighting(init, update)
@@ -456,8 +562,11 @@ def famo(learning_rate: float = 0.025, weight_decay: float = 1e-3, eps: float = 
 
 class GradNormState(NamedTuple):
     weights: jax.Array         # (K,) w(t), positive, summing to K; ones at init
-    initial_losses: jax.Array  # (K,) L(0), stored at the first update
+    initial_losses: jax.Array  # (K,) L(0), each task's first observed loss
     count: jax.Array           # () int32, number of updates so far
+    last: jax.Array            # (K,) each task's last observed loss (stands in for it while it is absent)
+    last_grad_norms: jax.Array # (K,) each task's last observed gradient norm (likewise)
+    seen: jax.Array            # (K,) bool, task observed at some update so far
     opt_state: Any = ()        # the optimizer's state for the weights
 
 
@@ -489,6 +598,10 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e
     ``learning_rate * G_k`` then barely moves the weights of small-gradient tasks). Pass ``optimizer``
     (e.g. ``optax.sgd(learning_rate)`` for the plain step) to change it. ``floor`` (absolute, before
     renormalisation) keeps the weights positive.
+
+    Absent tasks (``present[k] = False``, module docstring): both the loss and the gradient norm of an
+    absent task are its last observed ones (its actual norm is 0, which would pull ``Gbar`` down), and
+    ``L_k(0)`` is task k's first observed loss (``r_k`` uses the stand-in until then).
     """
     _check_nonnegative("alpha", alpha)
     _check_positive("learning_rate", learning_rate)
@@ -501,15 +614,21 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e
     def init(num_tasks, key=None):
         k = _check_num_tasks(num_tasks)
         w = _float_ones(k)
-        return GradNormState(weights=w, initial_losses=_float_ones(k), count=_count(), opt_state=optimizer.init(w))
+        return GradNormState(weights=w, initial_losses=_float_ones(k), count=_count(), last=_float_ones(k),
+                             last_grad_norms=_float_ones(k), seen=_float_false(k), opt_state=optimizer.init(w))
 
-    def update(task_losses, state, grad_norms=None, **extra):
+    def update(task_losses, state, grad_norms=None, present=None, **extra):
         if grad_norms is None:
             raise ValueError("grad_norms is required by gradnorm: the (K,) norms of each unweighted task "
                              "loss's gradient w.r.t. the last shared layer")
-        losses = _as_input(task_losses)
+        observed = _check_losses(task_losses, state.weights.shape[-1])
+        present = _check_present(present, observed)
         norms = _as_input(grad_norms)
-        initial = jnp.where(state.count == 0, losses, state.initial_losses)
+        if norms.shape != observed.shape:
+            raise ValueError(f"grad_norms: expected shape {observed.shape}, one norm per task, got shape {norms.shape}")
+        losses = _impute(observed, present, state.last, state.seen)
+        norms = _impute(norms, present, state.last_grad_norms, state.seen)
+        initial = jnp.where(state.seen, state.initial_losses, losses)  # L(0): a task's first observation
         w = state.weights
         weighted_norms = w * norms
         rel = losses / initial
@@ -517,8 +636,8 @@ def gradnorm(alpha: float = 1.5, learning_rate: float = 0.025, floor: float = 1e
         grad = (jnp.sign(weighted_norms - target) * norms).astype(w.dtype)
         updates, opt_state = optimizer.update(grad, state.opt_state, w)
         w_new = _sum_to_k(jnp.maximum(optax.apply_updates(w, updates), floor))
-        new_state = GradNormState(weights=w_new, initial_losses=initial, count=state.count + 1,
-                                  opt_state=opt_state)
+        new_state = GradNormState(weights=w_new, initial_losses=initial, count=state.count + 1, last=losses,
+                                  last_grad_norms=norms, seen=state.seen | present, opt_state=opt_state)
         return _finish(w, losses, new_state, state)
 
     return Weighting(init, update, needs=("grad_norms",))
@@ -564,9 +683,10 @@ def fixed(weights) -> Weighting:
             raise ValueError(f"weights must have one entry per task ({k}), got {np.shape(weights)}")
         return FixedState(weights=jnp.asarray(weights, dtype=jnp.result_type(float)))
 
-    def update(task_losses, state, **extra):
-        losses = _as_input(task_losses)
-        return _finish(jnp.broadcast_to(state.weights, losses.shape), losses, state, state)
+    def update(task_losses, state, present=None, **extra):
+        losses = _check_losses(task_losses, state.weights.shape[-1])
+        _check_present(present, losses)  # absent tasks change nothing: the weights are constant
+        return _finish(state.weights, losses, state, state)
 
     return Weighting(init, update)
 

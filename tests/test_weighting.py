@@ -434,3 +434,170 @@ def test_fixed_rejects_bad_weights(weights):
 def test_fixed_init_rejects_wrong_number_of_tasks():
     with pytest.raises(ValueError, match="weights"):
         weighting.fixed((1.0, 0.0)).init(K)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shape checks at trace time
+# ------------------------------------------------------------------------------------------------
+
+ALL_SCHEMES = list(weighting.SCHEMES) + ["fixed"]
+
+
+def make(name, **kwargs):
+    return weighting.fixed((1.0, 2.0, 0.5)) if name == "fixed" else weighting.get(name, **kwargs)
+
+
+@pytest.mark.parametrize("name", ALL_SCHEMES)
+@pytest.mark.parametrize("wrap", ["eager", "jit", "vmap"])
+def test_update_rejects_losses_for_another_number_of_tasks(name, wrap):
+    scheme = make(name)
+    state = scheme.init(K, jax.random.key(0))
+    extra = {"grad_norms": jnp.ones(4)} if scheme.needs else {}
+    update = scheme.update
+    losses = jnp.ones(4)
+    if wrap == "jit":
+        update = jax.jit(update)
+    elif wrap == "vmap":  # shapes inside vmap are the per-seed ones: the check still sees (4,) vs K = 3
+        state = jax.tree.map(lambda x: jnp.stack([x, x]), state)
+        losses = jnp.ones((2, 4))
+        extra = {n: jnp.ones((2, 4)) for n in extra}
+        update = jax.vmap(update)
+    with pytest.raises(ValueError, match=r"^task_losses: expected shape \(3,\)"):
+        update(losses, state, **extra)
+
+
+@pytest.mark.parametrize("name", ALL_SCHEMES)
+def test_update_rejects_a_present_mask_of_the_wrong_shape(name):
+    scheme = make(name)
+    state = scheme.init(K, jax.random.key(0))
+    with pytest.raises(ValueError, match="^present"):
+        scheme.update(jnp.ones(K), state, present=jnp.ones(2, bool), **extra_for(scheme, 0))
+
+
+def test_gradnorm_rejects_grad_norms_of_the_wrong_shape():
+    scheme = weighting.gradnorm()
+    with pytest.raises(ValueError, match="^grad_norms"):
+        scheme.update(jnp.ones(K), scheme.init(K), grad_norms=jnp.ones(4))
+
+
+# ------------------------------------------------------------------------------------------------
+# Tasks absent from a batch (present mask): the last observed loss stands in
+# ------------------------------------------------------------------------------------------------
+
+# Task 1 is absent at updates 2 and 3 (its "loss" there is garbage: NaN), task 2 at update 4.
+PRESENT = np.ones(LOSSES.shape, dtype=bool)
+PRESENT[2:4, 1] = False
+PRESENT[4, 2] = False
+
+
+def with_garbage(losses, present):
+    return np.where(present, losses, np.nan)
+
+
+def np_impute(values, present):
+    """The documented rule, written out: last observed value; never observed: mean of the known ones."""
+    out, last, seen = [], np.ones(values.shape[1]), np.zeros(values.shape[1], bool)
+    for v, p in zip(values, present):
+        known = p | seen
+        filled = np.where(p, v, last)
+        fallback = filled[known].mean() if known.any() else 1.0
+        filled = np.where(known, filled, fallback)
+        out.append(filled)
+        last, seen = filled, seen | p
+    return np.array(out)
+
+
+def run_present(scheme, losses, present, norms=GRAD_NORMS, key=0):
+    state = scheme.init(losses.shape[1], jax.random.key(key))
+    out = []
+    for t in range(len(losses)):
+        extra = {"grad_norms": jnp.asarray(norms[t])} if scheme.needs else {}
+        w, state = jax.jit(scheme.update)(jnp.asarray(losses[t]), state, present=jnp.asarray(present[t]), **extra)
+        out.append(np.asarray(w))
+    return np.array(out), state
+
+
+@pytest.mark.parametrize("name", ALL_SCHEMES)
+def test_absent_task_equals_the_scheme_on_its_last_observed_loss(name):
+    scheme = make(name)
+    weights, _ = run_present(scheme, with_garbage(LOSSES, PRESENT), PRESENT,
+                             norms=with_garbage(GRAD_NORMS, PRESENT))
+    assert np.all(np.isfinite(weights))
+    filled = np_impute(LOSSES, PRESENT)
+    # hand-written: task 1 carries its update-1 loss through updates 2 and 3, task 2 its update-3 loss
+    np.testing.assert_array_equal(filled[2:4, 1], LOSSES[1, 1])
+    np.testing.assert_array_equal(filled[4, 2], LOSSES[3, 2])
+    norms = np_impute(GRAD_NORMS, PRESENT)
+    state = scheme.init(K, jax.random.key(0))
+    expected = []
+    for t in range(len(LOSSES)):
+        extra = {"grad_norms": jnp.asarray(norms[t])} if scheme.needs else {}
+        w, state = scheme.update(jnp.asarray(filled[t]), state, **extra)
+        expected.append(np.asarray(w))
+    np.testing.assert_allclose(weights, np.array(expected), rtol=1e-12)
+
+
+def test_absent_task_matches_numpy_references():
+    filled, norms = np_impute(LOSSES, PRESENT), np_impute(GRAD_NORMS, PRESENT)
+    garbage, garbage_norms = with_garbage(LOSSES, PRESENT), with_garbage(GRAD_NORMS, PRESENT)
+    T = 2.0
+    w, _ = run_present(weighting.dwa(temperature=T), garbage, PRESENT)
+    expected = [np.ones(K), np.ones(K)] + [np_k_softmax((filled[t - 1] / filled[t - 2]) / T) for t in range(2, 6)]
+    np.testing.assert_allclose(w, np.array(expected), rtol=1e-12)
+    w, _ = run_present(weighting.famo(), garbage, PRESENT)
+    np.testing.assert_allclose(w, np_famo(filled)[0], rtol=1e-10)
+    for mode in HUQ_MODES:
+        w, _ = run_present(weighting.huq_pervin(temperature=0.5, mode=mode, beta=0.8), garbage, PRESENT)
+        np.testing.assert_allclose(w, np_huq_pervin(filled, 0.5, mode, 0.8), rtol=1e-12)
+    w, _ = run_present(weighting.gradnorm(learning_rate=0.05, optimizer=optax.sgd(0.05)), garbage, PRESENT,
+                       norms=garbage_norms)
+    np.testing.assert_allclose(w, np_gradnorm(filled, norms, alpha=1.5, lr=0.05, floor=1e-3)[0], rtol=1e-12)
+    # uncertainty: exp(-s)/2 with s stepped by plain SGD on (1 - exp(-s) L)/2, L the filled losses
+    lr, s = 0.3, np.zeros(K)
+    w, _ = run_present(weighting.uncertainty(optimizer=optax.sgd(lr)), garbage, PRESENT)
+    for t in range(len(LOSSES)):
+        np.testing.assert_allclose(w[t], np.exp(-s) / 2, rtol=1e-12)
+        s = s - lr * (1 - np.exp(-s) * filled[t]) / 2
+
+
+def test_all_present_mask_changes_nothing():
+    for name in ALL_SCHEMES:
+        scheme = make(name)
+        plain, _ = run(scheme)
+        masked, _ = run_present(scheme, LOSSES, np.ones(LOSSES.shape, bool))
+        np.testing.assert_allclose(masked, plain, rtol=1e-13, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ALL_SCHEMES)
+def test_a_task_absent_from_the_start_gets_finite_weights(name):
+    present = np.ones(LOSSES.shape, dtype=bool)
+    present[:3, 2] = False  # task 2 first observed at update 3
+    weights, state = run_present(make(name), with_garbage(LOSSES, present), present,
+                                 norms=with_garbage(GRAD_NORMS, present))
+    assert np.all(np.isfinite(weights)) and np.all(weights >= 0)
+    assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.inexact))
+
+
+def test_a_task_absent_from_the_start_restarts_its_history_at_its_first_observation():
+    present = np.ones(LOSSES.shape, dtype=bool)
+    present[:3, 2] = False
+    garbage = with_garbage(LOSSES, present)
+    filled = np_impute(LOSSES, present)
+    # never observed: the mean of the other two tasks' losses at that update
+    np.testing.assert_allclose(filled[:3, 2], LOSSES[:3, :2].mean(axis=1), rtol=1e-15)
+    # huq_pervin "relative": L_2(0) is task 2's first observation (update 3); signal 1 before
+    w, _ = run_present(weighting.huq_pervin(temperature=0.5, mode="relative"), garbage, present)
+    initial = np.array([LOSSES[0, 0], LOSSES[0, 1], LOSSES[3, 2]])
+    for t in range(len(LOSSES)):
+        signal = filled[t] / initial
+        if t < 3:
+            signal[2] = 1.0
+        np.testing.assert_allclose(w[t], np_k_softmax(signal / 0.5), rtol=1e-12)
+    # dwa: task 2's two stored losses restart at its first observation, so its ratio is 1 until
+    # two observed losses exist (updates 3, 4 -> ratio used at update 5)
+    w, _ = run_present(weighting.dwa(temperature=2.0), garbage, present)
+    for t in range(2, len(LOSSES)):
+        ratio = filled[t - 1] / filled[t - 2]
+        if t <= 4:
+            ratio[2] = 1.0
+        np.testing.assert_allclose(w[t], np_k_softmax(ratio / 2.0), rtol=1e-12)
