@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -73,6 +74,9 @@ class TrainState(NamedTuple):
     omega: (K, K) task-relationship matrix of the MTRL heads, or None without MTRL heads
     step: () int32, optimiser steps taken so far
     key: PRNG key from which the next batch is drawn
+    diverged_at: () int32, -1 while every step has been finite; else the index of the first step whose
+        losses or new state were non-finite (:func:`make_train_step`). The state is frozen from then on,
+        so ``step == diverged_at`` at the end of a diverged run.
     """
 
     params: Any
@@ -81,6 +85,7 @@ class TrainState(NamedTuple):
     omega: jax.Array | None
     step: jax.Array
     key: jax.Array
+    diverged_at: jax.Array
 
 
 class StepMetrics(NamedTuple):
@@ -92,6 +97,11 @@ class StepMetrics(NamedTuple):
     regulariser: () the MTRL head regulariser (0 without MTRL heads)
     grad_norms: (K,) norms of each unweighted task loss's gradient w.r.t. the last shared kernel,
         or None when the scheme does not need them
+    present: (K,) bool, the task has at least one sample in the batch (an absent task's loss is 0
+        and its term in ``total_loss`` is 0; the scheme is told, see :mod:`mtl_jax.weighting`)
+
+    After a run has diverged (:class:`TrainState` ``diverged_at``), the steps after the diverged one
+    record NaN in every float field and False in ``present``: no step was taken.
     """
 
     task_losses: jax.Array
@@ -99,6 +109,7 @@ class StepMetrics(NamedTuple):
     total_loss: jax.Array
     regulariser: jax.Array
     grad_norms: jax.Array | None
+    present: jax.Array
 
 
 class TestMetrics(NamedTuple):
@@ -117,11 +128,21 @@ class TrainResult(NamedTuple):
     """Output of :func:`train` (and, with a leading seed axis S on every leaf, of :func:`train_seeds`).
 
     state: the final :class:`TrainState`; history: :class:`StepMetrics` with leading axis T (steps);
-    test: :class:`TestMetrics` of the final parameters on the test split."""
+    test: :class:`TestMetrics` of the final parameters on the test split; diverged_at: () int32 (S,
+    under :func:`train_seeds`), -1 for a run whose steps were all finite, else the first step whose
+    losses or update were non-finite -- the run stopped there, ``state`` holds the last finite
+    parameters (those after ``diverged_at`` steps) and ``test`` is theirs."""
 
     state: TrainState
     history: StepMetrics
     test: TestMetrics
+    diverged_at: jax.Array
+
+
+class DivergenceWarning(RuntimeWarning):
+    """Warned by :func:`train` and :func:`train_seeds` when a run's losses or update became non-finite.
+
+    ``warnings.simplefilter("error", DivergenceWarning)`` turns it into an error."""
 
 
 # ----------------------------------------------------------------------------- losses and metrics
@@ -215,6 +236,7 @@ def init_state(
         omega=omega,
         step=jnp.zeros((), jnp.int32),
         key=k_loop,
+        diverged_at=jnp.full((), -1, jnp.int32),
     )
 
 
@@ -252,6 +274,7 @@ def make_train_step(
     batch_size: int | None = None,
     stratify: bool = False,
     mtrl: MTRLCoupling | None = None,
+    freeze_on_divergence: bool = True,
 ) -> Callable[[TrainState, Split], tuple[TrainState, StepMetrics]]:
     """A pure, jitted ``step(state, data) -> (state, StepMetrics)``.
 
@@ -263,11 +286,20 @@ def make_train_step(
       3. if the scheme needs ``grad_norms``: ``G_k = ||dL_k / dW_shared||``, W_shared the last shared
          kernel, from the same forward pass (K cotangent passes; under jit only the path from the
          losses back to that kernel is computed);
-      4. ``w, scheme_state = scheme.update(L, scheme_state, **extra)``, ``w`` stop-gradient'ed;
+      4. ``w, scheme_state = scheme.update(L, scheme_state, present=present, **extra)``, ``w``
+         stop-gradient'ed; ``present`` (K,) bool marks the tasks with a sample in the batch (an absent
+         task's L is 0 with no gradient, and the scheme uses its last observed loss instead);
       5. grads = ``vjp(w)`` = gradient of ``sum_k w_k L_k`` (+ the gradient of the MTRL regulariser
          ``R(H, Omega)`` with Omega from the state), optax update;
       6. ``step += 1``; with MTRL heads, Omega is recomputed in closed form from the new heads when
-         ``step % mtrl.every == 0`` (so after ``n * every`` steps, Omega = omega_update(H(params))).
+         ``step % mtrl.every == 0`` (so after ``n * every`` steps, Omega = omega_update(H(params)));
+      7. divergence: if ``L``, the weights or the total loss, or any float leaf of the new state
+         (params, optimizer and scheme states, Omega) is non-finite, ``diverged_at`` is set to this
+         step's index (``state.step``) and -- with ``freeze_on_divergence`` (the default) -- the state
+         is left as it was: no update is applied, now or later (``jnp.where`` selects, so this works
+         under vmap, where each seed freezes on its own). This step's metrics are recorded as computed;
+         every later step records NaN (``present`` False). ``freeze_on_divergence=False`` applies every
+         update regardless (the plain loop, e.g. as a reference), still recording ``diverged_at``.
     """
     kinds = tuple(task_kinds)
     needs = tuple(getattr(scheme, "needs", ()))
@@ -290,6 +322,9 @@ def make_train_step(
         x, ys, mask = draw_batch(data, batch_key, batch_size, stratify)
         losses, vjp_fn = jax.vjp(lambda p: task_losses(model, p, x, ys, mask, kinds), state.params)
         num_tasks = losses.shape[0]
+        # A task with no sample in the batch has loss 0/1 = 0 (no gradient); the scheme must not take
+        # that 0 for a loss (dwa's ratios would become 0/0), so it is told which tasks are present.
+        present = jnp.any(mask, axis=0)
 
         extra, grad_norms = {}, None
         if wants_grad_norms:
@@ -300,7 +335,7 @@ def make_train_step(
             grad_norms = jnp.sqrt(jnp.sum(kernel_grads**2, axis=tuple(range(1, kernel_grads.ndim))))
             extra["grad_norms"] = grad_norms
 
-        weights, scheme_state = scheme.update(losses, state.scheme_state, **extra)
+        weights, scheme_state = scheme.update(losses, state.scheme_state, present=present, **extra)
         weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
         (grads,) = vjp_fn(weights)
         total = jnp.dot(weights, losses)
@@ -322,10 +357,51 @@ def make_train_step(
         if mtrl is not None:
             omega = refresh_omega(params, state.omega, step_count, mtrl.every, mtrl.eps)
 
-        new_state = TrainState(params, opt_state, scheme_state, omega, step_count, key)
-        return new_state, StepMetrics(losses, weights, total, regulariser, grad_norms)
+        metrics = StepMetrics(losses, weights, total, regulariser, grad_norms, present)
+        new_state = TrainState(params, opt_state, scheme_state, omega, step_count, key, state.diverged_at)
+
+        finite = _all_finite((losses, weights, total, new_state))
+        was_diverged = state.diverged_at >= 0
+        diverged_at = jnp.where(was_diverged | finite, state.diverged_at, state.step).astype(jnp.int32)
+        new_state = new_state._replace(diverged_at=diverged_at)
+        if freeze_on_divergence:
+            # Frozen: the state before the first non-finite step, kept to the end of the scan (under
+            # vmap a where, not a branch, so each seed freezes on its own).
+            stop = diverged_at >= 0
+            new_state = _select(stop, state._replace(diverged_at=diverged_at), new_state)
+            metrics = jax.tree.map(lambda m: _after_divergence(was_diverged, m), metrics)
+        return new_state, metrics
 
     return step
+
+
+def _float_leaves(tree) -> list:
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+
+
+def _all_finite(tree) -> jax.Array:
+    """() bool: every float leaf of ``tree`` is finite (PRNG keys and integer leaves are skipped)."""
+    checks = [jnp.all(jnp.isfinite(x)) for x in _float_leaves(tree)]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.ones((), bool)
+
+
+def _select(pred: jax.Array, on_true, on_false):
+    """Leaf-wise ``jnp.where`` over two pytrees of the same structure (PRNG keys through their data)."""
+    def pick(a, b):
+        if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+            impl = jax.random.key_impl(a)
+            return jax.random.wrap_key_data(jnp.where(pred, jax.random.key_data(a), jax.random.key_data(b)),
+                                            impl=impl)
+        return jnp.where(pred, a, b)
+
+    return jax.tree.map(pick, on_true, on_false)
+
+
+def _after_divergence(was_diverged: jax.Array, metric: jax.Array) -> jax.Array:
+    """A step's metric, or its 'no step taken' value (NaN; False for ``present``) once diverged."""
+    if jnp.issubdtype(metric.dtype, jnp.inexact):
+        return jnp.where(was_diverged, jnp.full_like(metric, jnp.nan), metric)
+    return jnp.where(was_diverged, jnp.zeros_like(metric), metric)
 
 
 # ----------------------------------------------------------------------------- config and the loop
@@ -516,7 +592,7 @@ def make_run(
         key = jax.random.key(seed)
         state = init_state(model, scheme, optimizer, key, train_split.x[:1], mtrl=mtrl, params=params)
         state, history = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=config.steps)
-        return TrainResult(state, history, evaluate(model, state.params, test_split, spec.kinds))
+        return TrainResult(state, history, evaluate(model, state.params, test_split, spec.kinds), state.diverged_at)
 
     return run
 
@@ -564,11 +640,30 @@ def _prepare(config: TrainConfig, data: MultiTaskDataset):
     return init_fns, run_fns, to_device(data.train, spec, dtype), to_device(data.test, spec, dtype)
 
 
+def _warn_if_diverged(diverged_at, seeds: Sequence[int]) -> None:
+    """Warn (:class:`DivergenceWarning`) naming each diverged seed and its step; waits for the run."""
+    steps = np.asarray(diverged_at).reshape(-1)
+    bad = [f"seed {int(s)} at step {int(t)}" for s, t in zip(seeds, steps) if t >= 0]
+    if bad:
+        warnings.warn(
+            f"training diverged (non-finite loss or update) for {len(bad)} of {len(steps)} run(s): "
+            f"{', '.join(bad)}. Each stopped there: its parameters are the last finite ones, its history "
+            f"is NaN after that step, and its test metrics are those of the stopped model "
+            f"(TrainResult.diverged_at; -1 for the runs that did not diverge).",
+            DivergenceWarning, stacklevel=3)
+
+
 def train(config: TrainConfig, data: MultiTaskDataset) -> TrainResult:
-    """Train one model with ``config.seed``; returns :class:`TrainResult` (history leading axis T)."""
+    """Train one model with ``config.seed``; returns :class:`TrainResult` (history leading axis T).
+
+    A run whose losses or update become non-finite stops at that step (``TrainResult.diverged_at``,
+    :func:`make_train_step`) and a :class:`DivergenceWarning` names the step; this waits for the run
+    to finish."""
     (init_one, _), (run_one, _), train_split, test_split = _prepare(config, data)
     seed = jnp.asarray(config.seed, jnp.int32)
-    return run_one(seed, init_one(seed, train_split.x[:1]), train_split, test_split)
+    result = run_one(seed, init_one(seed, train_split.x[:1]), train_split, test_split)
+    _warn_if_diverged(result.diverged_at, [config.seed])
+    return result
 
 
 def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]) -> TrainResult:
@@ -579,11 +674,18 @@ def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int
     floating-point reassociation). Every leaf of the returned :class:`TrainResult` gains a leading
     axis S = len(seeds): ``history.task_losses`` (S, T, K), ``test.accuracy`` (S, K), and so on.
     ``config.seed`` is ignored.
+
+    A seed whose losses or update become non-finite stops at that step, on its own (the others go
+    on); ``diverged_at`` (S,) gives the step (-1 for the others) and one :class:`DivergenceWarning`
+    names every diverged seed and its step. The result is returned in full, so one diverged seed does
+    not end a sweep; this waits for the runs to finish.
     """
     arr = np.asarray(list(seeds) if isinstance(seeds, range) else seeds)
     if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
         raise ValueError(f"seeds: must be a non-empty 1-D sequence of integers, got {seeds!r}")
     seeds = [check_int("seeds", int(s), low=0, high=_SEED_LIMIT) for s in arr]
     (_, init_many), (_, run_many), train_split, test_split = _prepare(config, data)
-    seeds = jnp.asarray(seeds, jnp.int32)
-    return run_many(seeds, init_many(seeds, train_split.x[:1]), train_split, test_split)
+    seed_array = jnp.asarray(seeds, jnp.int32)
+    result = run_many(seed_array, init_many(seed_array, train_split.x[:1]), train_split, test_split)
+    _warn_if_diverged(result.diverged_at, seeds)
+    return result
