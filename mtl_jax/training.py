@@ -20,12 +20,16 @@ Typical use (what an experiment or benchmark script needs)::
     res.history.task_losses   # (S, T, K) batch losses per step, unweighted
     res.history.weights       # (S, T, K) the weights the scheme gave at each step
     res.test.accuracy         # (S, K) per-task test accuracy (NaN for regression tasks)
+    res.diverged_at           # (S,) first non-finite step of each seed, -1 if none (then warned)
 
 Losses: softmax cross-entropy for a classification task, mean squared error (averaged over the task's
 outputs) for a regression task. A task's batch loss is the mean over the batch samples that its mask
-marks; a task with no marked sample in the batch gets loss 0 (its gradient is 0) -- which schemes that
-divide by losses (dwa, famo, gradnorm) cannot take, so for tasks on disjoint samples use
-``stratify=True`` or the full batch. Batches are drawn on the device from the state's key
+marks; a task with no marked sample in the batch is absent: its loss is 0 with no gradient, so its term
+in the total is 0, and the scheme gets ``present[k] = False`` and uses the task's last observed loss
+instead (:mod:`mtl_jax.weighting`; ``history.present`` records it). ``stratify=True`` puts every task in
+every batch. Divergence: a step whose losses or update are non-finite stops the run there, frozen
+(``TrainResult.diverged_at``, :func:`make_train_step`), and :func:`train` / :func:`train_seeds` warn
+(:class:`DivergenceWarning`) naming the seed and step. Batches are drawn on the device from the state's key
 (:func:`draw_batch`: uniformly with replacement, or stratified by task; ``batch_size=None``: the full
 training set at every step), so the same seed gives the same numbers.
 """
