@@ -186,12 +186,37 @@ def _gram_eigh(Z):
     O(m d min(m, d)), several times less than an SVD of the tall matrix, and the solvers only ever
     need ``Z`` mapped through a function of its singular values. Singular values come out accurate
     to about ``eps * s_max^2 / s``: exact enough for the large ones, and the small ones are shrunk
-    to zero by every prox used here.
+    to zero by every prox used here. ``Z`` is first scaled by a power of two (exact) so that the
+    Gram matrix is representable at any scale of ``Z``.
     """
     m, d = Z.shape
-    gram = Z.T @ Z if m >= d else Z @ Z.T
-    lam, Q = jnp.linalg.eigh(gram)
-    return jnp.sqrt(jnp.maximum(lam[::-1], 0.0)), Q[:, ::-1]
+    e = _scale_exponent(Z)
+
+    def roots_and_vectors(A):
+        lam, Q = jnp.linalg.eigh(A.T @ A if m >= d else A @ A.T)
+        return jnp.sqrt(jnp.maximum(lam[::-1], 0.0)), Q[:, ::-1]
+
+    def scaled(Z):  # exact: the largest entry of Z 2^-e lies in [1/2, 1), so the Gram is representable
+        s, Q = roots_and_vectors(jnp.ldexp(Z, -e))
+        return jnp.ldexp(s, e), Q
+
+    # A branch, not a multiplication by 1: the unscaled path stays the program it was, bit for bit.
+    return jax.lax.cond(e == 0, roots_and_vectors, scaled, Z)
+
+
+def _scale_exponent(Z):
+    """``e`` with ``max|Z|`` in ``[2^(e-1), 2^e)``, or 0 where no scaling is needed; ``Z 2^-e`` is exact.
+
+    Without it the Gram matrix of a ``Z`` with entries below ~1e-154 (float64) underflows and one
+    with entries above ~1e154 overflows (W and X^T alpha of features scaled by 1e-160 or 1e150).
+    ``Z`` within a quarter of the exponent range of 1 (``|e| <= maxexp / 4``: 2^+-256 in float64,
+    2^+-32 in float32) is left alone, so results there are bitwise those of the unscaled Gram (LAPACK's
+    ``eigh`` is not exactly scale-equivariant). ``e`` is clamped so that the scale itself stays
+    finite (a subnormal ``Z``); ``Z = 0`` gives 0.
+    """
+    maxexp = jnp.finfo(Z.dtype).maxexp
+    _, e = jnp.frexp(jnp.max(jnp.abs(Z)))
+    return jnp.where(jnp.abs(e) <= maxexp // 4, 0, jnp.maximum(e, 2 - maxexp))
 
 
 def _svd_map(Z, fn):

@@ -247,3 +247,26 @@ def test_objective_of_a_low_rank_w_matches_an_svd_reference_to_round_off():
     expected = loss + 0.1 / 2 * np.sum(W**2) + 1.0 / 2 * np.sum(s) ** 2
     got = mtl_jax.objective(W, X, y, task, lam1=0.1, lam2=1.0)
     assert abs(got - expected) <= 1e-13 * expected
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (3, 5)])
+@pytest.mark.parametrize("k", [-600, -520, 0, 520, 600])
+def test_gram_maps_are_exact_under_power_of_two_scaling(rng, shape, k):
+    """The Gram route of the prox and of grad R* works at any scale: prox(2^k Z; c) = 2^k prox(Z; c)
+    (the map is positively homogeneous), also where Z^T Z itself would under- or overflow."""
+    Z = rng.normal(size=shape)
+    s = 2.0**k
+    ref = np.asarray(mtrl.prox_trace_norm_sq(jnp.asarray(Z), 0.3))
+    got = np.asarray(mtrl.prox_trace_norm_sq(jnp.asarray(Z * s), 0.3))
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got / s, ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max())
+    W, conj, _ = mtrl.TraceNormSq(0.1, 1.0).conjugate(jnp.asarray(Z * s))
+    W_ref, conj_ref, _ = mtrl.TraceNormSq(0.1, 1.0).conjugate(jnp.asarray(Z))
+    np.testing.assert_allclose(np.asarray(W) / s, np.asarray(W_ref), rtol=1e-12, atol=1e-14 * np.abs(W_ref).max())
+    if abs(k) < 500:  # R*(V) scales by s^2 and is itself representable
+        np.testing.assert_allclose(float(conj) / s**2, float(conj_ref), rtol=1e-12)
+
+
+def test_gram_map_of_zero_is_zero():
+    W, conj, reg = mtrl.TraceNormSq(0.1, 1.0).conjugate(jnp.zeros((4, 3)))
+    assert np.all(np.asarray(W) == 0) and float(conj) == 0 and float(reg) == 0

@@ -170,3 +170,18 @@ def test_lmax_reuse_follows_the_data():
     fresh = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0)
     np.testing.assert_array_equal(scaled.W, fresh.W)
     assert scaled.converged
+
+
+def test_lipschitz_constants_are_floored_and_finite():
+    """All-zero features give lambda_max = 0; the step 1 / L must stay finite (inf * 0 is NaN)."""
+    from mtl_jax.solvers.apg import dual_lipschitz, lipschitz_floor, primal_lipschitz
+
+    lmax, counts = jnp.zeros(3), jnp.array([2, 3, 4])
+    reg = mtrl.TraceNormSq(jnp.asarray(0.1), jnp.asarray(1.0))
+    floor = lipschitz_floor(jnp.float64)
+    assert 0 < floor and np.isfinite(1 / floor)
+    assert float(primal_lipschitz("squared", lmax, counts)) == floor
+    np.testing.assert_allclose(float(primal_lipschitz("squared", lmax, counts, reg)), np.finfo(float).eps * 0.1)
+    assert float(dual_lipschitz(reg, lmax)) == floor
+    # no floor where the data sets the constant: 2 * max(lmax / n)
+    assert float(primal_lipschitz("squared", jnp.array([4.0, 3.0, 8.0]), counts, reg)) == 4.0

@@ -152,17 +152,42 @@ def _lmax_blocks(m: int, gram_bytes: int, budget: int = 32 << 20) -> int:
     return 1
 
 
-def primal_lipschitz(loss: Loss, lmax, counts):
-    """Lipschitz constant of the loss part's gradient: ``curvature * max_t lmax_t / n_t``.
+def primal_lipschitz(loss: Loss, lmax, counts, reg=None):
+    """Lipschitz constant of the loss part's gradient: ``curvature * max_t lmax_t / n_t``, floored.
 
     ``lmax`` (m,) holds ``lambda_max(X_t^T X_t)`` per site, or an upper bound (:func:`gram_lmax_bound`).
+    The step is ``1 / L``, so ``L`` is floored (:func:`lipschitz_floor`): all-zero features give
+    ``L = 0`` and an infinite step (``inf * 0 = NaN`` in the gradient step), features below ~1e-154
+    a subnormal ``L``. Any ``L`` above the true constant is a valid (shorter) step.
+    With ``reg`` given, the floor is also ``eps * mu`` (``mu = 1 / Lip(grad R*)``, the strong convexity
+    of ``R``: lam1 for J): then ``step * lam1 <= 1 / eps``, so the prox's ``1 + step lam1`` stays finite,
+    and where the floor acts the loss part's curvature is below ``eps`` of the regulariser's.
     """
-    return get_loss(loss).curvature * jnp.max(lmax / jnp.maximum(counts, 1))
+    L = get_loss(loss).curvature * jnp.max(lmax / jnp.maximum(counts, 1))
+    floor = lipschitz_floor(L.dtype)
+    if reg is not None:
+        floor = jnp.maximum(floor, jnp.finfo(L.dtype).eps / reg.conjugate_lipschitz())
+    return jnp.maximum(L, floor)
 
 
 def dual_lipschitz(reg, lmax):
-    """Lipschitz constant of the smooth dual part's gradient: ``Lip(grad R*) * max_t lmax_t``."""
-    return reg.conjugate_lipschitz() * jnp.max(lmax)
+    """Lipschitz constant of the smooth dual part's gradient: ``Lip(grad R*) * max_t lmax_t``, floored.
+
+    ``0`` for all-zero features (the smooth part is then constant); the floor of
+    :func:`lipschitz_floor` keeps the step ``1 / L`` finite, so the step's ``step * X W`` is 0, not NaN.
+    """
+    L = reg.conjugate_lipschitz() * jnp.max(lmax)
+    return jnp.maximum(L, lipschitz_floor(L.dtype))
+
+
+def lipschitz_floor(dtype):
+    """``tiny / eps`` (~1e-292 in float64, ~1e-31 in float32): the smallest Lipschitz constant used.
+
+    Its step ``eps / tiny`` is finite with room to spare (a step times a gradient of size up to
+    ``max / step`` stays finite), and it is far below the constant of any data with entries above ~1e-140.
+    """
+    info = jnp.finfo(dtype)
+    return info.tiny / info.eps
 
 
 def _primal_certificate(W, a, grad, sites, loss: Loss, reg, reg_at_W):
