@@ -14,9 +14,10 @@ def _unequal(rng):
     return X, y, task, sizes
 
 
-def test_round_trip_restores_original_rows_exactly(rng):
+@pytest.mark.parametrize("layout", ["auto", "padded", "chunked"])
+def test_round_trip_restores_original_rows_exactly(rng, layout):
     X, y, task, _ = _unequal(rng)
-    Xr, yr, tr = from_sites(to_sites(X, y, task))
+    Xr, yr, tr = from_sites(to_sites(X, y, task, layout=layout))
     np.testing.assert_array_equal(Xr, X)
     np.testing.assert_array_equal(yr, y)
     np.testing.assert_array_equal(tr, task)
@@ -37,7 +38,7 @@ def test_sites_layout_matches_a_loop_reference(rng):
 
 def test_padding_is_zero_and_masked(rng):
     X, y, task, sizes = _unequal(rng)
-    s = to_sites(X, y, task)
+    s = to_sites(X, y, task, layout="padded")
     assert s.mask.dtype == s.X.dtype
     expected_mask = np.arange(s.n_max)[None, :] < np.array(sizes)[:, None]
     np.testing.assert_array_equal(s.mask, expected_mask.astype(float))
@@ -55,7 +56,7 @@ def test_n_max_too_small_raises(rng):
 
 def test_sites_vmap_masked_sums(rng):
     X, y, task, _ = _unequal(rng)
-    s = to_sites(X, y, task)
+    s = to_sites(X, y, task, layout="padded")
     sums = jax.vmap(lambda Xt, mt: (Xt * mt[:, None]).sum(0))(s.X, s.mask)
     expected = np.stack([X[task == t].sum(0) for t in range(4)])
     np.testing.assert_allclose(sums, expected, rtol=1e-12)
@@ -105,3 +106,104 @@ def test_packed_sites_do_not_share_memory_with_the_input(rng):
     before = np.asarray(s.X).copy()
     X[:] = 0.0
     np.testing.assert_array_equal(np.asarray(s.X), before)
+
+
+# --- the chunked layout (long-tailed task sizes) ---------------------------------------------------
+
+def _skewed(rng, d=3):
+    sizes = [40, 1, 1, 3, 1, 9, 1]                      # one large task, several of one row
+    task = rng.permutation(np.repeat(np.arange(len(sizes)), sizes))
+    return rng.normal(size=(task.size, d)), rng.normal(size=task.size), task, sizes
+
+
+def test_auto_layout_pads_equal_sizes_and_chunks_long_tails(rng):
+    X, y, task, sizes = _skewed(rng)
+    assert to_sites(X, y, task).chunked                 # 7 x 40 padded rows > 2 N = 112
+    m, n = 6, 5
+    equal = to_sites(rng.normal(size=(m * n, 2)), rng.normal(size=m * n), np.repeat(np.arange(m), n))
+    assert not equal.chunked and equal.X.shape == (m, n, 2) and equal.site is None
+    s = to_sites(X, y, task, n_max=40)                  # n_max selects the padded layout
+    assert not s.chunked and s.X.shape == (7, 40, 3)
+
+
+def test_chunked_layout_matches_a_loop_reference(rng):
+    X, y, task, sizes = _skewed(rng)
+    s = to_sites(X, y, task, chunk=4)
+    blocks = [-(-n // 4) for n in sizes]
+    assert s.X.shape == (sum(blocks), 4, 3) and s.num_sites == 7 and s.num_blocks == sum(blocks) and s.n_max == 4
+    np.testing.assert_array_equal(s.site, np.repeat(np.arange(7), blocks))
+    np.testing.assert_array_equal(s.counts, sizes)
+    index, Xs, ys, mask = (np.asarray(a) for a in (s.index, s.X, s.y, s.mask))
+    for t in range(7):
+        rows = np.flatnonzero(task == t)                # original order, across the site's chunks
+        slots = index[np.asarray(s.site) == t].reshape(-1)
+        np.testing.assert_array_equal(slots[:len(rows)], rows)
+        assert np.all(slots[len(rows):] == -1)          # padding only at the end of the last chunk
+    real = index >= 0
+    np.testing.assert_array_equal(mask, real.astype(float))
+    np.testing.assert_array_equal(Xs[real], X[index[real]])
+    np.testing.assert_array_equal(ys[real], y[index[real]])
+    assert np.all(Xs[~real] == 0) and np.all(ys[~real] == 0)
+
+
+def test_contractions_agree_across_layouts(rng):
+    """margins, feature_sums, sample_weights and the objectives: the same numbers on either layout."""
+    import jax.numpy as jnp
+
+    from mtl_jax import mtrl
+    from mtl_jax.data.sites import feature_sums, margins, sample_weights, site_sums
+    from mtl_jax.solvers.apg import gram_lmax_bound
+
+    X, y, task, sizes = _skewed(rng)
+    W = jnp.asarray(rng.normal(size=(7, 3)))
+    padded, chunked = to_sites(X, y, task, layout="padded"), to_sites(X, y, task, chunk=4)
+
+    def flat(s, a):  # per-slot values back to input order
+        index = np.asarray(s.index)
+        out = np.zeros(len(y))
+        out[index[index >= 0]] = np.asarray(a)[index >= 0]
+        return out
+
+    for s in (padded, chunked):
+        np.testing.assert_allclose(flat(s, margins(W, s)), np.sum(X * np.asarray(W)[task], 1), rtol=1e-13)
+        np.testing.assert_allclose(flat(s, sample_weights(s)), 1.0 / np.array(sizes)[task], rtol=1e-15)
+        r = rng.normal(size=len(y))
+        coef = np.zeros(s.y.shape)
+        index = np.asarray(s.index)
+        coef[index >= 0] = r[index[index >= 0]]
+        expected = np.stack([X[task == t].T @ r[task == t] for t in range(7)])
+        np.testing.assert_allclose(feature_sums(jnp.asarray(coef), s), expected, rtol=1e-12, atol=1e-13)
+        np.testing.assert_allclose(site_sums(jnp.asarray(s.mask).sum(1), s), sizes)
+        lmax = np.array([np.linalg.eigvalsh(X[task == t].T @ X[task == t])[-1] for t in range(7)])
+        bound = np.asarray(gram_lmax_bound(s))
+        assert np.all(bound >= lmax * (1 - 1e-12)) and np.all(bound <= 1.2 * lmax)
+    reg = mtrl.TraceNormSq(0.3, 0.7)
+    alpha_flat = rng.normal(size=len(y))
+    values = []
+    for s in (padded, chunked):
+        index = np.asarray(s.index)
+        alpha = np.zeros(s.y.shape)
+        alpha[index >= 0] = alpha_flat[index[index >= 0]]
+        values.append([float(mtrl.objective_J(W, s, lam1=0.3, lam2=0.7)),
+                       float(mtrl.dual_objective(jnp.asarray(alpha), s, reg, "squared")[0]),
+                       float(mtrl.duality_gap(W, jnp.asarray(alpha), s, reg, "squared"))])
+    np.testing.assert_allclose(values[0], values[1], rtol=1e-12)
+
+
+def test_layout_options_are_checked(rng):
+    X, y, task, _ = _skewed(rng)
+    with pytest.raises(ValueError, match="^layout"):
+        to_sites(X, y, task, layout="flat")
+    with pytest.raises(ValueError, match="^chunk"):
+        to_sites(X, y, task, layout="padded", chunk=4)
+    with pytest.raises(ValueError, match="^chunk"):
+        to_sites(X, y, task, chunk=0)
+    with pytest.raises(ValueError, match="^n_max"):
+        to_sites(X, y, task, layout="chunked", n_max=40)
+
+
+def test_choose_chunk_trades_padding_for_chunks():
+    from mtl_jax.data.sites import choose_chunk
+
+    assert choose_chunk([40] * 10) == 40                # equal sizes: one chunk per site
+    assert choose_chunk([20000] + [1] * 999) in (4, 8)  # a long tail: a few rows per chunk
