@@ -11,7 +11,7 @@ from mtl_jax.data.sites import pack_sites, to_sites
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
 from mtl_jax.solvers import centralized
 from mtl_jax.solvers.base import check_options, history_columns
-from mtl_jax.validation import check_int, check_real, validate_dataset, validate_lams
+from mtl_jax.validation import check_array, check_int, check_real, check_scale, validate_dataset, validate_lams
 
 SOLVERS = names.SOLVERS
 
@@ -27,7 +27,8 @@ class FitResult:
         (round, objective J, duality gap, bytes communicated, seconds).
       objective: J(W) at the end.
       gap: the final duality gap of J, an upper bound on ``J(W) - min J``.
-      converged: whether ``gap <= tol * J(W)`` was reached.
+      converged: whether ``gap <= tol * |J(W)|`` was reached (at ``J = 0`` only ``gap <= 0`` converges:
+        ``J >= 0``, so ``J(W) = 0`` means ``W`` is optimal and the certificate then gives ``gap = 0``).
       iterations: iterations (APG) or alternations run.
       config: the arguments of the fit, for the record.
       alpha: (N,) the certificate's dual variables, one per sample, in the input order.
@@ -53,11 +54,22 @@ class FitResult:
 
     @property
     def relative_gap(self) -> float:
-        return self.gap / abs(self.objective) if self.objective else float("inf")
+        """``gap / max(|J(W)|, tiny)``: the gap relative to the objective, the quantity ``tol`` bounds.
+
+        ``tiny`` is the smallest normal float64, so ``gap = 0`` gives 0 also when ``J(W) = 0`` (zero
+        targets: ``W = 0`` is optimal and certified exactly), never ``0 / 0``; a positive gap at
+        ``J = 0`` gives a huge value (``inf`` only past the float range).
+        """
+        return _relative_gap(self.gap, self.objective)
 
     def history_arrays(self) -> dict[str, np.ndarray]:
         """The history as a dict of arrays keyed by the :class:`HistoryRecord` field names."""
         return history_columns(self.history)
+
+
+def _relative_gap(gap: float, objective: float) -> float:
+    """``gap / max(|objective|, tiny)`` (see :attr:`FitResult.relative_gap`)."""
+    return float(gap) / max(abs(float(objective)), float(np.finfo(np.float64).tiny))
 
 
 def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method="apg", tol=1e-6,
@@ -77,20 +89,44 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
       loss: "squared" ``(y - a)^2``, "hinge" or "logistic".
       solver: "centralized" (the distributed "dmtrl" solver comes with its own issue).
       method: "apg" (fast, certified; default), "alternating" (classic MTRL), "apg_primal", "apg_dual".
-      tol: relative duality-gap tolerance on J.
-      max_iter: iteration cap (APG, default 5000) or alternation cap (default 100).
+      tol: relative duality-gap tolerance on J, a finite number >= 0: stop when ``gap <= tol * |J(W)|``.
+      max_iter: iteration cap (APG, default 5000) or alternation cap (default 100), an integer >= 1.
       W0: (m, d) warm start (primal methods), e.g. the ``W`` of an earlier result.
       alpha0: (N,) warm start of the dual variables, in the input row order (dual methods, and the
         hinge W-step of the alternation), e.g. the ``alpha`` of an earlier result.
       num_tasks: m, when it is larger than ``max(task) + 1`` would say (every task still needs data).
-      eps: relative eigenvalue floor of the Omega-step.
-      **solver_options: ``inner_tol``, ``inner_max_iter`` of the alternation's W-step.
+      eps: relative eigenvalue floor of the Omega-step, ``0 < eps < 1``: the floor is ``eps`` times the
+        mean eigenvalue of ``(W W^T)^{1/2}``, so ``eps >= 1`` would lift every eigenvalue below the
+        mean to at least the mean and wash out the task relationships that Omega is for.
+      **solver_options: ``inner_tol`` (>= 0), ``inner_max_iter`` (integer >= 1) of the alternation's W-step.
+
+    Scale of the data. Small scales are handled: all-zero features (or an all-zero task) give
+    ``W = 0`` there, and tiny features (tested at 1e-160 with lam1 = 0.1) give the exact optimum
+    (the solvers floor their Lipschitz constants and normalise their Gram matrices by powers of two;
+    ``method="alternating"``, a reference, may stop at ``W = 0`` there, which its certificate shows
+    to be optimal to ~1e-320). Large scales are refused, before any work, where an intermediate
+    value would overflow (``mtl_jax.validation.scale_limits``; ``F = finfo.max / 64``, about 2.8e306
+    in float64, ``n`` the largest task's sample count, ``d`` the features, ``m`` the tasks):
+    ``max|X| <= sqrt(F / (n d))`` (``lambda_max(X_t^T X_t)``, about 1.7e153 / sqrt(n d)),
+    for squared loss ``max|y| <= sqrt(F / (4 m))`` (``J`` itself, about 8e152 / sqrt(m)), and
+    ``max|X| r <= sqrt(F lam1 / (2 m d))`` with ``r = 2 max|y|`` (squared) or 1 (the certificate's
+    ``R*(X^T alpha)``; ValueError naming ``lam1``). Rescaling is exact for powers of two:
+    ``X -> 2^-k X`` with ``lam1, lam2 -> 4^-k lam1, 4^-k lam2`` leaves J and the margins unchanged
+    and maps ``W -> 2^k W``; for squared loss ``y -> r y`` maps ``W -> r W`` and ``J -> r^2 J``.
+    Within the limits the certificate is still only as good as floating point allows: when
+    ``lam1`` is tiny against ``max|X|^2`` (below about ``eps^2 / tol`` of it) the gap cannot reach
+    ``tol`` and the fit reports ``converged=False`` with the (valid) gap it has.
 
     Returns:
       a :class:`FitResult`.
+
+    Raises:
+      ValueError: naming the argument (``X``, ``y``, ``task``, ``lam1``, ``lam2``, ``tol``, ``max_iter``,
+        ``W0``, ``alpha0``, ``num_tasks``, ``eps``, ``inner_tol``, ``inner_max_iter``, ...) and what is wrong.
     """
     X, y, task, m = validate_dataset(X, y, task, loss=loss, num_tasks=num_tasks)
-    lam1, lam2 = validate_lams(lam1, lam2)
+    lam1, lam2 = validate_lams(lam1, lam2, scalar=True)  # arrays of weights are sweeps, not one fit
+    check_scale(X, y, np.bincount(task, minlength=m), lam1=lam1, loss=loss)
     if solver == "dmtrl":
         raise ValueError("solver: 'dmtrl' (the distributed dual solver) is not available yet; use solver='centralized'")
     if solver not in SOLVERS:
@@ -101,10 +137,10 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1, high=2**31)
     eps = check_real("eps", eps, strict=True)
+    if eps >= 1:
+        raise ValueError(f"eps: must be a finite number in (0, 1) (the Omega-step's relative floor), got {eps!r}")
     if W0 is not None:
-        W0 = np.asarray(W0, dtype=X.dtype)
-        if W0.shape != (m, X.shape[1]) or not np.all(np.isfinite(W0)):
-            raise ValueError(f"W0 must be a finite ({m}, {X.shape[1]}) array, got shape {W0.shape}")
+        W0 = check_array("W0", W0, (m, X.shape[1]), X.dtype)
     check_options(solver_options, centralized.OPTIONS, "solver_options")
     if "inner_tol" in solver_options:
         solver_options["inner_tol"] = check_real("inner_tol", solver_options["inner_tol"])
@@ -144,15 +180,13 @@ def _data_key(X, task, m):
 
 def _dual_start(alpha0, y, task, loss, index):
     """``alpha0`` (N,) in input order -> padded (m, n_max), checked to lie in the dual domain."""
-    alpha0 = np.asarray(alpha0, dtype=y.dtype)
-    if alpha0.shape != y.shape or not np.all(np.isfinite(alpha0)):
-        raise ValueError(f"alpha0 must be a finite array of shape {y.shape}, got shape {alpha0.shape}")
+    alpha0 = check_array("alpha0", alpha0, y.shape, y.dtype)
     if loss in ("hinge", "logistic"):
         # Dual domain: 0 <= y alpha <= c_t = 1 / n_t.
         c = 1.0 / np.bincount(task)[task]
         scaled = y * alpha0 / c
         if np.any(scaled < -1e-9) or np.any(scaled > 1 + 1e-9):
-            raise ValueError("alpha0 is not dual feasible: need 0 <= y * alpha0 <= 1 / n_t for every sample")
+            raise ValueError("alpha0: not dual feasible: need 0 <= y * alpha0 <= 1 / n_t for every sample")
         alpha0 = y * c * np.clip(scaled, 0.0, 1.0)
     padded = np.zeros(index.shape, dtype=alpha0.dtype)
     padded[index >= 0] = alpha0[index[index >= 0]]
@@ -163,19 +197,21 @@ def objective(W, X, y, task, *, lam1, lam2, loss="squared"):
     """``J(W) = sum_t (1/n_t) sum_i loss(y_ti, <w_t, x_ti>) + (lam1/2)||W||_F^2 + (lam2/2)||W||_*^2``.
 
     Args:
-      W: (m, d) task weights. X (N, d), y (N,), task (N,) as in :func:`fit`.
+      W: (m, d) task weights, finite real numbers. X (N, d), y (N,), task (N,) as in :func:`fit`.
+      lam1, lam2: single numbers, ``lam1 > 0``, ``lam2 >= 0`` (evaluate a grid one value at a time).
 
     Returns:
       J(W) as a Python float.
+
+    Raises:
+      ValueError: naming the argument (``W``, ``X``, ``y``, ``task``, ``lam1``, ``lam2``, ``loss``).
     """
-    W = np.asarray(W)
+    W = check_array("W", W, None, np.float64)
     if W.ndim != 2:
-        raise ValueError(f"W must be a 2-D (m, d) array, got shape {W.shape}")
-    if not np.all(np.isfinite(W)):
-        raise ValueError("W contains NaN or Inf")
+        raise ValueError(f"W: must be a 2-D (m, d) array, got shape {W.shape}")
     X, y, task, m = validate_dataset(X, y, task, loss=loss, num_tasks=W.shape[0])
-    lam1, lam2 = validate_lams(lam1, lam2)
+    lam1, lam2 = validate_lams(lam1, lam2, scalar=True)
     if W.shape != (m, X.shape[1]):
-        raise ValueError(f"W must have shape ({m}, {X.shape[1]}) to match task and X, got {W.shape}")
+        raise ValueError(f"W: must have shape ({m}, {X.shape[1]}) to match task and X, got {W.shape}")
     sites = to_sites(X, y, task, num_tasks=m)
     return float(objective_J(jnp.asarray(W, sites.X.dtype), sites, lam1=lam1, lam2=lam2, loss=loss))

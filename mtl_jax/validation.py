@@ -17,6 +17,8 @@ from mtl_jax.names import CLASSIFICATION_LOSSES, LOSSES
 KNOWN_LOSSES = LOSSES  # the name data.KNOWN_LOSSES has had since the start
 
 _MAX_IDS_SHOWN = 10
+#: Task ids must lie below this before the cast to int64 (a float 2^62 is exact, 2^63 is not in int64).
+_MAX_TASK_ID = 2**62
 
 
 def _show_ids(ids) -> str:
@@ -63,8 +65,11 @@ def _task_ids(task) -> np.ndarray:
     if t.size and t.min() < 0:
         neg = np.flatnonzero(t < 0)
         raise ValueError(f"task: ids must be >= 0; negative ids at rows {_show_ids(neg)}")
-    if t.dtype.kind == "u" and t.size and t.max() > np.iinfo(np.int64).max:
-        raise ValueError("task: ids too large for int64")
+    # Checked before the cast: a float id of 1e20 (or a uint64 above 2^63 - 1) would wrap around.
+    # Ids that fit in int64 but exceed the number of rows are refused by validate_dataset.
+    if t.size and t.max() >= _MAX_TASK_ID:
+        big = np.flatnonzero(t >= _MAX_TASK_ID)
+        raise ValueError(f"task: ids must be < 2**62; got {t[big][:_MAX_IDS_SHOWN].tolist()} at rows {_show_ids(big)}")
     return t.astype(np.int64)
 
 
@@ -145,6 +150,13 @@ def validate_dataset(X, y, task, *, loss=None, num_tasks=None):
                 f"task: ids must be < num_tasks = {m}; got id {largest} "
                 f"(rows {_show_ids(np.flatnonzero(t >= m))})"
             )
+        if m > n:  # checked before bincount, which would allocate m counters
+            raise ValueError(f"num_tasks: {m} tasks but only {n} rows, so some tasks have no samples (each needs one)")
+    if m > n:  # every id in 0..m-1 needs a row; refusing here also keeps bincount from allocating m counters
+        raise ValueError(
+            f"task: the largest id {largest} (rows {_show_ids(np.flatnonzero(t == largest))}) implies "
+            f"{m} tasks but there are only {n} rows, so some ids have no samples; ids must be 0..m-1 with every id used"
+        )
     counts = np.bincount(t, minlength=m)
     empty = np.flatnonzero(counts == 0)
     if empty.size:
@@ -168,16 +180,96 @@ def _check_lam(name: str, value, *, positive: bool):
     return float(arr) if arr.ndim == 0 else arr
 
 
-def validate_lams(lam1, lam2):
+def validate_lams(lam1, lam2, *, scalar: bool = False):
     """Check the regularisation weights: ``lam1`` finite and > 0, ``lam2`` finite and >= 0.
 
     Scalars are returned as Python floats. Arrays (a sweep's grid) are accepted too and every
-    entry is checked; they come back as float64 NumPy arrays.
+    entry is checked; they come back as float64 NumPy arrays. With ``scalar=True`` (``fit``,
+    ``objective``: one problem at a time) only a single number is accepted.
 
     Raises:
       ValueError: naming ``lam1`` or ``lam2``.
     """
+    if scalar:
+        for name, value in (("lam1", lam1), ("lam2", lam2)):
+            try:
+                shape = np.shape(value)
+            except Exception:  # ragged input: _check_lam names it below
+                shape = ()
+            if shape != ():
+                raise ValueError(f"{name}: must be a single number here, got an array of shape {shape} "
+                                 "(a grid of weights is a sweep: fit once per value)")
     return _check_lam("lam1", lam1, positive=True), _check_lam("lam2", lam2, positive=False)
+
+
+def check_array(name: str, value, shape: tuple | None, dtype) -> np.ndarray:
+    """``value`` as a finite real array of exactly ``shape`` (None: any), cast to ``dtype``; ValueError naming ``name``.
+
+    For warm starts and weights (``W0``, ``alpha0``, ``W``): strings, objects, booleans, ragged lists,
+    NaN and Inf are refused with the argument's name rather than NumPy's own message.
+    """
+    arr = _as_numeric(name, value)
+    if arr.dtype.kind == "b":
+        raise ValueError(f"{name}: must be real numbers, got an array of dtype bool")
+    if shape is not None and arr.shape != tuple(shape):
+        raise ValueError(f"{name}: must have shape {tuple(shape)}, got {arr.shape}")
+    arr = arr.astype(dtype)
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name}: contains NaN or Inf (or values too large for {np.dtype(dtype).name})")
+    return arr
+
+
+#: Headroom below the largest float for the scale checks of :func:`check_scale`: the solvers add up
+#: m per-task terms and multiply by the curvature (2) and small constants; 2^6 leaves room for those.
+_SCALE_HEADROOM = 64.0
+
+
+def scale_limits(dtype, *, rows: int, dim: int, tasks: int, lam1: float):
+    """The largest ``max|X|``, ``max|y|`` (squared loss) and ``max|X| max|y|`` that :func:`check_scale` accepts.
+
+    With ``F = finfo(dtype).max / 64``, ``n`` the largest task's row count, ``d`` the features, ``m`` the tasks:
+
+    * ``max|X| <= sqrt(F / (n d))``: the step size needs ``lambda_max(X_t^T X_t) <= n d max|X|^2``;
+    * ``max|y| <= sqrt(F / (4 m))``: ``J`` sums m per-task means of ``(y - a)^2``, started from ``a = 0``
+      and with ``|y - a|`` up to about ``2 max|y|`` in the certificate's dual point;
+    * ``max|X| r <= sqrt(F lam1 / (2 m d))`` with ``r = 2 max|y|`` (squared) or 1 (hinge, logistic): the
+      certificate evaluates ``R*(V) <= ||V||^2 / (2 lam1)`` at ``V = X^T alpha`` with ``|alpha_ti| <= c_t r``.
+
+    In float64 the first two are about ``1.7e153 / sqrt(n d)`` and ``8e152 / sqrt(m)``.
+    """
+    big = float(np.finfo(dtype).max) / _SCALE_HEADROOM
+    return (np.sqrt(big / (rows * dim)), np.sqrt(big / (4.0 * tasks)), np.sqrt(big * lam1 / (2.0 * tasks * dim)))
+
+
+def check_scale(X, y, counts, *, lam1: float, loss: str):
+    """Refuse data whose scale would overflow the solvers' intermediate values (:func:`scale_limits`).
+
+    Small scales need no check: the solvers floor the Lipschitz constant and normalise their Gram
+    matrices by powers of two, so tiny or all-zero features give the exact answer. ValueError naming
+    ``X``, ``y`` or ``lam1``, saying why and to rescale.
+    """
+    x_max = float(np.max(np.abs(X)))
+    y_max = float(np.max(np.abs(y)))
+    m, d = len(counts), X.shape[1]
+    x_lim, y_lim, xy_lim = scale_limits(X.dtype, rows=int(np.max(counts)), dim=d, tasks=m, lam1=lam1)
+    name = np.dtype(X.dtype).name
+    if x_max > x_lim:
+        raise ValueError(
+            f"X: max|X| = {x_max:.3g} is too large for {name}: the step size needs lambda_max(X_t^T X_t) "
+            f"<= n_t d max|X|^2, which overflows above max|X| = {x_lim:.3g} for these shapes; rescale X "
+            "(X * 2^-k with lam1, lam2 * 4^-k gives the same J, with W * 2^k)")
+    r = 1.0
+    if loss == "squared":
+        if y_max > y_lim:
+            raise ValueError(
+                f"y: max|y| = {y_max:.3g} is too large for {name}: J sums (y - a)^2 over {m} tasks, which "
+                f"overflows above max|y| = {y_lim:.3g}; rescale y (for squared loss W(r y) = r W(y))")
+        r = 2.0 * y_max
+    if x_max * r > xy_lim:
+        raise ValueError(
+            f"lam1: {lam1:g} is too small for the scale of the data (max|X| = {x_max:.3g}, "
+            f"max|y| = {y_max:.3g}): the duality-gap certificate evaluates ||X^T alpha||^2 / (2 lam1), "
+            f"which overflows {name}; raise lam1 or rescale X and y")
 
 
 def check_square_matrix(name: str, M, *, min_size: int = 1) -> np.ndarray:
