@@ -312,8 +312,8 @@ def huq_pervin(temperature: float = 1.0, mode: str = "raw", beta: float = 0.9) -
 
 
 class DWAState(NamedTuple):
-    last: jax.Array         # (K,) losses passed to the previous update, L(t-1)
-    before_last: jax.Array  # (K,) losses passed to the one before, L(t-2)
+    last: jax.Array         # (K,) losses of the previous update, L(t-1) (absent tasks: last observed)
+    before_last: jax.Array  # (K,) losses of the one before, L(t-2)
     count: jax.Array        # () int32, number of updates so far
     seen: jax.Array         # (K,) bool, task observed at some update so far
 
