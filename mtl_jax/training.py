@@ -644,9 +644,11 @@ def _prepare(config: TrainConfig, data: MultiTaskDataset):
     return init_fns, run_fns, to_device(data.train, spec, dtype), to_device(data.test, spec, dtype)
 
 
-def _warn_if_diverged(diverged_at, seeds: Sequence[int]) -> None:
-    """Warn (:class:`DivergenceWarning`) naming each diverged seed and its step; waits for the run."""
-    steps = np.asarray(diverged_at).reshape(-1)
+def _warn_if_diverged(result: TrainResult, seeds: Sequence[int]) -> None:
+    """Warn (:class:`DivergenceWarning`) naming each diverged seed and its step, and each seed whose test
+    loss is not finite although training never was (parameters grown so large that evaluating them
+    overflows); waits for the run."""
+    steps = np.asarray(result.diverged_at).reshape(-1)
     bad = [f"seed {int(s)} at step {int(t)}" for s, t in zip(seeds, steps) if t >= 0]
     if bad:
         warnings.warn(
@@ -655,6 +657,13 @@ def _warn_if_diverged(diverged_at, seeds: Sequence[int]) -> None:
             f"is NaN after that step, and its test metrics are those of the stopped model "
             f"(TrainResult.diverged_at; -1 for the runs that did not diverge).",
             DivergenceWarning, stacklevel=3)
+    test_loss = np.asarray(result.test.task_loss).reshape(len(steps), -1)
+    overflow = [int(s) for s, t, row in zip(seeds, steps, test_loss) if t < 0 and not np.all(np.isfinite(row))]
+    if overflow:
+        warnings.warn(
+            f"the test loss is not finite for seed(s) {overflow}, although every training loss and update "
+            "was: the parameters grew until evaluating them overflowed "
+            "(the learning rate is probably too large for this model).", DivergenceWarning, stacklevel=3)
 
 
 def train(config: TrainConfig, data: MultiTaskDataset) -> TrainResult:
@@ -666,7 +675,7 @@ def train(config: TrainConfig, data: MultiTaskDataset) -> TrainResult:
     (init_one, _), (run_one, _), train_split, test_split = _prepare(config, data)
     seed = jnp.asarray(config.seed, jnp.int32)
     result = run_one(seed, init_one(seed, train_split.x[:1]), train_split, test_split)
-    _warn_if_diverged(result.diverged_at, [config.seed])
+    _warn_if_diverged(result, [config.seed])
     return result
 
 
@@ -691,5 +700,5 @@ def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int
     (_, init_many), (_, run_many), train_split, test_split = _prepare(config, data)
     seed_array = jnp.asarray(seeds, jnp.int32)
     result = run_many(seed_array, init_many(seed_array, train_split.x[:1]), train_split, test_split)
-    _warn_if_diverged(result.diverged_at, seeds)
+    _warn_if_diverged(result, seeds)
     return result
