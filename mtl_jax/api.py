@@ -103,8 +103,8 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     Scale of the data. Small scales are handled: all-zero features (or an all-zero task) give
     ``W = 0`` there, and tiny features (tested at 1e-160 with lam1 = 0.1) give the exact optimum
     (the solvers floor their Lipschitz constants and normalise their Gram matrices by powers of two;
-    ``method="alternating"``, a reference, may stop at ``W = 0`` there, which its certificate shows
-    to be optimal to ~1e-320). Large scales are refused, before any work, where an intermediate
+    ``method="alternating"``, a reference, may stop at its first W-step there, which its certificate
+    shows to be optimal to ~1e-320, J's resolution). Large scales are refused, before any work, where an intermediate
     value would overflow (``mtl_jax.validation.scale_limits``; ``F = finfo.max / 64``, about 2.8e306
     in float64, ``n`` the largest task's sample count, ``d`` the features, ``m`` the tasks):
     ``max|X| <= sqrt(F / (n d))`` (``lambda_max(X_t^T X_t)``, about 1.7e153 / sqrt(n d)),

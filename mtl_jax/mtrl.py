@@ -190,7 +190,7 @@ def _gram_eigh(Z):
     Gram matrix is representable at any scale of ``Z``.
     """
     m, d = Z.shape
-    e = _scale_exponent(Z)
+    e = scale_exponent(Z)
 
     def roots_and_vectors(A):
         lam, Q = jnp.linalg.eigh(A.T @ A if m >= d else A @ A.T)
@@ -204,7 +204,7 @@ def _gram_eigh(Z):
     return jax.lax.cond(e == 0, roots_and_vectors, scaled, Z)
 
 
-def _scale_exponent(Z):
+def scale_exponent(Z):
     """``e`` with ``max|Z|`` in ``[2^(e-1), 2^e)``, or 0 where no scaling is needed; ``Z 2^-e`` is exact.
 
     Without it the Gram matrix of a ``Z`` with entries below ~1e-154 (float64) underflows and one

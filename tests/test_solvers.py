@@ -185,3 +185,21 @@ def test_lipschitz_constants_are_floored_and_finite():
     assert float(dual_lipschitz(reg, lmax)) == floor
     # no floor where the data sets the constant: 2 * max(lmax / n)
     assert float(primal_lipschitz("squared", jnp.array([4.0, 3.0, 8.0]), counts, reg)) == 4.0
+
+
+@pytest.mark.parametrize("scale", [1e-160, 1e150])
+def test_w_step_squared_at_extreme_feature_scales(scale):
+    """The CG of the squared W-step solves for a power-of-two-scaled right-hand side: at features of 1e150
+    its products A p overflowed (NaN), at 1e-160 its inner products underflowed. Reference: the normal
+    equations (B + Sigma^{-1}) W = b at Omega = I / m, solved in NumPy on the unscaled data."""
+    rng = np.random.default_rng(1)
+    X, y, task = rng.normal(size=(30, 3)), rng.normal(size=30), np.repeat(np.arange(3), 10)
+    lam1, lam2, m = 0.1, 1.0, 3
+    sites = to_sites(X * scale, y, task)
+    omega = mtrl.as_spectral(np.eye(m) / m)
+    W = np.asarray(w_step_squared(sites, mtrl.SigmaQuadratic(omega, lam1, lam2), tol=1e-14))
+    # Sigma^{-1} = (lam1 + lam2 m) I; per task: (2/n X^T X s^2 + (lam1 + lam2 m) I) w = 2/n s X^T y
+    ref = np.stack([np.linalg.solve(2 / 10 * X[task == t].T @ X[task == t] * scale**2 + (lam1 + lam2 * m) * np.eye(3),
+                                    2 / 10 * scale * X[task == t].T @ y[task == t]) for t in range(m)])
+    assert np.all(np.isfinite(W))
+    np.testing.assert_allclose(W, ref, rtol=1e-8)

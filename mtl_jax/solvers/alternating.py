@@ -31,6 +31,7 @@ from mtl_jax.mtrl import (
     dual_objective,
     empirical_loss,
     omega_factored,
+    scale_exponent,
 )
 from mtl_jax.data.sites import feature_sums, margins, sample_weights
 from mtl_jax.solvers.apg import dual_apg, dual_lipschitz, primal_apg, primal_lipschitz
@@ -47,8 +48,12 @@ def w_step_squared(sites, reg: SigmaQuadratic, *, tol=1e-12, max_iter=1000):
         W = root.apply(Z)
         return Z + root.apply(feature_sums(2.0 * c * margins(W, X), X))
 
-    Z, _ = cg(matvec, rhs, tol=tol, maxiter=max_iter)
-    return root.apply(Z)
+    # CG is linear in the right-hand side and its tolerance relative: solve for rhs 2^-e (exact) and
+    # scale back, so that the products A p stay representable for features of 1e150 (A ~ 1e300,
+    # rhs ~ 1e150 overflowed to NaN) and the inner products do not underflow for features of 1e-160.
+    e = scale_exponent(rhs)
+    Z, _ = cg(matvec, jnp.ldexp(rhs, -e), tol=tol, maxiter=max_iter)
+    return root.apply(jnp.ldexp(Z, e))
 
 
 @partial(jax.jit, static_argnames=("loss",))
