@@ -248,7 +248,7 @@ def check_scale(X, y, counts, *, lam1: float, loss: str):
     matrices by powers of two, so tiny or all-zero features give the exact answer. ValueError naming
     ``X``, ``y`` or ``lam1``, saying why and to rescale.
     """
-    x_max = float(np.max(np.abs(X)))
+    x_max = max(float(X.max()), -float(X.min()))  # max|X| without an (N, d) temporary
     y_max = float(np.max(np.abs(y)))
     m, d = len(counts), X.shape[1]
     x_lim, y_lim, xy_lim = scale_limits(X.dtype, rows=int(np.max(counts)), dim=d, tasks=m, lam1=lam1)
