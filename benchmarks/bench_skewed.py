@@ -1,0 +1,240 @@
+"""Long-tailed task sizes: the chunked Sites layout against equal task sizes of the same N, and against padding.
+
+The issue's case: m = 1000 tasks, task 0 with 20,000 rows and the others one row each, d = 5 (X = 0.84 MB);
+padded to the largest task, X would be 1000 x 20,000 x 5 (0.8 GB). It prints, from one run:
+
+* warm ``mtl_jax.fit`` (squared loss, tol 1e-6; median of ``--reps`` after a warm-up, interleaved) on the
+  skewed data (``layout="auto"`` chunks it) and on the same rows with equal task sizes (21 rows per task,
+  the same N; ``auto`` pads it): seconds, iterations, milliseconds per iteration, and the ratios (target:
+  skewed within 2x of equal);
+* the same for hinge loss at a fixed number of dual iterations (per-iteration cost: the skewed hinge dual
+  needs many more iterations, see benchmarks/README.md);
+* the old padded layout on the skewed data (``to_sites(layout="padded")`` + ``centralized.solve``, one run):
+  layout seconds, seconds per iteration;
+* per-iteration time of padded and chunked layouts side by side on Exam (65 schools, 3.2 N when padded)
+  and on a Pareto-tailed problem (m = 5000, d = 50; chunked only against its equal-size twin);
+* in a fresh process per contender: the first fit and the peak resident memory (VmHWM) against
+  3 x data + 0.6 GiB.
+
+    python benchmarks/bench_skewed.py            # about 2-3 minutes on 2 CPU cores
+    python benchmarks/bench_skewed.py --quick    # fewer repetitions, no Pareto problem
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import jax
+
+jax.config.update("jax_enable_x64", True)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import mtl_jax  # noqa: E402
+from mtl_jax.data.school import load_exam  # noqa: E402
+from mtl_jax.data.sites import to_sites  # noqa: E402
+from mtl_jax.solvers import centralized  # noqa: E402
+
+LAM1, LAM2 = 0.1, 1.0
+
+
+def peak_rss_gib():
+    """Peak resident memory of this process (VmHWM; ru_maxrss would inherit the parent's across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    raise RuntimeError("no VmHWM")
+
+
+def skewed_problem(m=1000, big=20_000, d=5, seed=0):
+    rng = np.random.default_rng(seed)
+    task = rng.permutation(np.repeat(np.arange(m), [big] + [1] * (m - 1)))
+    X = rng.normal(size=(task.size, d))
+    y = np.sum(X * rng.normal(size=(m, d))[task], axis=1) + 0.1 * rng.normal(size=task.size)
+    return X, y, task
+
+
+def equal_twin(X, y, task):
+    """The same rows with equal task sizes (the first N mod m tasks one row more): the same N, d and m."""
+    m = int(task.max()) + 1
+    return X, y, np.arange(len(y)) % m
+
+
+def pareto_problem(m=5000, d=50, seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = np.clip((rng.pareto(1.2, m) * 5).astype(int), 1, 5000)
+    task = rng.permutation(np.repeat(np.arange(m), sizes))
+    X = rng.normal(size=(task.size, d))
+    y = np.sum(X * rng.normal(size=(m, d))[task], axis=1) + 0.1 * rng.normal(size=task.size)
+    return X, y, task
+
+
+def problem(key):
+    if key.startswith("skewed"):
+        return skewed_problem()
+    if key == "equal":
+        return equal_twin(*skewed_problem())
+    raise ValueError(key)
+
+
+def describe(task):
+    counts = np.bincount(task)
+    return (f"m = {counts.size}, N = {counts.sum()}, task sizes {counts.min()}-{counts.max()}, "
+            f"padded rows / N = {counts.size * counts.max() / counts.sum():.1f}")
+
+
+def layout_of(X, y, task):
+    s = to_sites(X, y, task)
+    if s.chunked:
+        return f"chunked, {s.num_blocks} chunks of {s.n_max} rows ({s.X.size / X.size:.2f} N rows)"
+    return f"padded, {s.num_sites} x {s.n_max} ({s.X.size / X.size:.2f} N rows)"
+
+
+def warm_fits(contenders, reps, **kw):
+    """Median seconds of a warm mtl_jax.fit per contender, interleaved; and the last result of each."""
+    for X, y, task in contenders.values():
+        mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2, **kw)  # compile, and lmax for the data
+    times = {k: [] for k in contenders}
+    results = {}
+    for _ in range(reps):
+        for k, (X, y, task) in contenders.items():
+            t0 = time.perf_counter()
+            results[k] = mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2, **kw)
+            times[k].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}, results
+
+
+def bench_fits(reps):
+    X, y, task = skewed_problem()
+    Xe, ye, te = equal_twin(X, y, task)
+    print(f"\n## the issue's skewed case: {describe(task)}, d = {X.shape[1]}, X = {X.nbytes / 1e6:.2f} MB")
+    print(f"skewed: {layout_of(X, y, task)}; equal twin ({describe(te)}): {layout_of(Xe, ye, te)}")
+    rows = []
+    times, res = warm_fits({"skewed": (X, y, task), "equal": (Xe, ye, te)}, reps)
+    rows.append(("squared, tol 1e-6", times, res))
+    ys = np.where(y >= 0, 1.0, -1.0)
+    times_h, res_h = warm_fits({"skewed": (X, ys, task), "equal": (Xe, ys, te)}, reps, loss="hinge", tol=0.0,
+                               max_iter=300)
+    rows.append(("hinge, 300 dual iterations", times_h, res_h))
+    print(f"warm mtl_jax.fit, median of {reps} (interleaved):")
+    print("| loss | skewed s (iterations, ms/iter) | equal s (iterations, ms/iter) | ratio | ratio per iteration |")
+    print("|---|---|---|---|---|")
+    for name, t, r in rows:
+        per = {k: t[k] / r[k].iterations * 1e3 for k in t}
+        print(f"| {name} | {t['skewed']:.4f} ({r['skewed'].iterations}, {per['skewed']:.3f}) | {t['equal']:.4f} "
+              f"({r['equal'].iterations}, {per['equal']:.3f}) | {t['skewed'] / t['equal']:.2f}x | "
+              f"{per['skewed'] / per['equal']:.2f}x |")
+    sq = rows[0]
+    print(f"target fit time within 2x of equal sizes (squared, to 1e-6): "
+          f"{'met' if sq[1]['skewed'] <= 2 * sq[1]['equal'] else 'NOT met'} ({sq[1]['skewed'] / sq[1]['equal']:.2f}x; "
+          f"per iteration {rows[0][1]['skewed'] / rows[0][2]['skewed'].iterations / (rows[0][1]['equal'] / rows[0][2]['equal'].iterations):.2f}x)")
+
+    # the old layout: every task padded to 20,000 rows
+    t0 = time.perf_counter()
+    padded = to_sites(X, y, task, layout="padded")
+    t_layout = time.perf_counter() - t0
+    out = centralized.solve(padded, lam1=LAM1, lam2=LAM2, tol=1e-6)
+    chunked_fit = res["skewed"]
+    print(f"old padded layout (one run): X {padded.X.shape} = {padded.X.nbytes / 2**30:.2f} GiB, layout {t_layout:.2f} s, "
+          f"compile {out.compile_seconds:.2f} s, solve {out.solve_seconds:.2f} s for {out.iterations} iterations "
+          f"({out.solve_seconds / out.iterations * 1e3:.0f} ms/iter); chunked fit {times['skewed']:.4f} s all "
+          f"included: {(t_layout + out.solve_seconds) / times['skewed']:.0f}x faster; same J: relative difference "
+          f"{abs(out.objective - chunked_fit.objective) / chunked_fit.objective:.1e} (both certified to 1e-6)")
+    del padded
+
+
+def per_iteration_ms(sites, iters=30, reps=5):
+    """Warm ms per iteration of the compiled APG program (squared loss, fixed iterations), LAPACK on one thread."""
+    m, d, dt = sites.num_sites, sites.dim, sites.X.dtype
+    lmax = centralized.site_lmax(sites)
+    args = (sites, jnp.zeros((m, d), dt), jnp.zeros(sites.y.shape, dt), jnp.asarray(LAM1, dt), jnp.asarray(LAM2, dt),
+            lmax, jnp.asarray(0.0, dt), jnp.asarray(iters, jnp.int32))
+    exe = centralized.apg_program.lower(*args, loss="squared", dual=False, history_size=iters).compile()
+    ts = []
+    with centralized.one_blas_thread():
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(exe(*args))
+            ts.append(time.perf_counter() - t0)
+    return float(np.median(ts)) / iters * 1e3
+
+
+def bench_layouts(quick):
+    print("\n## per iteration, layouts side by side (compiled APG, squared loss, median of 5 x 30 iterations)")
+    print("| problem | contender | rows / N | ms per iteration |")
+    print("|---|---|---|---|")
+    X, y, task, _ = load_exam()
+    for name, kw in (("padded", dict(layout="padded")), ("chunked (auto)", dict(layout="auto"))):
+        s = to_sites(X, y, task, **kw)
+        print(f"| Exam ({describe(task)}) | {name}{f', chunk {s.n_max}' if s.chunked else ''} | "
+              f"{s.X.size / X.size:.2f} | {per_iteration_ms(s):.3f} |")
+    if quick:
+        return
+    X, y, task = pareto_problem()
+    for name, t in (("chunked (auto)", task), ("equal sizes, same N (padded)", np.arange(len(y)) % (task.max() + 1))):
+        s = to_sites(X, y, t)
+        print(f"| Pareto d = 50 ({describe(task)}) | {name}{f', chunk {s.n_max}' if s.chunked else ''} | "
+              f"{s.X.size / X.size:.2f} | {per_iteration_ms(s):.3f} |")
+
+
+def fresh_process(key):
+    env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", key], env=env, capture_output=True,
+                         text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"fresh process for {key!r} failed ({out.returncode}): {out.stderr[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def child(key):
+    X, y, task = problem(key)
+    data_gib = (X.nbytes + y.nbytes + task.nbytes) / 2**30
+    t0 = time.perf_counter()
+    if key == "skewed-padded":
+        res = centralized.solve(to_sites(X, y, task, layout="padded"), lam1=LAM1, lam2=LAM2)
+    else:
+        res = mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2)
+    first = time.perf_counter() - t0
+    print(json.dumps(dict(first_fit_s=first, compile_s=res.compile_seconds, peak_gib=peak_rss_gib(),
+                          data_gib=data_gib)))
+
+
+def bench_memory(with_padded):
+    print("\n## fresh process per contender: first fit (no persistent cache) and peak resident memory")
+    print("| contender | first fit s (compile s) | peak RSS GiB | data GiB | 3 x data + 0.6 GiB | target |")
+    print("|---|---|---|---|---|---|")
+    keys = ["skewed", "equal"] + (["skewed-padded"] if with_padded else [])
+    for key in keys:
+        r = fresh_process(key)
+        limit = 3 * r["data_gib"] + 0.6
+        name = {"skewed": "skewed, mtl_jax.fit (chunked)", "equal": "equal sizes, mtl_jax.fit (padded)",
+                "skewed-padded": "skewed, old padded layout + solve"}[key]
+        print(f"| {name} | {r['first_fit_s']:.2f} ({r['compile_s']:.2f}) | {r['peak_gib']:.2f} | {r['data_gib']:.4f} | "
+              f"{limit:.2f} | {'met' if r['peak_gib'] <= limit else 'NOT met'} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repetitions, no Pareto problem")
+    parser.add_argument("--reps", type=int, default=None, help="repetitions of each warm fit (default 7, quick 3)")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args.child)
+    print(f"# bench_skewed  {time.strftime('%Y-%m-%d %H:%M')}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}, "
+          f"numpy {np.__version__}; float64; lam1 = {LAM1}, lam2 = {LAM2}")
+    bench_fits(args.reps or (3 if args.quick else 7))
+    bench_layouts(args.quick)
+    bench_memory(with_padded=True)
+
+
+if __name__ == "__main__":
+    main()
