@@ -138,7 +138,7 @@ def plot_convergence(histories, *, x="round", optimum=None, ax=None):
     for i, (label, (xs, J, gap)) in enumerate(columns.items()):
         color = f"C{i % 10}"
         sub = _positive_or_nan((J - optimum) / scale)
-        rel_gap = _positive_or_nan(gap / np.abs(J))
+        rel_gap = _positive_or_nan(gap / np.maximum(np.abs(J), np.finfo(float).tiny))  # as FitResult.relative_gap
         ax_sub.plot(xs, sub, color=color, label=f"{label}: (J - J*)/|J*|" if shared else label)
         ax_gap.plot(xs, rel_gap, color=color, linestyle="--" if shared else "-",
                     label=f"{label}: gap/J" if shared else label)
