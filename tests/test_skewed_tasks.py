@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import mtl_jax
+from mtl_jax.data import sites as sites_module
 from mtl_jax.data.sites import from_sites, to_sites
 from mtl_jax.solvers import centralized
 
@@ -119,7 +120,7 @@ def test_skewed_hinge_fit_is_certified_by_numpy(skewed):
 def test_chunked_and_padded_layouts_give_the_same_iterates(loss, method):
     X, y, task = skewed_problem(m=60, big=600, d=4, loss=loss, seed=1)
     padded = to_sites(X, y, task, layout="padded")
-    chunked = to_sites(X, y, task)
+    chunked = to_sites(X, y, task, layout="chunked")
     assert chunked.chunked and not padded.chunked
     lmax = np.asarray(centralized.site_lmax(padded))
     lmax_chunked = np.asarray(centralized.site_lmax(chunked))
@@ -144,8 +145,10 @@ def test_chunked_and_padded_layouts_give_the_same_iterates(loss, method):
 
 
 @pytest.mark.parametrize("loss", ["squared", "hinge"])
-def test_converged_fits_agree_across_layouts(loss):
+def test_converged_fits_agree_across_layouts(loss, monkeypatch):
+    monkeypatch.setattr(sites_module, "PADDED_SMALL_BYTES", 0)  # fit chunks this small problem too
     X, y, task = skewed_problem(m=60, big=600, d=4, loss=loss, seed=2)
+    assert to_sites(X, y, task).chunked
     res = mtl_jax.fit(X, y, task, lam1=LAM1, lam2=LAM2, loss=loss, tol=1e-9, max_iter=100_000)
     ref = centralized.solve(to_sites(X, y, task, layout="padded"), lam1=LAM1, lam2=LAM2, loss=loss, tol=1e-9,
                             max_iter=100_000)

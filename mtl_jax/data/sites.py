@@ -166,6 +166,11 @@ LAYOUTS = ("auto", "padded", "chunked")
 #: (measured 2026-12-01: at 1.8 N padded and chunked run an iteration equally fast; at 3.2 N (Exam)
 #: chunked is 3.5x faster per iteration, at 950 N (one task of 20,000 rows, 999 of one) 500x).
 PADDED_WASTE_LIMIT = 2.0
+#: ... or while the padded ``X`` is at most this many bytes: there padding costs little in absolute terms,
+#: and the padded program is the smaller one (measured 2026-12-01 on Exam, 65 sites, 0.5 MB padded: a first
+#: fit from the persistent compilation cache took 0.32 s padded, 0.34 s chunked, while a warm iteration
+#: saves only ~0.1 ms chunked).
+PADDED_SMALL_BYTES = 8 << 20
 #: Cost of a chunk beyond its rows, in rows, for :func:`choose_chunk` (the gather of ``W[site]`` and
 #: the segment sum, per chunk and pass).
 CHUNK_OVERHEAD_ROWS = 4
@@ -183,7 +188,8 @@ def to_sites(X, y, task, num_tasks=None, n_max=None, layout="auto", chunk=None) 
         allowed; a smaller one raises ``ValueError``. Giving it selects the padded layout.
       layout: "padded" (every site padded to ``n_max``), "chunked" (each site cut into chunks of
         ``chunk`` rows, see :class:`Sites`) or "auto": padded while the padded rows are at most
-        :data:`PADDED_WASTE_LIMIT` x N, chunked otherwise.
+        :data:`PADDED_WASTE_LIMIT` x N or the padded ``X`` at most :data:`PADDED_SMALL_BYTES`, chunked
+        otherwise.
       chunk: rows per chunk of the chunked layout; default :func:`choose_chunk`.
 
     Returns:
@@ -208,11 +214,13 @@ def choose_chunk(counts, overhead: int = CHUNK_OVERHEAD_ROWS) -> int:
     return candidates[int(np.argmin(costs))]
 
 
-def choose_layout(counts) -> str:
-    """"padded" or "chunked", the choice of ``layout="auto"`` (see :func:`to_sites`)."""
+def choose_layout(counts, row_bytes: int) -> str:
+    """"padded" or "chunked", the choice of ``layout="auto"`` (see :func:`to_sites`); ``row_bytes`` = d x itemsize."""
     counts = np.asarray(counts, dtype=np.int64)
     padded_rows = counts.size * int(counts.max())
-    return "padded" if padded_rows <= PADDED_WASTE_LIMIT * counts.sum() else "chunked"
+    if padded_rows <= PADDED_WASTE_LIMIT * counts.sum() or padded_rows * row_bytes <= PADDED_SMALL_BYTES:
+        return "padded"
+    return "chunked"
 
 
 def _aligned_empty(shape, dtype, align: int = 64) -> np.ndarray:
@@ -272,7 +280,7 @@ def pack_sites(X, y, task, m: int, n_max=None, *, layout="auto", chunk=None) -> 
             raise ValueError("chunk: applies to the chunked layout, not to layout='padded'")
         layout = "chunked"
     if layout == "auto":
-        layout = choose_layout(counts)
+        layout = choose_layout(counts, d * X.dtype.itemsize)
     if layout == "padded":
         return _pack_padded(X, y, task, m, counts, largest if n_max is None else n_max)
     return _pack_chunked(X, y, task, m, counts, choose_chunk(counts) if chunk is None else chunk)

@@ -116,8 +116,14 @@ def _skewed(rng, d=3):
     return rng.normal(size=(task.size, d)), rng.normal(size=task.size), task, sizes
 
 
-def test_auto_layout_pads_equal_sizes_and_chunks_long_tails(rng):
+def test_auto_layout_pads_equal_sizes_and_chunks_long_tails(rng, monkeypatch):
+    from mtl_jax.data import sites as sites_module
+
     X, y, task, sizes = _skewed(rng)
+    assert not to_sites(X, y, task).chunked             # padded X of a few kB: padded
+    assert sites_module.choose_layout([20000] + [1] * 999, 40) == "chunked"
+    assert sites_module.choose_layout([25] * 999 + [50], 800) == "padded"  # 1.9 N padded rows
+    monkeypatch.setattr(sites_module, "PADDED_SMALL_BYTES", 0)
     assert to_sites(X, y, task).chunked                 # 7 x 40 padded rows > 2 N = 112
     m, n = 6, 5
     equal = to_sites(rng.normal(size=(m * n, 2)), rng.normal(size=m * n), np.repeat(np.arange(m), n))
