@@ -11,8 +11,8 @@ padded to the largest task, X would be 1000 x 20,000 x 5 (0.8 GB). It prints, fr
   needs many more iterations, see benchmarks/README.md);
 * the old padded layout on the skewed data (``to_sites(layout="padded")`` + ``centralized.solve``, one run):
   layout seconds, seconds per iteration;
-* per-iteration time of padded and chunked layouts side by side on Exam (65 schools, 3.2 N when padded)
-  and on a Pareto-tailed problem (m = 5000, d = 50; chunked only against its equal-size twin);
+* per-iteration time of padded and chunked layouts side by side (interleaved) on Exam (65 schools, 3.2 N
+  when padded) and on a Pareto-tailed problem (m = 5000, d = 50; chunked against its equal-size twin);
 * in a fresh process per contender: the first fit and the peak resident memory (VmHWM) against
   3 x data + 0.6 GiB.
 
@@ -150,38 +150,47 @@ def bench_fits(reps):
     del padded
 
 
-def per_iteration_ms(sites, iters=30, reps=5):
-    """Warm ms per iteration of the compiled APG program (squared loss, fixed iterations), LAPACK on one thread."""
+def apg_executable(sites, iters):
+    """The compiled APG program (squared loss, ``iters`` iterations, tol 0) and its arguments."""
     m, d, dt = sites.num_sites, sites.dim, sites.X.dtype
     lmax = centralized.site_lmax(sites)
     args = (sites, jnp.zeros((m, d), dt), jnp.zeros(sites.y.shape, dt), jnp.asarray(LAM1, dt), jnp.asarray(LAM2, dt),
             lmax, jnp.asarray(0.0, dt), jnp.asarray(iters, jnp.int32))
-    exe = centralized.apg_program.lower(*args, loss="squared", dual=False, history_size=iters).compile()
-    ts = []
+    return centralized.apg_program.lower(*args, loss="squared", dual=False, history_size=iters).compile(), args
+
+
+def per_iteration_ms(sites_list, iters=30, reps=7):
+    """Warm ms per iteration of the compiled APG program for each Sites, interleaved, LAPACK on one thread."""
+    programs = [apg_executable(s, iters) for s in sites_list]
+    times = [[] for _ in programs]
     with centralized.one_blas_thread():
-        for _ in range(reps):
-            t0 = time.perf_counter()
+        for exe, args in programs:
             jax.block_until_ready(exe(*args))
-            ts.append(time.perf_counter() - t0)
-    return float(np.median(ts)) / iters * 1e3
+        for _ in range(reps):
+            for (exe, args), ts in zip(programs, times):
+                t0 = time.perf_counter()
+                jax.block_until_ready(exe(*args))
+                ts.append(time.perf_counter() - t0)
+    return [float(np.median(ts)) / iters * 1e3 for ts in times]
 
 
 def bench_layouts(quick):
-    print("\n## per iteration, layouts side by side (compiled APG, squared loss, median of 5 x 30 iterations)")
+    print("\n## per iteration, layouts side by side (compiled APG, squared loss, 30 iterations, median of 7, interleaved)")
     print("| problem | contender | rows / N | ms per iteration |")
     print("|---|---|---|---|")
     X, y, task, _ = load_exam()
-    for name, kw in (("padded (auto: X is small)", dict(layout="padded")), ("chunked", dict(layout="chunked"))):
-        s = to_sites(X, y, task, **kw)
-        print(f"| Exam ({describe(task)}) | {name}{f', chunk {s.n_max}' if s.chunked else ''} | "
-              f"{s.X.size / X.size:.2f} | {per_iteration_ms(s):.3f} |")
-    if quick:
-        return
-    X, y, task = pareto_problem()
-    for name, t in (("chunked (auto)", task), ("equal sizes, same N (padded)", np.arange(len(y)) % (task.max() + 1))):
-        s = to_sites(X, y, t)
-        print(f"| Pareto d = 50 ({describe(task)}) | {name}{f', chunk {s.n_max}' if s.chunked else ''} | "
-              f"{s.X.size / X.size:.2f} | {per_iteration_ms(s):.3f} |")
+    contenders = [("padded (auto: X is small)", to_sites(X, y, task, layout="padded")),
+                  ("chunked", to_sites(X, y, task, layout="chunked"))]
+    cases = [(f"Exam ({describe(task)})", X, contenders)]
+    if not quick:
+        X, y, task = pareto_problem()
+        contenders = [("chunked (auto)", to_sites(X, y, task)),
+                      ("equal sizes, same N (padded)", to_sites(X, y, np.arange(len(y)) % (task.max() + 1)))]
+        cases.append((f"Pareto d = 50 ({describe(task)})", X, contenders))
+    for problem_name, X, contenders in cases:
+        for (name, s), ms in zip(contenders, per_iteration_ms([s for _, s in contenders])):
+            print(f"| {problem_name} | {name}{f', chunk {s.n_max}' if s.chunked else ''} | {s.X.size / X.size:.2f} | "
+                  f"{ms:.3f} |")
 
 
 def fresh_process(key):
