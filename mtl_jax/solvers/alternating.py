@@ -78,7 +78,7 @@ def alternation(W, alpha, sites, lam1, lam2, lmax, inner_tol, inner_max_iter, ep
                          history_size=1)
         W, alpha = res.state.W, res.state.alpha
     else:
-        lipschitz = dual_lipschitz(reg, lmax)
+        lipschitz = dual_lipschitz(reg, lmax, sites)
         res = dual_apg(sites, loss_, reg, alpha, lipschitz=lipschitz, tol=inner_tol, max_iter=inner_max_iter,
                        history_size=1)
         W, alpha = res.state.W, res.state.alpha

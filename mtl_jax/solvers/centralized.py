@@ -62,7 +62,7 @@ def apg_program(sites, W0, alpha0, lam1, lam2, lmax, tol, max_iter, *, loss, dua
     """
     reg = TraceNormSq(lam1, lam2)
     if dual:
-        return dual_apg(sites, loss, reg, alpha0, lipschitz=dual_lipschitz(reg, lmax), tol=tol,
+        return dual_apg(sites, loss, reg, alpha0, lipschitz=dual_lipschitz(reg, lmax, sites), tol=tol,
                         max_iter=max_iter, history_size=history_size)
     return primal_apg(sites, loss, reg, W0, lipschitz=primal_lipschitz(loss, lmax, sites.counts, reg),
                       tol=tol, max_iter=max_iter, history_size=history_size)
