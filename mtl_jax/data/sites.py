@@ -38,10 +38,10 @@ from mtl_jax.validation import validate_dataset
 class Sites(NamedTuple):
     """Per-site arrays; the leading axis holds blocks of rows, one site per block: a pytree.
 
-    Two layouts share these fields (docs/architecture.md, "Sites"):
+    Two layouts share these fields (measurements: benchmarks/README.md, "Long-tailed task sizes"):
 
     * **padded** (``site is None``): block t is site t, padded to ``n_max`` rows (the largest site);
-      ``X`` is (m, n_max, d). Used when padding costs little (total padded rows <= 2 N).
+      ``X`` is (m, n_max, d). Used when padding costs little (padded rows <= 2 N, or a padded X <= 8 MB).
     * **chunked** (``site`` a (K,) array): each site's rows are cut into blocks ("chunks") of ``n_max``
       rows, the last one padded; the chunks of a site are consecutive (``site`` is sorted) and every
       site has at least one. ``X`` is (K, n_max, d) with K >= m; a site pads at most ``n_max - 1`` rows.
@@ -158,13 +158,13 @@ def site_gram_lmax_bound(sites: Sites, bound, budget: int = 32 << 20):
     top = jnp.linalg.eigvalsh(G)[:, -1]
     # eigvalsh is backward stable: |computed - exact| <= c d eps ||G||_2 <= c d eps tr(G); c = 64 is generous.
     slack = 64 * d * jnp.finfo(G.dtype).eps * jnp.trace(G, axis1=1, axis2=2)
-    return jnp.minimum(summed, top + slack)
+    return jnp.maximum(jnp.minimum(summed, top + slack), 0.0)  # an all-zero site: 0, not -round-off
 
 
 LAYOUTS = ("auto", "padded", "chunked")
 #: ``layout="auto"`` pads every site to the largest while the padded rows are at most this many times N
 #: (measured 2026-12-01: at 1.8 N padded and chunked run an iteration equally fast; at 3.2 N (Exam)
-#: chunked is 3.5x faster per iteration, at 950 N (one task of 20,000 rows, 999 of one) 500x).
+#: chunked is 2-3.5x faster per iteration, at 950 N (one task of 20,000 rows, 999 of one) 400-600x).
 PADDED_WASTE_LIMIT = 2.0
 #: ... or while the padded ``X`` is at most this many bytes: there padding costs little in absolute terms,
 #: and the padded program is the smaller one (measured 2026-12-01 on Exam, 65 sites, 0.5 MB padded: a first
