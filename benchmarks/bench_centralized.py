@@ -26,10 +26,7 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
 
@@ -40,6 +37,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import fresh_process, machine_line, peak_rss_gib  # noqa: E402
 from numpy_apg import numpy_apg_squared  # noqa: E402
 
 import mtl_jax  # noqa: E402
@@ -79,20 +77,6 @@ def library_blas_setting():
     """The BLAS threading that ``centralized.solve`` runs its programs under (LAPACK on one thread), so that
     timing ``apg_program`` directly measures what ``fit`` runs."""
     return getattr(centralized, "one_blas_thread", contextlib.nullcontext)()
-
-
-def peak_rss_gib():
-    """This process's peak resident memory. VmHWM, not ``ru_maxrss``: Linux carries the parent's resident
-    size at fork into a child's ``ru_maxrss`` across exec, which would charge the benchmark's own memory
-    to the fresh process."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def first_reaching(objectives, optimum, target):
@@ -192,7 +176,7 @@ def bench_memory_speed(key, X, y, task, *, reps):
           f"{np.median(fits):.3f} s for {res.iterations} iterations = {per_iter * 1e3:.1f} ms per iteration "
           f"(host work included) = {floor / per_iter:.0%} of the floor ({verdict})")
     try:
-        child = fresh_process_fit(key)
+        child = fresh_process(__file__, key)
     except RuntimeError as e:  # reported, not fatal: the other figures stand
         print(f"fresh process: {e}")
         return
@@ -201,8 +185,8 @@ def bench_memory_speed(key, X, y, task, *, reps):
           f"cache); peak RSS {child['peak_gib']:.2f} GiB (data in that process: {child['data_gib']:.2f} GiB) against "
           f"3 X + 0.6 GiB = {limit:.2f} GiB: {'met' if child['peak_gib'] <= limit else 'NOT met'}")
     with tempfile.TemporaryDirectory() as cache:
-        fresh_process_fit(key, cache)                     # fills the persistent cache
-        warm = [fresh_process_fit(key, cache) for _ in range(3)]
+        fresh_process(__file__, key, cache)                     # fills the persistent cache
+        warm = [fresh_process(__file__, key, cache) for _ in range(3)]
     firsts = sorted(w["first_fit_s"] for w in warm)
     target = " (target on Exam <= 0.3 s: " + ("met)" if firsts[1] <= 0.3 else "NOT met)") if key == "exam" else ""
     print(f"fresh process with a warm persistent cache (mtl_jax.enable_compilation_cache): first fit "
@@ -234,21 +218,6 @@ def problem(name):
         X, y, task = gaussian_tasks(10_000, 40, 100)
         return "Gaussian m = 10000, n = 40, d = 100", X, y, task
     raise ValueError(name)
-
-
-def fresh_process_fit(key, cache_dir=None):
-    """First fit of problem ``key`` in a new Python process: seconds, compile seconds, peak RSS (GiB).
-
-    Without ``cache_dir`` no persistent cache is used (a true first fit); with it, the child calls
-    ``mtl_jax.enable_compilation_cache(cache_dir)`` before fitting."""
-    env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")
-    if cache_dir is not None:
-        env.update(MTL_JAX_NO_COMPILE_CACHE="0", MTL_JAX_CACHE_DIR=cache_dir)
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", key], env=env,
-                         capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"fresh process for {key!r} failed ({out.returncode}): {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def child(key):
@@ -291,8 +260,7 @@ def main():
         return child(args.child)
 
     print(f"# bench_centralized  {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}, "
-          f"numpy {np.__version__}; float64; lam1 = {LAM1}, lam2 = {LAM2}, squared loss")
+    print(machine_line(f"lam1 = {LAM1}, lam2 = {LAM2}, squared loss"))
     reps = 3 if args.quick else 7
     keys = ["exam", "synthetic-quick" if args.quick else "synthetic"]
     if not (args.quick or args.no_large):

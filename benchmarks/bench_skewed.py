@@ -22,10 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import time
 
 import jax
@@ -35,21 +31,14 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from common import fresh_process, machine_line, peak_rss_gib  # noqa: E402
+
 import mtl_jax  # noqa: E402
 from mtl_jax.data.school import load_exam  # noqa: E402
 from mtl_jax.data.sites import to_sites  # noqa: E402
 from mtl_jax.solvers import centralized  # noqa: E402
 
 LAM1, LAM2 = 0.1, 1.0
-
-
-def peak_rss_gib():
-    """Peak resident memory of this process (VmHWM; ru_maxrss would inherit the parent's across exec)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    raise RuntimeError("no VmHWM")
 
 
 def skewed_problem(m=1000, big=20_000, d=5, seed=0):
@@ -192,15 +181,6 @@ def bench_layouts(quick):
                   f"{ms:.3f} |")
 
 
-def fresh_process(key):
-    env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", key], env=env, capture_output=True,
-                         text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"fresh process for {key!r} failed ({out.returncode}): {out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def child(key):
     X, y, task = problem(key)
     data_gib = (X.nbytes + y.nbytes + task.nbytes) / 2**30
@@ -220,7 +200,7 @@ def bench_memory(with_padded):
     print("|---|---|---|---|---|---|")
     keys = ["skewed", "equal"] + (["skewed-padded"] if with_padded else [])
     for key in keys:
-        r = fresh_process(key)
+        r = fresh_process(__file__, key)
         limit = 3 * r["data_gib"] + 0.6
         name = {"skewed": "skewed, mtl_jax.fit (chunked)", "equal": "equal sizes, mtl_jax.fit (padded)",
                 "skewed-padded": "skewed, old padded layout + solve"}[key]
@@ -237,8 +217,7 @@ def main():
     if args.child:
         return child(args.child)
     print(f"# bench_skewed  {time.strftime('%Y-%m-%d %H:%M')}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, jax {jax.__version__}, devices {jax.devices()}, "
-          f"numpy {np.__version__}; float64; lam1 = {LAM1}, lam2 = {LAM2}")
+    print(machine_line(f"lam1 = {LAM1}, lam2 = {LAM2}"))
     bench_fits(args.reps or (3 if args.quick else 7))
     bench_layouts(args.quick)
     bench_memory(with_padded=True)

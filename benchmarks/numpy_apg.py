@@ -63,7 +63,7 @@ def numpy_apg_squared(X, y, mask, counts, lam1, lam2, lipschitz, *, max_iter, to
     a = _margins(W, X)
     g = gradient(a)
     obj, gap = np.inf, np.inf
-    Z, aZ, gZ, t_mom = W, a, g, 1.0
+    Z, gZ, t_mom = W, g, 1.0
     objs, gaps = [], []
     shrink = 1.0 / (1.0 + eta * lam1)
     for _ in range(max_iter):
@@ -72,11 +72,11 @@ def numpy_apg_squared(X, y, mask, counts, lam1, lam2, lipschitz, *, max_iter, to
         g_new = gradient(a_new)
         obj_new, gap_new = certificate(W_new, a_new, g_new, spectral_value(tv))
         if obj_new > obj + 16 * np.finfo(float).eps * abs(obj):
-            Z, aZ, gZ, t_mom = W, a, g, 1.0
+            Z, gZ, t_mom = W, g, 1.0
         else:
             t_next = 0.5 * (1.0 + np.sqrt(1.0 + 4.0 * t_mom**2))
             beta = (t_mom - 1.0) / t_next
-            Z, aZ, gZ = W_new + beta * (W_new - W), a_new + beta * (a_new - a), g_new + beta * (g_new - g)
+            Z, gZ = W_new + beta * (W_new - W), g_new + beta * (g_new - g)  # z's margins are never needed
             W, a, g, obj, gap, t_mom = W_new, a_new, g_new, obj_new, gap_new, t_next
         objs.append(obj)
         gaps.append(gap)
