@@ -60,7 +60,7 @@ def w_step_squared(sites, reg: SigmaQuadratic, *, tol=1e-12, max_iter=1000):
 def alternation(W, alpha, sites, lam1, lam2, lmax, inner_tol, inner_max_iter, eps, *, loss):
     """One alternation from ``W`` (m, d) and the dual point ``alpha`` (m, n_max) of the last W-step.
 
-    ``lmax`` (m,) holds ``lambda_max(X_t^T X_t)`` (``gram_lmax``), which sets the APG step sizes.
+    ``lmax`` (m,) holds ``lambda_max(X_t^T X_t)`` (an upper bound, ``gram_lmax_bound``), which sets the APG step sizes.
     ``inner_tol``, ``inner_max_iter`` (the W-step's accuracy and cap) and ``eps`` (the Omega-step's
     relative floor) are traced: changing them does not compile again.
     Returns ``(W, alpha, J(W), gap_J, omega)`` with ``omega`` the Omega used by this W-step.
