@@ -27,7 +27,7 @@ class HistoryRecord(NamedTuple):
 
     ``round`` counts iterations (APG), alternations or communication rounds; ``objective`` is J(W);
     ``gap`` the duality gap of J, an upper bound on ``J(W) - min J`` (NaN where a solver has none);
-    ``bytes`` the bytes communicated between sites and server (0: centralized); ``seconds`` the wall
+    ``bytes`` the bytes communicated between sites and server since the start (0: centralized); ``seconds`` the wall
     time since the start. When a whole loop is one compiled program its seconds are the loop's time
     apportioned evenly over its iterations (compilation excluded).
     """
@@ -40,6 +40,42 @@ class HistoryRecord(NamedTuple):
 
 
 HISTORY_FIELDS = HistoryRecord._fields
+
+
+class RoundRecord(NamedTuple):
+    """One communication round of a distributed solver: the :class:`HistoryRecord` fields, then more.
+
+    The first five fields are those of :class:`HistoryRecord` (``bytes = bytes_up + bytes_down``, counted
+    since the start; ``seconds`` the wall time), so every reader of a history reads a distributed one too.
+
+    Attributes (beyond the first five):
+      primal: the primal objective of the problem the round works on (J for the joint scheme; P(W, Omega)
+        at the current Omega for the alternating one).
+      dual: its dual objective at the round's dual point.
+      gap_w: the duality gap of the W-problem at fixed Omega (alternating scheme; NaN otherwise).
+      bytes_up, bytes_down: bytes sent from the sites to the server and back, since the start (like ``bytes``).
+      passes: local effort: mean number of passes over its data that a participating site made.
+      participants: number of sites whose update reached the server.
+      sim_seconds: simulated time since the start under the cost model (slowest participating site's
+        compute plus communication, summed over rounds).
+    """
+
+    round: int
+    objective: float
+    gap: float
+    bytes: int
+    seconds: float
+    primal: float
+    dual: float
+    gap_w: float
+    bytes_up: int
+    bytes_down: int
+    passes: float
+    participants: int
+    sim_seconds: float
+
+
+_INTEGER_FIELDS = ("round", "bytes", "bytes_up", "bytes_down", "participants")
 
 
 class SolveOutput(NamedTuple):
@@ -58,11 +94,18 @@ class SolveOutput(NamedTuple):
 
 
 def history_columns(history) -> dict[str, np.ndarray]:
-    """A sequence of :class:`HistoryRecord` as columns ``{field: (n,) array}`` (round, bytes as int64)."""
-    rows = np.array([tuple(r) for r in history], dtype=float).reshape(-1, len(HISTORY_FIELDS))
-    cols = {name: rows[:, i] for i, name in enumerate(HISTORY_FIELDS)}
-    cols["round"] = cols["round"].astype(np.int64)
-    cols["bytes"] = cols["bytes"].astype(np.int64)
+    """Records (:class:`HistoryRecord` or :class:`RoundRecord`) as columns ``{field: (n,) array}``.
+
+    The fields are those of the first record's type (:class:`HistoryRecord`'s for an empty history);
+    counts (round, bytes, participants) come out as int64.
+    """
+    history = tuple(history)
+    fields = type(history[0])._fields if history and hasattr(history[0], "_fields") else HISTORY_FIELDS
+    rows = np.array([tuple(r) for r in history], dtype=float).reshape(-1, len(fields))
+    cols = {name: rows[:, i] for i, name in enumerate(fields)}
+    for name in _INTEGER_FIELDS:
+        if name in cols:
+            cols[name] = cols[name].astype(np.int64)
     return cols
 
 

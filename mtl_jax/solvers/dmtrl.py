@@ -1,0 +1,604 @@
+"""DMTRL: the distributed dual solver of MTRL (Liu, Pan, Ho, KDD 2017), simulated sites on one device.
+
+docs/dmtrl.md is the user's guide; docs/mathematics.md, sections 4 and 5, the derivation. Every site ``t``
+keeps its samples ``X_t, y_t`` and their dual variables ``alpha_t``. One communication round:
+
+1. the server sends each site its model ``w_t`` (d numbers; and ``q_t`` when it changed);
+2. each site runs passes of SDCA on its *local subproblem*
+
+       maximise over dalpha_t:  sum_i dual_term(alpha_ti + dalpha_ti) - <w_t, dv_t> - (q_t / 2) ||dv_t||^2 ,
+       dv_t = X_t^T dalpha_t ,
+
+   updating coordinate ``i`` with the margin ``<w_t + q_t dv_t, x_ti>`` (its own pending change counts)
+   and the curvature ``Q = q_t ||x_ti||^2`` (:attr:`mtl_jax.losses.Loss.dual_step`), and sends ``dv_t``
+   (d numbers) plus two scalars for the certificate (its dual term and its loss);
+3. the server sets ``V += sum_t dv_t`` and maps ``V`` to ``W``.
+
+A ``q_t`` is *safe* when ``R*(V + dV) <= R*(V) + <W, dV> + sum_t (q_t / 2) ||dv_t||^2`` for every
+``dV``: then the dual objective rises by at least the sum of the local improvements (CoCoA+ "adding",
+Ma et al. 2015), so the dual ascends monotonically and sites that skip a round (dropout) or stop early
+(stragglers) cannot break it. Two outer schemes (``SCHEMES``):
+
+* ``"joint"`` (default): rounds on the dual of J itself, ``R(W) = lam1/2 ||W||_F^2 + lam2/2 ||W||_*^2``.
+  The server map is ``W = grad R*(V)`` (the prox of the squared trace norm at ``V / lam1``: the
+  Omega-step done implicitly every round) and ``q_t = 1 / lam1`` is safe because ``R*`` is
+  ``1/lam1``-smooth. The duality gap of J certifies every round; nothing can stall.
+* ``"alternating"`` (the paper's): rounds on the W-problem at a fixed Omega, ``R*(V) = 1/2 tr(V^T Sigma V)``,
+  ``W = Sigma V``, with ``q_t`` from one of the rules in :data:`Q_RULES`; Omega is recomputed in closed
+  form from W every ``omega_every`` rounds or when the W-problem's relative gap is below ``omega_tol``,
+  the duals warm-started. Certified on J too (the duals are feasible for J's dual), but it can stall
+  above min J, as the centralized alternation does.
+
+The round is a per-block function (``vmap`` over the leading axis of :class:`~mtl_jax.data.Sites`) plus
+a server step whose only cross-site operations are sums over sites (``V``, the certificate's scalars,
+and the ``d x d`` Gram matrix of ``V`` inside the server map): the shape that ``shard_map`` needs. With
+the chunked layout every chunk is a worker of its own: its ``q`` is its site's ``q_t`` times the site's
+number of chunks (``||sum_c dv_c||^2 <= k sum_c ||dv_c||^2``), which keeps the step safe.
+
+Systems realism, as in MOCHA (Smith et al., NeurIPS 2017), all traced (:class:`Systems`): per-site
+local passes; an effort fraction drawn each round from ``U(min_effort, 1)``; stragglers (a site
+straggles with ``straggler_prob`` and then makes ``straggler_effort`` of its effort); dropout (a site's
+update is lost with ``dropout_prob``); and a cost model (per-site speed in coordinate steps per second,
+latency, bandwidth) giving simulated seconds per round: the slowest participating site's compute and
+upload, plus the download.
+"""
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtl_jax.data.sites import Sites, feature_sums, margins, per_block, sample_weights, site_sums
+from mtl_jax.losses import Loss, get_loss
+from mtl_jax.mtrl import (
+    DEFAULT_EPS,
+    SigmaQuadratic,
+    SpectralMatrix,
+    TraceNormSq,
+    as_spectral,
+    empirical_loss,
+    omega_factored,
+)
+from mtl_jax.solvers.base import (
+    RoundRecord,
+    SolveOutput,
+    check_options,
+    compiled,
+    history_capacity,
+    numpy_tree,
+    register_exportable,
+)
+
+SCHEMES = ("joint", "alternating")
+#: ``q_t`` rules of the alternating scheme (the joint scheme always uses ``1 / lam1``).
+#: ``"lambda_max"``: ``lambda_max(Sigma)`` for every site; ``"gershgorin"``: the row sum ``sum_t' |Sigma_tt'|``
+#: (O(m^2 r) time, computed in row blocks: never an m x m array); ``"paper"``: DMTRL's ``sigma' Sigma_tt``,
+#: ``sigma' = max_t rowsum_t / Sigma_tt``; ``"factored"``: ``|b| + sum_k |a_k - b| |U_tk| ||U_:k||_1`` from
+#: ``Sigma = U diag(a) U^T + b (I - U U^T)`` in O(m r); ``"auto"``: the measured fastest (benchmarks/README.md).
+Q_RULES = ("auto", "lambda_max", "gershgorin", "paper", "factored")
+AUTO_Q_RULE = "lambda_max"
+ORDERS = ("random", "cyclic")
+DEFAULT_MAX_ROUNDS = 2000
+#: Options of :func:`solve` (and of ``fit(solver="dmtrl", ...)``) beyond the common ones.
+OPTIONS = ("scheme", "local_passes", "q", "omega_every", "omega_tol", "omega0", "order", "seed", "min_effort",
+           "straggler_prob", "straggler_effort", "dropout_prob", "speed", "latency", "bandwidth")
+#: The cost model's defaults: a site makes 10^6 coordinate steps per second; a message takes 50 ms plus its
+#: size over 12.5 MB/s (a 100 Mbit/s wide-area link).
+DEFAULT_SPEED = 1e6
+DEFAULT_LATENCY = 0.05
+DEFAULT_BANDWIDTH = 12.5e6
+_NEVER = 2**31 - 1
+
+
+class Systems(NamedTuple):
+    """The traced systems model of a run: changing any of it does not compile again.
+
+    passes: (m,) int, nominal local passes per site and round (0: the site computes nothing).
+    min_effort: () in [0, 1]; each round a site's effort fraction is drawn from ``U(min_effort, 1)`` (1: fixed).
+    straggler_prob: () probability that a site straggles in a round; straggler_effort: () its effort factor.
+    dropout_prob: () probability that a site's update is lost in a round.
+    speed: (m,) coordinate steps per second; latency: () seconds per message; bandwidth: () bytes per second.
+    """
+
+    passes: jax.Array
+    min_effort: jax.Array
+    straggler_prob: jax.Array
+    straggler_effort: jax.Array
+    dropout_prob: jax.Array
+    speed: jax.Array
+    latency: jax.Array
+    bandwidth: jax.Array
+
+
+class Params(NamedTuple):
+    """Traced hyper-parameters: lam1, lam2, tol (relative gap of J), eps (Omega's floor), the Omega schedule."""
+
+    lam1: jax.Array
+    lam2: jax.Array
+    tol: jax.Array
+    eps: jax.Array
+    omega_every: jax.Array  # () int32, rounds between Omega-steps (alternating); _NEVER: never
+    omega_tol: jax.Array    # () relative gap of the W-problem that triggers an Omega-step; < 0: never
+
+
+class DMTRLState(NamedTuple):
+    """The state after a round: the dual point, its ``V`` and ``W``, Omega (alternating), the certificates."""
+
+    alpha: jax.Array        # (K, n_max) dual variables, zero at padding
+    V: jax.Array            # (m, d) sum_i alpha_ti x_ti per site
+    W: jax.Array            # (m, d) the server's map of V
+    omega: SpectralMatrix   # alternating: the Omega in use (factored); joint: unused (I / m)
+    q: jax.Array            # (m,) the sites' q_t
+    key: jax.Array          # PRNG key of the run
+    round: jax.Array        # () int32, rounds done
+    since_omega: jax.Array  # () int32, rounds since the last Omega-step
+    objective: jax.Array    # () J(W)
+    gap: jax.Array          # () J(W) - D_J(alpha), the certificate of J
+    primal: jax.Array       # () the scheme's primal objective (J, or P(W, Omega))
+    dual: jax.Array         # () the scheme's dual objective
+    gap_w: jax.Array        # () the W-problem's gap (alternating; NaN for joint)
+    sim_seconds: jax.Array  # () simulated seconds since the start
+
+
+class RoundStats(NamedTuple):
+    """What one round reports (every number of the history comes from here)."""
+
+    objective: jax.Array
+    gap: jax.Array
+    primal: jax.Array
+    dual: jax.Array
+    gap_w: jax.Array
+    participants: jax.Array  # () int32
+    passes: jax.Array        # () mean passes of the participating sites
+    omega_step: jax.Array    # () bool, an Omega-step began this round
+    sim_seconds: jax.Array   # () cumulative
+
+
+class LocalUpdate(NamedTuple):
+    """What a block (a site, or a chunk of one) computes in a round; only ``dv`` and two scalars travel."""
+
+    alpha: jax.Array  # (n_max,) its new dual variables (stay at the site)
+    dv: jax.Array     # (d,)
+    steps: jax.Array  # () coordinate steps made on real samples
+
+
+# --- the site's part ---------------------------------------------------------------------------------
+
+def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, key, *, loss: Loss, cyclic: bool) -> LocalUpdate:
+    """SDCA on one block's local subproblem: ``budget`` coordinate steps over its slots, pass after pass.
+
+    Args:
+      X: (n, d) the block's rows; y, c, mask, sq: (n,) targets, weights ``1/n_t``, real-row mask, ``||x_i||^2``.
+      alpha: (n,) current duals. w: (d,) the site's model. q: () the block's ``q``.
+      budget: () int, coordinate steps to make (``passes * n`` for whole passes; padding slots count).
+      key: PRNG key of the block and round (random order: a fresh permutation per pass).
+    Returns a :class:`LocalUpdate`.
+    """
+    n, d = X.shape
+    safe_c = jnp.where(mask > 0, c, 1.0)
+    passes = (budget + n - 1) // n
+
+    def one_pass(p, carry):
+        order = jnp.arange(n) if cyclic else jax.random.permutation(jax.random.fold_in(key, p), n)
+
+        def step(i, carry):
+            alpha, dv, steps = carry
+            j = order[i]
+            x = X[j]
+            a = jnp.dot(w, x) + q * jnp.dot(dv, x)
+            new = loss.dual_step(alpha[j], y[j], safe_c[j], a, q * sq[j])
+            live = (p * n + i < budget) & (mask[j] > 0)
+            delta = jnp.where(live, new - alpha[j], 0.0)
+            return alpha.at[j].add(delta), dv + delta * x, steps + live.astype(steps.dtype)
+
+        return jax.lax.fori_loop(0, n, step, carry)
+
+    zero = jnp.zeros((), jnp.int32)
+    alpha, dv, steps = jax.lax.fori_loop(0, passes, one_pass, (alpha, jnp.zeros((d,), X.dtype), zero))
+    return LocalUpdate(alpha, dv, steps)
+
+
+def site_draws(key, site_ids, systems: Systems, n_max):
+    """Per-site random systems draws of a round: (budget in steps per block-of-the-site, participates).
+
+    Depends only on the round's key and the global site id (``fold_in``), not on how sites are placed.
+    """
+    def draw(t, passes):
+        k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, t), 4)
+        effort = jax.random.uniform(k1, (), minval=systems.min_effort, maxval=1.0)
+        straggles = jax.random.bernoulli(k2, systems.straggler_prob)
+        effort = jnp.where(straggles, effort * systems.straggler_effort, effort)
+        participates = ~jax.random.bernoulli(k3, systems.dropout_prob)
+        del k4
+        budget = jnp.round(effort * passes * n_max).astype(jnp.int32)
+        return budget, participates
+
+    return jax.vmap(draw)(site_ids, systems.passes)
+
+
+# --- q_t rules -----------------------------------------------------------------------------------------
+
+def _row_abs_sums(M: SpectralMatrix, block: int = 256):
+    """``sum_t' |M_tt'|`` per row of a factored M, O(m^2 r) time in row blocks (never an m x m array)."""
+    m = M.U.shape[0]
+    pad = (-m) % block
+    U = jnp.pad(M.U, ((0, pad), (0, 0)))
+    rows = jnp.arange(m + pad).reshape(-1, block)
+    scaled = M.U * (M.a - M.b)
+
+    def one(idx):
+        B = U[idx] @ scaled.T                                  # (block, m) = rows of U diag(a-b) U^T
+        B = B + M.b * (idx[:, None] == jnp.arange(m)[None, :])
+        return jnp.sum(jnp.abs(B), axis=1)
+
+    return jax.lax.map(one, rows).reshape(-1)[:m]
+
+
+def q_values(sigma: SpectralMatrix, rule: str):
+    """Per-site ``q_t`` (m,) for ``Sigma`` (factored) by one of :data:`Q_RULES` (``"auto"`` resolved first)."""
+    m = sigma.U.shape[0]
+    if rule == "lambda_max":
+        return jnp.full((m,), sigma.max_eigenvalue())
+    if rule == "factored":
+        d = sigma.a - sigma.b
+        return jnp.abs(sigma.b) + jnp.abs(sigma.U) @ (jnp.abs(d) * jnp.sum(jnp.abs(sigma.U), axis=0))
+    rows = _row_abs_sums(sigma)
+    if rule == "gershgorin":
+        return rows
+    if rule == "paper":
+        diag = sigma.b + jnp.sum(sigma.U**2 * (sigma.a - sigma.b), axis=1)
+        safe = jnp.maximum(diag, jnp.finfo(diag.dtype).tiny)
+        return jnp.max(rows / safe) * diag
+    raise ValueError(f"q: must be one of {Q_RULES}, got {rule!r}")
+
+
+# --- certificates ----------------------------------------------------------------------------------------
+
+def _dual_terms(alpha, sites, loss: Loss):
+    c = sample_weights(sites)
+    safe_c = jnp.where(sites.mask > 0, c, 1.0)
+    return jnp.sum(sites.mask * loss.dual_term(alpha, sites.y, safe_c))
+
+
+def server_map(V, omega, params: Params, *, scheme: str):
+    """``W`` from ``V``: ``grad R*(V)`` of the squared trace norm (joint) or ``Sigma V`` (alternating).
+
+    Returns ``(W, R*(V), R(W))`` of the scheme's regulariser; ``R(W) = R*(V) = <V, Sigma V>/2`` for
+    the alternating one (the stable form: never a difference of large terms).
+    """
+    if scheme == "joint":
+        return TraceNormSq(params.lam1, params.lam2).conjugate(V)
+    return SigmaQuadratic(omega, params.lam1, params.lam2).conjugate(V)
+
+
+def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Loss, scheme: str):
+    """(J(W), gap of J, the scheme's primal, dual, W-problem gap). The sites' two scalars are the sums here.
+
+    The dual point ``alpha`` is feasible for J's dual in both schemes, so ``J(W) - D_J(alpha)`` bounds
+    ``J(W) - min J`` whatever Omega the alternating scheme is at.
+    """
+    conj = _dual_terms(alpha, sites, loss)
+    emp = empirical_loss(W, sites, loss)
+    primal = emp + reg_at_W
+    dual = conj - reg_conj
+    if scheme == "joint":
+        return primal, primal - dual, primal, dual, jnp.full((), jnp.nan, primal.dtype)
+    trace = TraceNormSq(params.lam1, params.lam2)
+    J = emp + trace.value(W)
+    dual_J = conj - trace.conjugate(V)[1]
+    gap_w = emp - conj + jnp.sum(V * W)  # P - D at W = Sigma V, without the cancelling regulariser terms
+    return J, J - dual_J, primal, dual, gap_w
+
+
+# --- the round ---------------------------------------------------------------------------------------
+
+def _block_ids(sites: Sites):
+    return jnp.arange(sites.num_blocks)
+
+
+def _chunks_per_site(sites: Sites):
+    if sites.site is None:
+        return jnp.ones((sites.num_sites,), sites.X.dtype)
+    return site_sums(jnp.ones((sites.num_blocks,), sites.X.dtype), sites)
+
+
+def _omega_q(W, params: Params, *, scheme: str, q_rule: str):
+    """The Omega-step from ``W`` (factored) and the q_t of its Sigma."""
+    omega = omega_factored(W, params.eps)
+    if scheme == "joint":
+        return omega, jnp.full((W.shape[0],), 1.0 / params.lam1, W.dtype)
+    sigma = SigmaQuadratic(omega, params.lam1, params.lam2).sigma
+    return omega, q_values(sigma, q_rule).astype(W.dtype)
+
+
+def init_state(sites: Sites, params: Params, alpha0, key, omega0=None, *, loss: str, scheme: str, q_rule: str):
+    """The state before the first round: ``V = X^T alpha0``, ``W`` its map, certificates, ``q``.
+
+    ``omega0`` (factored) is the alternating scheme's first Omega (default: the Omega-step of W = 0, I / m).
+    """
+    loss_ = get_loss(loss)
+    dtype = sites.X.dtype
+    m, d = sites.num_sites, sites.dim
+    if scheme == "alternating" and omega0 is not None:
+        omega = omega0
+        q = q_values(SigmaQuadratic(omega, params.lam1, params.lam2).sigma, q_rule).astype(dtype)
+    else:
+        omega, q = _omega_q(jnp.zeros((m, d), dtype), params, scheme=scheme, q_rule=q_rule)
+    V = feature_sums(alpha0, sites)
+    W, reg_conj, reg_at_W = server_map(V, omega, params, scheme=scheme)
+    J, gap, primal, dual, gap_w = certify(alpha0, V, W, reg_conj, reg_at_W, sites, params, loss=loss_, scheme=scheme)
+    zero = jnp.zeros((), jnp.int32)
+    return DMTRLState(alpha0, V, W, omega, q, key, zero, zero, J, gap, primal, dual, gap_w, jnp.zeros((), dtype))
+
+
+def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems, *, loss: str, scheme: str,
+               q_rule: str, order: str = "random"):
+    """One communication round; returns ``(new state, RoundStats)``. jit-able, vmaps over the sites inside.
+
+    Alternating scheme: an Omega-step (from the W of the last round) begins the round when it is due
+    (``omega_every`` rounds since the last, or the W-problem's relative gap at most ``omega_tol``).
+    """
+    loss_ = get_loss(loss)
+    dtype = sites.X.dtype
+    m, d = sites.num_sites, sites.dim
+    omega, q, W, since = state.omega, state.q, state.W, state.since_omega
+    omega_step = jnp.zeros((), bool)
+    if scheme == "alternating":
+        omega_step = (since >= params.omega_every) | (
+            (params.omega_tol >= 0) & (state.gap_w <= params.omega_tol * jnp.abs(state.primal)))
+
+        def new_omega(_):
+            om, qq = _omega_q(state.W, params, scheme=scheme, q_rule=q_rule)
+            return om, qq, server_map(state.V, om, params, scheme=scheme)[0]
+
+        omega, q, W = jax.lax.cond(omega_step, new_omega, lambda _: (omega, q, W), None)
+        since = jnp.where(omega_step, 0, since)
+
+    round_key = jax.random.fold_in(state.key, state.round)
+    k_sys, k_order = jax.random.split(round_key)
+    budget_site, participates = site_draws(k_sys, jnp.arange(m), systems, sites.n_max)
+    chunks = _chunks_per_site(sites)
+    c = sample_weights(sites)
+    sq = jnp.sum(sites.X**2, axis=-1)
+    keys = jax.vmap(lambda k: jax.random.fold_in(k_order, k))(_block_ids(sites))
+    local = jax.vmap(partial(local_sdca, loss=loss_, cyclic=order == "cyclic"))(
+        sites.X, sites.y, c, sites.mask, sq, state.alpha, per_block(W, sites), per_block(q * chunks, sites),
+        per_block(budget_site, sites), keys)
+    live_block = per_block(participates, sites)
+    alpha = jnp.where(live_block[:, None], local.alpha, state.alpha)
+    dV = site_sums(jnp.where(live_block[:, None], local.dv, 0.0), sites)
+    V = state.V + dV
+    W_new, reg_conj, reg_at_W = server_map(V, omega, params, scheme=scheme)
+    J, gap, primal, dual, gap_w = certify(alpha, V, W_new, reg_conj, reg_at_W, sites, params, loss=loss_,
+                                          scheme=scheme)
+
+    steps = site_sums(local.steps.astype(dtype), sites)
+    live = participates.astype(dtype)
+    participants = jnp.sum(participates, dtype=jnp.int32)
+    passes = jnp.sum(live * steps / jnp.maximum(sites.counts, 1)) / jnp.maximum(participants, 1)
+    itemsize = jnp.dtype(dtype).itemsize
+    up = (d + 2) * itemsize
+    down = (d + omega_step.astype(dtype)) * itemsize
+    site_seconds = steps / systems.speed + systems.latency + up / systems.bandwidth
+    seconds = jnp.max(jnp.where(participates, site_seconds, 0.0)) + systems.latency + down / systems.bandwidth
+    sim = state.sim_seconds + seconds
+    new = DMTRLState(alpha, V, W_new, omega, q, state.key, state.round + 1, since + 1, J, gap, primal, dual,
+                     gap_w, sim)
+    return new, RoundStats(J, gap, primal, dual, gap_w, participants, passes, omega_step, sim)
+
+
+def converged(state: DMTRLState, params: Params, fixed_omega):
+    """J's relative gap at most ``tol``; with a fixed Omega (alternating), the W-problem's instead."""
+    on_j = state.gap <= params.tol * jnp.abs(state.objective)
+    on_w = state.gap_w <= params.tol * jnp.abs(state.primal)
+    return jnp.where(fixed_omega, on_w, on_j)
+
+
+class RunOutput(NamedTuple):
+    """A chunk of rounds run as one program: the state after it and the per-round stats (first ``rounds`` rows)."""
+
+    state: DMTRLState
+    stats: RoundStats   # each field (history_size,)
+    rounds: jax.Array   # () rounds run in this chunk
+    converged: jax.Array
+
+
+register_exportable(Systems, Params, DMTRLState, RoundStats, RunOutput)
+
+
+@partial(jax.jit, static_argnames=("loss", "scheme", "q_rule", "order", "history_size"))
+def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems, max_rounds, fixed_omega, *,
+               loss: str, scheme: str, q_rule: str, order: str, history_size: int) -> RunOutput:
+    """Rounds from ``state`` until the certificate reaches ``tol`` or ``max_rounds`` (traced) more are done.
+
+    One ``lax.while_loop``: a chunk of rounds is one compiled program, whatever its length.
+    """
+    dtype = sites.X.dtype
+    nan = jnp.full((history_size,), jnp.nan, dtype)
+    empty = RoundStats(nan, nan, nan, nan, nan, jnp.zeros((history_size,), jnp.int32), nan,
+                       jnp.zeros((history_size,), bool), nan)
+
+    def cond(carry):
+        s, _, k = carry
+        return (k < max_rounds) & ~converged(s, params, fixed_omega)
+
+    def body(carry):
+        s, buf, k = carry
+        s, stats = round_step(s, sites, params, systems, loss=loss, scheme=scheme, q_rule=q_rule, order=order)
+        buf = jax.tree_util.tree_map(lambda b, v: b.at[jnp.minimum(k, history_size - 1)].set(v), buf, stats)
+        return s, buf, k + 1
+
+    state, buf, k = jax.lax.while_loop(cond, body, (state, empty, jnp.zeros((), jnp.int32)))
+    return RunOutput(state, buf, k, converged(state, params, fixed_omega))
+
+
+init_program = jax.jit(init_state, static_argnames=("loss", "scheme", "q_rule"))
+
+
+# --- the host-side driver ----------------------------------------------------------------------------------
+
+def _per_site(name, value, m, dtype, *, low, integer=False):
+    """A scalar or an (m,) array of per-site values as an (m,) NumPy array; ValueError naming ``name``."""
+    arr = np.asarray(value)
+    if arr.dtype == bool or arr.dtype.kind not in "iuf" or arr.ndim > 1 or (arr.ndim == 1 and arr.shape != (m,)):
+        raise ValueError(f"{name}: must be a number or an array of {m} numbers (one per site), got {value!r}")
+    if not np.all(np.isfinite(arr)) or np.any(arr < low) or (integer and np.any(arr != np.round(arr))):
+        kind = "integers" if integer else "finite numbers"
+        raise ValueError(f"{name}: must be {kind} >= {low}, got {value!r}")
+    return np.broadcast_to(arr, (m,)).astype(dtype)
+
+
+def _probability(name, value, *, high_open=False):
+    from mtl_jax.validation import check_real
+    v = check_real(name, value)
+    if v > 1 or (high_open and v >= 1):
+        raise ValueError(f"{name}: must be a probability in [0, {'1)' if high_open else '1]'}, got {value!r}")
+    return v
+
+
+def check_dmtrl_options(options: dict, m: int) -> dict:
+    """Validate :data:`OPTIONS` for ``m`` sites; returns them with defaults filled in (ValueError naming the option)."""
+    from mtl_jax.validation import check_int, check_real
+    check_options(options, OPTIONS, "solver_options")
+    o = dict(options)
+    scheme = o.setdefault("scheme", "joint")
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme: must be one of {SCHEMES}, got {scheme!r}")
+    q = o.setdefault("q", "auto")
+    if q not in Q_RULES:
+        raise ValueError(f"q: must be one of {Q_RULES}, got {q!r}")
+    if scheme == "joint" and q != "auto":
+        raise ValueError(f"q: the joint scheme uses q_t = 1/lam1 (the only safe constant there); q={q!r} applies "
+                         "to scheme='alternating'")
+    order = o.setdefault("order", "random")
+    if order not in ORDERS:
+        raise ValueError(f"order: must be one of {ORDERS}, got {order!r}")
+    passes = o.setdefault("local_passes", 1)
+    if np.ndim(passes) == 0:
+        check_int("local_passes", passes, low=1, high=2**20)
+    o["local_passes"] = _per_site("local_passes", passes, m, np.int32, low=0, integer=True)
+    every = o.setdefault("omega_every", 10)
+    o["omega_every"] = _NEVER if every is None else check_int("omega_every", every, low=1, high=_NEVER)
+    otol = o.setdefault("omega_tol", 1e-3)
+    o["omega_tol"] = -1.0 if otol is None else check_real("omega_tol", otol)
+    o["seed"] = check_int("seed", o.setdefault("seed", 0), low=0, high=2**32)
+    o["min_effort"] = _probability("min_effort", o.setdefault("min_effort", 1.0))
+    o["straggler_prob"] = _probability("straggler_prob", o.setdefault("straggler_prob", 0.0))
+    o["straggler_effort"] = _probability("straggler_effort", o.setdefault("straggler_effort", 0.25))
+    o["dropout_prob"] = _probability("dropout_prob", o.setdefault("dropout_prob", 0.0), high_open=True)
+    o["speed"] = _per_site("speed", o.setdefault("speed", DEFAULT_SPEED), m, np.float64, low=0)
+    if np.any(o["speed"] <= 0):
+        raise ValueError("speed: must be > 0 (coordinate steps per second at each site)")
+    o["latency"] = check_real("latency", o.setdefault("latency", DEFAULT_LATENCY))
+    o["bandwidth"] = check_real("bandwidth", o.setdefault("bandwidth", DEFAULT_BANDWIDTH), strict=True)
+    o.setdefault("omega0", None)
+    return o
+
+
+def _as_omega(omega0, m, dtype):
+    if omega0 is None:
+        return None
+    if isinstance(omega0, SpectralMatrix):
+        om = SpectralMatrix(*(jnp.asarray(x, dtype) for x in omega0))
+        if om.U.ndim != 2 or om.U.shape[0] != m:
+            raise ValueError(f"omega0: U must have {m} rows (one per task), got shape {om.U.shape}")
+        return om
+    from mtl_jax.validation import check_square_matrix
+    M = check_square_matrix("omega0", omega0)
+    if M.shape != (m, m):
+        raise ValueError(f"omega0: must be ({m}, {m}), got {M.shape}")
+    if not np.allclose(M, M.T, atol=1e-12 * max(1.0, np.abs(M).max())):
+        raise ValueError("omega0: must be symmetric")
+    if np.linalg.eigvalsh(0.5 * (M + M.T)).min() <= 0:
+        raise ValueError("omega0: must be positive definite")
+    return as_spectral(jnp.asarray(M, dtype))
+
+
+def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, W0=None, alpha0=None,
+          eps=DEFAULT_EPS, **options) -> SolveOutput:
+    """Run DMTRL on ``sites`` (validated) until J's relative gap is at most ``tol`` or ``max_iter`` rounds.
+
+    Args:
+      lam1, lam2, loss, tol, eps: as for the centralized solver; traced.
+      max_iter: communication rounds (default 2000).
+      W0: (m, d) a primal warm start; the duals start at ``alpha = -c loss'(<w_t, x>)`` (feasible).
+      alpha0: (K, n_max) a dual warm start (it wins over W0).
+      **options: :data:`OPTIONS` (validated by :func:`check_dmtrl_options`): ``scheme`` ("joint" or
+        "alternating"), ``local_passes`` (an int >= 1, or one int >= 0 per site), ``q`` (a rule of
+        :data:`Q_RULES`, alternating only), ``omega_every`` (rounds between Omega-steps, None: never),
+        ``omega_tol`` (the W-problem's relative gap that triggers one, None: never), ``omega0`` (the
+        first Omega, dense (m, m) or factored; with ``omega_every=None, omega_tol=None`` it stays fixed and the
+        run stops on the W-problem's gap), ``order`` ("random" or "cyclic"), ``seed``, and the systems
+        model: ``min_effort``, ``straggler_prob``, ``straggler_effort``, ``dropout_prob``, ``speed``,
+        ``latency``, ``bandwidth`` (:class:`Systems`).
+
+    Returns a :class:`~mtl_jax.solvers.base.SolveOutput` whose history holds
+    :class:`~mtl_jax.solvers.base.RoundRecord` rows (round 0 is the starting point).
+    """
+    m, d = sites.num_sites, sites.dim
+    o = check_dmtrl_options(options, m)
+    loss_ = get_loss(loss)
+    dtype = sites.X.dtype
+    scheme = o["scheme"]
+    q_rule = AUTO_Q_RULE if o["q"] == "auto" else o["q"]
+    max_rounds = DEFAULT_MAX_ROUNDS if max_iter is None else int(max_iter)
+    params = Params(*(jnp.asarray(v, dtype) for v in (lam1, lam2, tol, eps)),
+                    jnp.asarray(o["omega_every"], jnp.int32), jnp.asarray(o["omega_tol"], dtype))
+    systems = Systems(jnp.asarray(o["local_passes"], jnp.int32),
+                      *(jnp.asarray(o[k], dtype) for k in ("min_effort", "straggler_prob", "straggler_effort",
+                                                             "dropout_prob", "speed", "latency", "bandwidth")))
+    if alpha0 is not None:
+        alpha0 = jnp.asarray(alpha0, dtype)
+    elif W0 is not None:
+        W0 = jnp.asarray(W0, dtype)
+        alpha0 = loss_.primal_to_dual(sites.y, margins(W0, sites), sample_weights(sites)) * sites.mask
+    else:
+        alpha0 = jnp.zeros(sites.y.shape, dtype)
+    omega0 = _as_omega(o["omega0"], m, dtype)
+    fixed = scheme == "alternating" and o["omega_every"] == _NEVER and o["omega_tol"] < 0
+    key = jax.random.PRNGKey(o["seed"])
+
+    static = dict(loss=loss_.name, scheme=scheme, q_rule=q_rule)
+    init_args = (sites, params, alpha0, key, omega0)
+    init, c_init = compiled(init_program, init_args, static)
+    state = init(*init_args)
+    args = (state, sites, params, systems, jnp.asarray(max_rounds, jnp.int32), jnp.asarray(fixed))
+    program, c_run = compiled(run_rounds, args, dict(static, order=o["order"],
+                                                     history_size=history_capacity(max_rounds)))
+    t1 = time.perf_counter()
+    out = jax.block_until_ready(program(*args))
+    t2 = time.perf_counter()
+    history = _history(state, out, itemsize=np.dtype(dtype).itemsize, m=m, d=d, wall=t2 - t1)
+    s = out.state
+    return SolveOutput(np.asarray(s.W), numpy_tree(omega_factored(s.W, params.eps)), np.asarray(s.alpha), history,
+                       float(s.objective), float(s.gap), bool(out.converged), int(out.rounds), c_init + c_run,
+                       t2 - t1)
+
+
+def round_bytes(participants: int, omega_step: bool, *, m: int, d: int, itemsize: int) -> tuple[int, int]:
+    """(bytes up, bytes down) of one round: ``dv_t`` from each participating site plus every site's two
+    certificate scalars; ``w_t`` to every site (and ``q_t`` after an Omega-step)."""
+    return itemsize * (participants * d + 2 * m), itemsize * m * (d + int(omega_step))
+
+
+def _history(start: DMTRLState, out: RunOutput, *, itemsize, m, d, wall) -> tuple:
+    n = int(out.rounds)
+    cols = {k: np.asarray(v)[:n] for k, v in out.stats._asdict().items()}
+    per_round = wall / max(n, 1)
+    total_up = total_down = 0
+    rows = [RoundRecord(0, float(start.objective), float(start.gap), 0, 0.0, float(start.primal), float(start.dual),
+                        float(start.gap_w), 0, 0, 0.0, 0, 0.0)]
+    for k in range(n):
+        up, down = round_bytes(int(cols["participants"][k]), bool(cols["omega_step"][k]), m=m, d=d,
+                               itemsize=itemsize)
+        total_up, total_down = total_up + up, total_down + down
+        rows.append(RoundRecord(k + 1, float(cols["objective"][k]), float(cols["gap"][k]), total_up + total_down,
+                                per_round * (k + 1), float(cols["primal"][k]), float(cols["dual"][k]),
+                                float(cols["gap_w"][k]), total_up, total_down, float(cols["passes"][k]),
+                                int(cols["participants"][k]), float(cols["sim_seconds"][k])))
+    return tuple(rows)
+
