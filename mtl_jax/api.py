@@ -9,7 +9,7 @@ import numpy as np
 from mtl_jax import names
 from mtl_jax.data.sites import pack_sites, to_sites
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
-from mtl_jax.solvers import centralized
+from mtl_jax.solvers import centralized, dmtrl
 from mtl_jax.solvers.base import check_options, history_columns
 from mtl_jax.validation import check_array, check_int, check_real, check_scale, validate_dataset, validate_lams
 
@@ -72,7 +72,7 @@ def _relative_gap(gap: float, objective: float) -> float:
     return float(gap) / max(abs(float(objective)), float(np.finfo(np.float64).tiny))
 
 
-def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method="apg", tol=1e-6,
+def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=None, tol=1e-6,
         max_iter=None, W0=None, alpha0=None, num_tasks=None, eps=DEFAULT_EPS, **solver_options) -> FitResult:
     """Learn MTRL task models ``W`` and the task covariance ``Omega`` (Zhang and Yeung 2010; DMTRL 2017).
 
@@ -87,10 +87,13 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
       task: (N,) integer task ids 0..m-1; every task needs at least one sample.
       lam1: > 0, the Frobenius weight. lam2: >= 0, the task-relationship weight.
       loss: "squared" ``(y - a)^2``, "hinge" or "logistic".
-      solver: "centralized" (the distributed "dmtrl" solver comes with its own issue).
-      method: "apg" (fast, certified; default), "alternating" (classic MTRL), "apg_primal", "apg_dual".
+      solver: "centralized" (all data in one place) or "dmtrl" (the distributed dual solver, simulated
+        sites: each task is a site that keeps its data; docs/dmtrl.md).
+      method: the centralized solver's algorithm: "apg" (fast, certified; default), "alternating"
+        (classic MTRL), "apg_primal", "apg_dual". Not for "dmtrl" (it has ``scheme``).
       tol: relative duality-gap tolerance on J, a finite number >= 0: stop when ``gap <= tol * |J(W)|``.
-      max_iter: iteration cap (APG, default 5000) or alternation cap (default 100), an integer >= 1.
+      max_iter: iteration cap (APG, default 5000), alternation cap (default 100) or communication rounds
+        (dmtrl, default 2000), an integer >= 1.
       W0: (m, d) warm start (primal methods), e.g. the ``W`` of an earlier result.
       alpha0: (N,) warm start of the dual variables, in the input row order (dual methods, and the
         hinge W-step of the alternation), e.g. the ``alpha`` of an earlier result.
@@ -98,7 +101,11 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
       eps: relative eigenvalue floor of the Omega-step, ``0 < eps < 1``: the floor is ``eps`` times the
         mean eigenvalue of ``(W W^T)^{1/2}``, so ``eps >= 1`` would lift every eigenvalue below the
         mean to at least the mean and wash out the task relationships that Omega is for.
-      **solver_options: ``inner_tol`` (>= 0), ``inner_max_iter`` (integer >= 1) of the alternation's W-step.
+      **solver_options: centralized: ``inner_tol`` (>= 0), ``inner_max_iter`` (integer >= 1) of the
+        alternation's W-step. dmtrl: ``scheme`` ("joint", default, or "alternating"), ``local_passes``,
+        ``q``, ``omega_every``, ``omega_tol``, ``omega0``, ``order``, ``seed`` and the systems model
+        ``min_effort``, ``straggler_prob``, ``straggler_effort``, ``dropout_prob``, ``speed``, ``latency``,
+        ``bandwidth`` (:func:`mtl_jax.solvers.dmtrl.solve`; docs/dmtrl.md).
 
     Scale of the data. Small scales are handled: all-zero features (or an all-zero task) give
     ``W = 0`` there, and tiny features (tested at 1e-160 with lam1 = 0.1) give the exact optimum
@@ -127,11 +134,13 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     X, y, task, m = validate_dataset(X, y, task, loss=loss, num_tasks=num_tasks)
     lam1, lam2 = validate_lams(lam1, lam2, scalar=True)  # arrays of weights are sweeps, not one fit
     check_scale(X, y, np.bincount(task, minlength=m), lam1=lam1, loss=loss)
-    if solver == "dmtrl":
-        raise ValueError("solver: 'dmtrl' (the distributed dual solver) is not available yet; use solver='centralized'")
     if solver not in SOLVERS:
         raise ValueError(f"solver: must be one of {SOLVERS}, got {solver!r}")
-    if method not in names.METHODS:
+    if solver == "dmtrl" and method is not None:
+        raise ValueError(f"method: chooses the centralized solver's algorithm; solver='dmtrl' takes scheme= "
+                         f"({', '.join(dmtrl.SCHEMES)}) instead, got method={method!r}")
+    method = "apg" if method is None and solver == "centralized" else method
+    if solver == "centralized" and method not in names.METHODS:
         raise ValueError(f"method: must be one of {names.METHODS}, got {method!r}")
     tol = check_real("tol", tol)
     if max_iter is not None:
@@ -141,7 +150,10 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
         raise ValueError(f"eps: must be a finite number in (0, 1) (the Omega-step's relative floor), got {eps!r}")
     if W0 is not None:
         W0 = check_array("W0", W0, (m, X.shape[1]), X.dtype)
-    check_options(solver_options, centralized.OPTIONS, "solver_options")
+    if solver == "dmtrl":
+        dmtrl.check_dmtrl_options(solver_options, m)  # validated before the data are packed
+    else:
+        check_options(solver_options, centralized.OPTIONS, "solver_options")
     if "inner_tol" in solver_options:
         solver_options["inner_tol"] = check_real("inner_tol", solver_options["inner_tol"])
     if "inner_max_iter" in solver_options:
@@ -151,18 +163,37 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     sites = pack_sites(X, y, task, m)  # validated above: no second check
     if alpha0 is not None:
         alpha0 = _dual_start(alpha0, y, task, loss, np.asarray(sites.index))
-    out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
-                            max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps, data_key=_data_key(X, task, m),
-                            **solver_options)
+    if solver == "dmtrl":
+        out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, W0=W0,
+                          alpha0=alpha0, eps=eps, **solver_options)
+    else:
+        out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
+                                max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps, data_key=_data_key(X, task, m),
+                                **solver_options)
     alpha = np.zeros(len(y), dtype=out.alpha.dtype)
     index = np.asarray(sites.index)
     alpha[index[index >= 0]] = out.alpha[index >= 0]
     config = dict(lam1=float(lam1), lam2=float(lam2), loss=loss, solver=solver, method=method,
                   tol=float(tol), max_iter=max_iter, eps=float(eps), num_tasks=m, dim=int(X.shape[1]),
-                  num_samples=int(len(y)), **solver_options)
+                  num_samples=int(len(y)), **_recordable(solver_options))
+    if solver == "dmtrl":
+        config.setdefault("scheme", "joint")
     return FitResult(W=out.W, omega=out.omega, history=out.history, objective=out.objective,
                      gap=out.gap, converged=out.converged, iterations=out.iterations, config=config,
                      alpha=alpha, compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)
+
+
+def _recordable(options: dict) -> dict:
+    """Solver options for ``FitResult.config``: per-site arrays as lists, a given Omega as its shape only."""
+    out = {}
+    for k, v in options.items():
+        if k == "omega0" and v is not None:
+            out[k] = "given"
+        elif isinstance(v, (np.ndarray, list, tuple)):
+            out[k] = np.asarray(v).tolist()
+        else:
+            out[k] = v
+    return out
 
 
 def _data_key(X, task, m):

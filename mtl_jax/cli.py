@@ -143,13 +143,33 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--lam1", type=float, required=True, metavar="F", help="Frobenius weight, > 0")
     model.add_argument("--lam2", type=float, required=True, metavar="F", help="task-relationship weight, >= 0")
     model.add_argument("--loss", choices=LOSSES, default="squared", help="(default: squared)")
-    model.add_argument("--method", choices=METHODS, default="apg",
-                       help="apg: fast accelerated proximal gradient with a duality-gap certificate (default); "
-                            "alternating: the classic W-step/Omega-step scheme; apg_primal, apg_dual: force one APG form")
+    model.add_argument("--solver", choices=names.SOLVERS, default="centralized",
+                       help="centralized: all data in one place (default); dmtrl: the distributed dual solver, "
+                            "one simulated site per task (docs/dmtrl.md)")
+    model.add_argument("--method", choices=METHODS, default=None,
+                       help="centralized solver: apg: fast accelerated proximal gradient with a duality-gap "
+                            "certificate (default); alternating: the classic W-step/Omega-step scheme; apg_primal, "
+                            "apg_dual: force one APG form")
     model.add_argument("--tol", type=_nonneg_float, default=1e-6, metavar="F",
                        help="stop at duality gap <= tol * J (default: 1e-6)")
     model.add_argument("--max-iter", type=_positive_int, default=None, metavar="N",
-                       help="iteration cap (default: 5000 for APG, 100 alternations)")
+                       help="iteration cap (default: 5000 for APG, 100 alternations, 2000 rounds for dmtrl)")
+    dist = fit.add_argument_group("distributed solver (--solver dmtrl)")
+    dist.add_argument("--scheme", choices=names.DMTRL_SCHEMES, default=None,
+                      help="joint: rounds on the dual of J, Omega implicit every round (default); alternating: "
+                           "the paper's W-rounds at fixed Omega with periodic Omega-steps")
+    dist.add_argument("--local-passes", type=_positive_int, default=None, metavar="N",
+                      help="SDCA passes over its data per site and round (default: 1)")
+    dist.add_argument("--q", choices=names.Q_RULES, default=None, help="alternating scheme: the q_t rule")
+    dist.add_argument("--omega-every", type=_positive_int, default=None, metavar="K",
+                      help="alternating scheme: an Omega-step every K rounds (default: 10)")
+    dist.add_argument("--seed", type=_nonneg_int, default=None, metavar="S", help="random seed (default: 0)")
+    dist.add_argument("--straggler-prob", type=_nonneg_float, default=None, metavar="P",
+                      help="probability that a site straggles in a round (default: 0)")
+    dist.add_argument("--straggler-effort", type=_nonneg_float, default=None, metavar="F",
+                      help="fraction of its passes a straggler makes (default: 0.25)")
+    dist.add_argument("--dropout-prob", type=_nonneg_float, default=None, metavar="P",
+                      help="probability that a site's update is lost in a round (default: 0)")
     model.add_argument("--float32", action="store_true", help="compute in float32 (faster; tolerances below ~1e-5 may not be reachable)")
     out = fit.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="result directory (created if missing)")
@@ -309,8 +329,15 @@ def cmd_fit(args) -> int:
                   "warm-started)", file=sys.stderr)
 
     loaded = time.perf_counter()
-    res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, method=args.method,
-                      tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0)
+    options = _dmtrl_options(args)
+    try:
+        res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, solver=args.solver,
+                          method=args.method, tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0, **options)
+    except ValueError as e:
+        name = str(e).split(":", 1)[0]
+        if name in _DMTRL_FLAGS or name in ("method", "solver"):
+            raise CLIError(f"--{name.replace('_', '-')}: {str(e).split(':', 1)[1].strip()}") from None
+        raise
     fitted = time.perf_counter()
 
     arrays = {}
@@ -327,7 +354,9 @@ def cmd_fit(args) -> int:
     summary = {"load_seconds": loaded - started, "fit_seconds": fitted - loaded}
     store.write_fit(out, res, config=config, arrays=arrays, summary=summary, started=started_at)
 
-    print(f"mtl_jax fit: m = {m} tasks, d = {d} features, N = {n} samples; loss {args.loss}, method {args.method}, "
+    how = f"dmtrl ({res.config.get('scheme', 'joint')} scheme)" if args.solver == "dmtrl" \
+        else f"method {args.method or 'apg'}"
+    print(f"mtl_jax fit: m = {m} tasks, d = {d} features, N = {n} samples; loss {args.loss}, {how}, "
           f"lam1 = {args.lam1:g}, lam2 = {args.lam2:g}" + (" (resumed)" if resumed_from else ""))
     print(f"  J = {res.objective:.12g}   relative gap = {res.relative_gap:.3g}   converged = {res.converged}   "
           f"iterations = {res.iterations}")
@@ -337,6 +366,21 @@ def cmd_fit(args) -> int:
         print(f"note: not converged to --tol {args.tol:g} within the iteration cap; continue with --resume "
               "(or raise --max-iter)", file=sys.stderr)
     return 0
+
+
+_DMTRL_FLAGS = ("scheme", "local_passes", "q", "omega_every", "seed", "straggler_prob", "straggler_effort",
+                "dropout_prob")
+
+
+def _dmtrl_options(args) -> dict:
+    """The distributed solver's options given on the command line (refused with another solver)."""
+    given = {k: getattr(args, k) for k in _DMTRL_FLAGS if getattr(args, k) is not None}
+    if given and args.solver != "dmtrl":
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise CLIError(f"{flags}: only for --solver dmtrl (got --solver {args.solver})")
+    if args.solver == "dmtrl" and args.method is not None:
+        raise CLIError("--method: chooses the centralized solver's algorithm; --solver dmtrl takes --scheme")
+    return given
 
 
 # ----------------------------------------------------------------------------- data

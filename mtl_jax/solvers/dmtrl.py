@@ -52,6 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtl_jax import names
 from mtl_jax.data.sites import Sites, feature_sums, margins, per_block, sample_weights, site_sums
 from mtl_jax.losses import Loss, get_loss
 from mtl_jax.mtrl import (
@@ -73,13 +74,13 @@ from mtl_jax.solvers.base import (
     register_exportable,
 )
 
-SCHEMES = ("joint", "alternating")
+SCHEMES = names.DMTRL_SCHEMES
 #: ``q_t`` rules of the alternating scheme (the joint scheme always uses ``1 / lam1``).
 #: ``"lambda_max"``: ``lambda_max(Sigma)`` for every site; ``"gershgorin"``: the row sum ``sum_t' |Sigma_tt'|``
 #: (O(m^2 r) time, computed in row blocks: never an m x m array); ``"paper"``: DMTRL's ``sigma' Sigma_tt``,
 #: ``sigma' = max_t rowsum_t / Sigma_tt``; ``"factored"``: ``|b| + sum_k |a_k - b| |U_tk| ||U_:k||_1`` from
 #: ``Sigma = U diag(a) U^T + b (I - U U^T)`` in O(m r); ``"auto"``: the measured fastest (benchmarks/README.md).
-Q_RULES = ("auto", "lambda_max", "gershgorin", "paper", "factored")
+Q_RULES = names.Q_RULES
 AUTO_Q_RULE = "lambda_max"
 ORDERS = ("random", "cyclic")
 DEFAULT_MAX_ROUNDS = 2000
