@@ -355,7 +355,7 @@ def cmd_fit(args) -> int:
     store.write_fit(out, res, config=config, arrays=arrays, summary=summary, started=started_at)
 
     how = f"dmtrl ({res.config.get('scheme', 'joint')} scheme)" if args.solver == "dmtrl" \
-        else f"method {args.method or 'apg'}"
+        else f"method {args.method}"
     print(f"mtl_jax fit: m = {m} tasks, d = {d} features, N = {n} samples; loss {args.loss}, {how}, "
           f"lam1 = {args.lam1:g}, lam2 = {args.lam2:g}" + (" (resumed)" if resumed_from else ""))
     print(f"  J = {res.objective:.12g}   relative gap = {res.relative_gap:.3g}   converged = {res.converged}   "
@@ -380,6 +380,8 @@ def _dmtrl_options(args) -> dict:
         raise CLIError(f"{flags}: only for --solver dmtrl (got --solver {args.solver})")
     if args.solver == "dmtrl" and args.method is not None:
         raise CLIError("--method: chooses the centralized solver's algorithm; --solver dmtrl takes --scheme")
+    if args.solver == "centralized" and args.method is None:
+        args.method = "apg"  # recorded in the manifest as used
     return given
 
 
