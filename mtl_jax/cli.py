@@ -226,7 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--results", required=True, nargs="+", metavar="DIR",
                       help="run folders, or folders holding runs (every run below is plotted)")
     plot.add_argument("--out", required=True, metavar="FILE", help="image file (.png; .pdf and .svg work too)")
-    plot.add_argument("--x", choices=("round", "seconds"), default="round", help="horizontal axis (default: round)")
+    plot.add_argument("--x", choices=("round", "seconds", "sim_seconds", "bytes"), default="round",
+                      help="horizontal axis (default: round); sim_seconds and bytes (log axis) for distributed runs")
     plot.add_argument("--labels", nargs="+", metavar="LABEL", help="one legend label per result directory")
     plot.add_argument("--optimum", type=float, metavar="F", help="reference optimum J* (default: certified lower bound)")
     plot.add_argument("--omega", action="store_true", help="add a heat map of the first run's Omega")
@@ -512,7 +513,9 @@ def _solver_figure(runs, labels, args):
         plotting.plot_convergence({label: r.columns() for label, r in zip(labels, runs)}, x=args.x,
                                   optimum=args.optimum, ax=(axes[0], axes[1]))
     except ValueError as e:
-        raise CLIError(f"--results: {e}") from None
+        # sim_seconds and bytes > 0 come from distributed (dmtrl) runs only: say which option asked for them
+        where = f"--x {args.x}" if f"missing column(s) ['{args.x}']" in str(e) else "--results"
+        raise CLIError(f"{where}: {e}") from None
     if show_omega:
         plotting.plot_omega(Omega, ax=axes[2], order=order,
                             title=f"Omega of {labels[0]}" + (" (by cluster)" if order is not None else ""))

@@ -31,7 +31,13 @@ from matplotlib.ticker import MaxNLocator
 from mtl_jax.data.io import atomic_write
 from mtl_jax.validation import check_square_matrix
 
-X_AXES = {"round": "iteration / round", "seconds": "seconds (compilation excluded)"}
+#: The horizontal axes a convergence plot can use (history columns) and their labels. ``round``,
+#: ``seconds`` are in every solver history; ``bytes`` (communicated, cumulative) and ``sim_seconds``
+#: (the distributed solver's cost model) in those of :class:`mtl_jax.solvers.base.RoundRecord`.
+X_AXES = {"round": "iteration / round", "seconds": "seconds (compilation excluded)",
+          "sim_seconds": "simulated seconds (cost model)", "bytes": "bytes communicated (up + down)"}
+#: Axes drawn on a log scale: bytes grow with the rounds over orders of magnitude.
+LOG_X_AXES = ("bytes",)
 
 
 def _history_columns(label, history, x):
@@ -90,8 +96,11 @@ def plot_convergence(histories, *, x="round", optimum=None, ax=None):
     Args:
       histories: ``{label: history}``, each history a dict of 1-D arrays of one length n (n may be
         0) with keys ``"objective"`` (J_k), ``"gap"`` (duality gap of J_k; NaN where undefined) and
-        the x column (``"round"`` and/or ``"seconds"``), e.g. ``FitResult.history_arrays()``.
-      x: ``"round"`` or ``"seconds"``, the horizontal axis.
+        the x column (``"round"``, ``"seconds"``, ``"sim_seconds"`` or ``"bytes"``), e.g.
+        ``FitResult.history_arrays()``.
+      x: the horizontal axis, a key of :data:`X_AXES`: ``"round"``, ``"seconds"``, ``"sim_seconds"``
+        (simulated time of a distributed run) or ``"bytes"`` (communicated; a log axis, where the
+        starting point's 0 bytes is not drawn).
       optimum: the reference ``J*`` of the sub-optimality ``(J_k - J*) / |J*|`` (absolute
         ``J_k - J*`` when ``J* = 0``). Default: :func:`certified_lower_bound` over all
         histories, which assumes they minimise the same J.
@@ -106,43 +115,71 @@ def plot_convergence(histories, *, x="round", optimum=None, ax=None):
       ValueError: empty ``histories``, a history without the needed columns or with columns of
         different lengths, an unknown ``x``, a non-finite ``optimum``, a bad ``ax``.
     """
-    if x not in X_AXES:
-        raise ValueError(f"x: must be one of {sorted(X_AXES)}, got {x!r}")
+    _check_x(x)
     if not isinstance(histories, Mapping) or not histories:
         raise ValueError("histories: must be a non-empty dict {label: history}")
     columns = {str(label): _history_columns(label, h, x) for label, h in histories.items()}
-    if optimum is None:
-        optimum = certified_lower_bound({k: {"objective": c[1], "gap": c[2]} for k, c in columns.items()})
-        reference = "certified lower bound on J*"
-    else:
-        try:
-            optimum = float(optimum)
-        except (TypeError, ValueError):
-            raise ValueError(f"optimum: must be a number, got {optimum!r}") from None
-        if not np.isfinite(optimum):
-            raise ValueError(f"optimum: must be finite, got {optimum!r}")
-        reference = "given"
+    optimum, reference = _reference(optimum, list(columns.values()))
     scale = abs(optimum) if optimum != 0 else 1.0
-
-    if ax is None:
-        fig = Figure(figsize=(11, 4.2), layout="constrained")
-        ax_sub, ax_gap = fig.subplots(1, 2)
-    elif isinstance(ax, Axes):
-        ax_sub = ax_gap = ax
-    elif isinstance(ax, Sequence) and len(ax) == 2 and all(isinstance(a, Axes) for a in ax):
-        ax_sub, ax_gap = ax
-    else:
-        raise ValueError("ax: must be None, a matplotlib Axes or a pair of Axes")
+    ax_sub, ax_gap = _two_axes(ax)
     shared = ax_sub is ax_gap
 
     for i, (label, (xs, J, gap)) in enumerate(columns.items()):
         color = f"C{i % 10}"
-        sub = _positive_or_nan((J - optimum) / scale)
-        rel_gap = _positive_or_nan(gap / np.maximum(np.abs(J), np.finfo(float).tiny))  # as FitResult.relative_gap
+        sub, rel_gap = _relative_curves(J, gap, optimum, scale)
+        xs = _x_values(xs, x)
         ax_sub.plot(xs, sub, color=color, label=f"{label}: (J - J*)/|J*|" if shared else label)
         ax_gap.plot(xs, rel_gap, color=color, linestyle="--" if shared else "-",
                     label=f"{label}: gap/J" if shared else label)
+    _finish_axes(ax_sub, ax_gap, x, optimum, reference)
+    return ax_sub, ax_gap
 
+
+def _check_x(x):
+    if x not in X_AXES:
+        raise ValueError(f"x: must be one of {sorted(X_AXES)}, got {x!r}")
+
+
+def _reference(optimum, columns):
+    """``(J*, how it was obtained)``: the given optimum (checked finite) or the certified lower bound."""
+    if optimum is None:
+        optimum = certified_lower_bound({i: {"objective": c[1], "gap": c[2]} for i, c in enumerate(columns)})
+        return optimum, "certified lower bound on J*"
+    try:
+        optimum = float(optimum)
+    except (TypeError, ValueError):
+        raise ValueError(f"optimum: must be a number, got {optimum!r}") from None
+    if not np.isfinite(optimum):
+        raise ValueError(f"optimum: must be finite, got {optimum!r}")
+    return optimum, "given"
+
+
+def _two_axes(ax):
+    if ax is None:
+        fig = Figure(figsize=(11, 4.2), layout="constrained")
+        ax_sub, ax_gap = fig.subplots(1, 2)
+        return ax_sub, ax_gap
+    if isinstance(ax, Axes):
+        return ax, ax
+    if isinstance(ax, Sequence) and len(ax) == 2 and all(isinstance(a, Axes) for a in ax):
+        return ax[0], ax[1]
+    raise ValueError("ax: must be None, a matplotlib Axes or a pair of Axes")
+
+
+def _relative_curves(J, gap, optimum, scale):
+    """(relative sub-optimality, relative gap), NaN where a log axis cannot show them."""
+    sub = _positive_or_nan((J - optimum) / scale)
+    rel_gap = _positive_or_nan(gap / np.maximum(np.abs(J), np.finfo(float).tiny))  # as FitResult.relative_gap
+    return sub, rel_gap
+
+
+def _x_values(xs, x):
+    xs = np.asarray(xs, dtype=float)
+    return _positive_or_nan(xs) if x in LOG_X_AXES else xs
+
+
+def _finish_axes(ax_sub, ax_gap, x, optimum, reference):
+    shared = ax_sub is ax_gap
     ax_sub.set_yscale("log")
     ax_gap.set_yscale("log")
     ax_sub.set_xlabel(X_AXES[x])
@@ -160,9 +197,152 @@ def plot_convergence(histories, *, x="round", optimum=None, ax=None):
         ax_gap.legend(fontsize="small")
     for a in {id(ax_sub): ax_sub, id(ax_gap): ax_gap}.values():
         a.grid(True, which="major", alpha=0.3)
+        if x in LOG_X_AXES:
+            a.set_xscale("log")
         if x == "round":
             a.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _seed_histories(label, value, x):
+    """A label's value (one history, or a non-empty sequence of histories: seeds) -> list of columns."""
+    if isinstance(value, Mapping):
+        return [_history_columns(label, value, x)]
+    if isinstance(value, Sequence) and not isinstance(value, str) and value:
+        return [_history_columns(f"{label}[{i}]", h, x) for i, h in enumerate(value)]
+    raise ValueError(f"runs[{label!r}]: must be a history (dict of arrays) or a non-empty list of histories "
+                     f"(one per seed), got {type(value).__name__}")
+
+
+def _common_grid(xs_list, x, points=400):
+    """Positions at which the seeds of a label are compared: every round, else a grid over their range."""
+    finite = [a[np.isfinite(a)] for a in xs_list]
+    finite = [a for a in finite if len(a)]
+    if not finite:
+        return np.zeros(0)
+    lo, hi = min(a.min() for a in finite), max(a.max() for a in finite)
+    if x == "round":
+        return np.arange(np.floor(lo), np.floor(hi) + 1)
+    if x in LOG_X_AXES and lo > 0:
+        return np.geomspace(lo, hi, points)
+    return np.linspace(lo, hi, points)
+
+
+def _on_grid(grid, xs, values):
+    """log10 of ``values`` (positive ones) interpolated at ``grid``; NaN outside the run's x range."""
+    logv = np.log10(_positive_or_nan(values))
+    ok = np.isfinite(xs) & np.isfinite(logv)
+    out = np.full(grid.shape, np.nan)
+    if ok.sum() == 0:
+        return out
+    xo, vo = xs[ok], logv[ok]
+    order = np.argsort(xo, kind="stable")
+    xo, vo = xo[order], vo[order]
+    inside = (grid >= xo[0]) & (grid <= xo[-1])
+    out[inside] = np.interp(grid[inside], xo, vo)
+    return out
+
+
+def seed_band(histories, x, *, optimum, grid=None):
+    """Mean and spread over seeds of the relative sub-optimality and gap, on a common x grid.
+
+    Each seed's curves are interpolated (in log10) at the grid points inside its own x range. The mean is
+    geometric (the mean of log10) and drawn only where every seed has a value (a run that stopped early
+    is not averaged as if it went on); the band is the smallest to the largest seed's value where any has one.
+
+    Args:
+      histories: a list of histories (dicts of arrays with ``x``, ``"objective"``, ``"gap"``).
+      x: a key of :data:`X_AXES`. optimum: the reference ``J*`` (a number).
+      grid: positions (default: every round, or 400 points over the seeds' x range).
+
+    Returns:
+      ``{"x": grid, "sub": (mean, low, high), "gap": (mean, low, high)}``, each array the grid's length.
+    """
+    _check_x(x)
+    cols = _seed_histories("histories", list(histories), x)
+    optimum, _ = _reference(optimum, cols)
+    scale = abs(optimum) if optimum != 0 else 1.0
+    grid = _common_grid([c[0] for c in cols], x) if grid is None else np.asarray(grid, dtype=float)
+    out = {"x": grid}
+    for which in ("sub", "gap"):
+        logs = np.stack([_on_grid(grid, xs, _relative_curves(J, gap, optimum, scale)[which == "gap"])
+                         for xs, J, gap in cols])
+        some = np.isfinite(logs).any(axis=0)
+        every = np.isfinite(logs).all(axis=0)
+        with np.errstate(invalid="ignore"):
+            mean = np.where(every, np.mean(np.where(every, logs, 0.0), axis=0), np.nan)
+            low = np.where(some, np.nanmin(np.where(some, logs, 0.0), axis=0), np.nan)
+            high = np.where(some, np.nanmax(np.where(some, logs, 0.0), axis=0), np.nan)
+        out[which] = (10.0 ** mean, 10.0 ** low, 10.0 ** high)
+    return out
+
+
+def plot_runs(runs, *, x="round", optimum=None, ax=None):
+    """Sub-optimality and duality gap of several labelled runs, each one history or several seeds.
+
+    Like :func:`plot_convergence` (same axes, labels and reference ``J*``), but a label may hold a list
+    of histories (seeds of a randomised run: dropout, stragglers, sampling order): it is drawn as the
+    geometric mean over the seeds with a band from the best to the worst seed (:func:`seed_band`).
+
+    Args:
+      runs: ``{label: history or [history, ...]}``; histories as for :func:`plot_convergence`.
+      x: a key of :data:`X_AXES` (``"round"``, ``"seconds"``, ``"sim_seconds"``, ``"bytes"``).
+      optimum: the reference ``J*`` (default: :func:`certified_lower_bound` over every history).
+      ax: None (a new figure), one ``Axes`` or a pair ``(ax_suboptimality, ax_gap)``.
+
+    Returns:
+      ``(ax_suboptimality, ax_gap)``.
+
+    Raises:
+      ValueError: empty ``runs``, a label with no history, a history missing the ``x`` column (named),
+        an unknown ``x``, a non-finite ``optimum``, a bad ``ax``.
+    """
+    _check_x(x)
+    if not isinstance(runs, Mapping) or not runs:
+        raise ValueError("runs: must be a non-empty dict {label: history or list of histories}")
+    columns = {str(label): _seed_histories(label, v, x) for label, v in runs.items()}
+    optimum, reference = _reference(optimum, [c for cols in columns.values() for c in cols])
+    scale = abs(optimum) if optimum != 0 else 1.0
+    ax_sub, ax_gap = _two_axes(ax)
+    shared = ax_sub is ax_gap
+    for i, (label, cols) in enumerate(columns.items()):
+        color = f"C{i % 10}"
+        style = dict(color=color, linestyle="--" if shared else "-")
+        if len(cols) == 1:
+            xs, J, gap = cols[0]
+            sub, rel_gap = _relative_curves(J, gap, optimum, scale)
+            xs = _x_values(xs, x)
+        else:
+            histories = [{x: c[0], "objective": c[1], "gap": c[2]} for c in cols]
+            band = seed_band(histories, x, optimum=optimum)
+            xs = _x_values(band["x"], x)
+            (sub, *sub_band), (rel_gap, *gap_band) = band["sub"], band["gap"]
+            ax_sub.fill_between(xs, *sub_band, color=color, alpha=0.2, linewidth=0)
+            ax_gap.fill_between(xs, *gap_band, color=color, alpha=0.2, linewidth=0)
+            label = f"{label} ({len(cols)} seeds)"
+        ax_sub.plot(xs, sub, color=color, label=f"{label}: (J - J*)/|J*|" if shared else label)
+        ax_gap.plot(xs, rel_gap, label=f"{label}: gap/J" if shared else label, **style)
+    _finish_axes(ax_sub, ax_gap, x, optimum, reference)
     return ax_sub, ax_gap
+
+
+def plot_runs_grid(runs, *, xs=("round", "bytes", "sim_seconds"), optimum=None, title=None):
+    """A figure of :func:`plot_runs`, one row per horizontal axis in ``xs`` (sub-optimality left, gap right).
+
+    Returns:
+      the ``Figure``; its axes are ``fig.axes`` (row by row).
+    """
+    xs = tuple(xs)
+    if not xs:
+        raise ValueError("xs: need at least one horizontal axis")
+    for x in xs:
+        _check_x(x)
+    fig = Figure(figsize=(11, 3.9 * len(xs) + (0.4 if title else 0.0)), layout="constrained")
+    axes = fig.subplots(len(xs), 2, squeeze=False)
+    for row, x in zip(axes, xs):
+        plot_runs(runs, x=x, optimum=optimum, ax=(row[0], row[1]))
+    if title:
+        fig.suptitle(title)
+    return fig
 
 
 def plot_omega(Omega, *, ax=None, order=None, title=None):

@@ -136,3 +136,94 @@ def test_save_figure_closes_pyplot_figures(tmp_path):
     plotting.plot_omega(np.eye(2), ax=fig.subplots())
     plotting.save_figure(fig, tmp_path / "o.png")
     assert not plt.fignum_exists(fig.number)
+
+
+# --- the distributed solver's axes (bytes, simulated seconds) and seeds -------------------------------
+
+@pytest.fixture
+def rounds():
+    """Histories shaped like a distributed solver's (RoundRecord columns), round 0 the starting point."""
+    J = np.array([10.0, 6.0, 5.2, 5.01, 5.001])
+    gap = np.array([8.0, 2.0, 0.3, 0.02, 0.002])
+    return {"round": np.arange(5), "objective": J, "gap": gap, "seconds": np.linspace(0.0, 0.4, 5),
+            "bytes": np.array([0, 100, 200, 300, 400]), "sim_seconds": np.array([0.0, 0.2, 0.45, 0.6, 0.9])}
+
+
+@pytest.mark.parametrize("x", ["sim_seconds", "bytes"])
+def test_plot_convergence_new_x_axes(rounds, x):
+    ax_sub, ax_gap = plotting.plot_convergence({"run": rounds}, x=x, optimum=5.0)
+    line = ax_sub.get_lines()[0]
+    expected = rounds[x].astype(float)
+    if x == "bytes":                          # log axis: the starting point's 0 bytes is not drawn
+        expected = np.where(expected > 0, expected, np.nan)
+    np.testing.assert_array_equal(line.get_xdata(), expected)
+    np.testing.assert_allclose(line.get_ydata(), (rounds["objective"] - 5.0) / 5.0)
+    assert ax_sub.get_xlabel() == ax_gap.get_xlabel() == plotting.X_AXES[x]
+    assert ax_sub.get_xscale() == ("log" if x == "bytes" else "linear")
+
+
+@pytest.mark.parametrize("x", ["sim_seconds", "bytes"])
+def test_plot_convergence_missing_x_column_is_named(histories, x):
+    with pytest.raises(ValueError, match=rf"missing column\(s\) \['{x}'\]"):
+        plotting.plot_convergence(histories, x=x)
+    with pytest.raises(ValueError, match=x):
+        plotting.plot_runs({"a": [histories["fast"], histories["slow"]]}, x=x)
+
+
+def test_x_axes_are_the_cli_choices():
+    from mtl_jax.cli import build_parser
+
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["plot"]._actions if a.dest == "x")
+    assert tuple(action.choices) == tuple(plotting.X_AXES)
+
+
+def test_plot_runs_single_history_matches_plot_convergence(rounds):
+    a = plotting.plot_runs({"run": rounds}, x="bytes")
+    b = plotting.plot_convergence({"run": rounds}, x="bytes")
+    for pa, pb in zip(a, b):
+        np.testing.assert_array_equal(pa.get_lines()[0].get_xdata(), pb.get_lines()[0].get_xdata())
+        np.testing.assert_array_equal(pa.get_lines()[0].get_ydata(), pb.get_lines()[0].get_ydata())
+        assert pa.get_title() == pb.get_title()
+
+
+def test_seed_band_geometric_mean_and_spread(rounds):
+    other = dict(rounds, objective=5.0 + (rounds["objective"] - 5.0) * 4, gap=rounds["gap"] * 4)
+    short = {k: v[:3] for k, v in rounds.items()}   # a seed that stopped after round 2
+    band = plotting.seed_band([rounds, other, short], "round", optimum=5.0)
+    np.testing.assert_array_equal(band["x"], np.arange(5))
+    sub, low, high = band["sub"]
+    base = (rounds["objective"] - 5.0) / 5.0
+    np.testing.assert_allclose(sub[:3], base[:3] * 4 ** (1 / 3))   # geometric mean of 1, 4, 1 times the base
+    assert np.isnan(sub[3:]).all()                                  # not every seed ran that long
+    np.testing.assert_allclose(low, base)
+    np.testing.assert_allclose(high, base * 4)
+    r, o = rounds["gap"] / rounds["objective"], other["gap"] / other["objective"]
+    np.testing.assert_allclose(band["gap"][0][:3], np.cbrt(r * r * o)[:3])
+
+
+def test_plot_runs_with_seeds_draws_mean_and_band(rounds):
+    other = dict(rounds, objective=rounds["objective"] + 0.5, sim_seconds=rounds["sim_seconds"] * 2)
+    ax_sub, ax_gap = plotting.plot_runs({"dropout": [rounds, other], "plain": rounds}, x="sim_seconds",
+                                        optimum=5.0)
+    assert [t.get_text() for t in ax_sub.get_legend().get_texts()] == ["dropout (2 seeds)", "plain"]
+    assert len(ax_sub.collections) == len(ax_gap.collections) == 1      # one band, for the seeded label
+    xs = ax_sub.get_lines()[0].get_xdata()
+    assert xs[0] == 0.0 and xs[-1] == pytest.approx(1.8)                  # the grid spans both seeds' x range
+
+
+def test_plot_runs_grid_has_a_row_per_axis(rounds):
+    fig = plotting.plot_runs_grid({"a": rounds, "b": [rounds, rounds]}, title="t")
+    assert len(fig.axes) == 6
+    assert [a.get_xlabel() for a in fig.axes[::2]] == [plotting.X_AXES[x] for x in ("round", "bytes", "sim_seconds")]
+    with pytest.raises(ValueError, match="x"):
+        plotting.plot_runs_grid({"a": rounds}, xs=("round", "time"))
+
+
+@pytest.mark.parametrize("runs, match", [
+    ({}, "runs"),
+    ({"a": []}, "non-empty list"),
+    ({"a": "history"}, "non-empty list"),
+])
+def test_plot_runs_rejects_bad_input(runs, match):
+    with pytest.raises(ValueError, match=match):
+        plotting.plot_runs(runs)
