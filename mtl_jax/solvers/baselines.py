@@ -193,14 +193,15 @@ def distributed_apg(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_r
 
 # --- proximal mini-batch SGD --------------------------------------------------------------------------------
 
-@partial(jax.jit, static_argnames=("loss", "batch", "constant", "history_size"))
-def sgd_program(sites, W0, lam1, lam2, step0, key, rounds, *, loss, batch, constant, history_size):
+@partial(jax.jit, static_argnames=("loss", "batch", "history_size"))
+def sgd_program(sites, W0, lam1, lam2, step0, key, rounds, constant, *, loss, batch, history_size):
     """``rounds`` (traced) rounds of proximal mini-batch SGD as one ``lax.while_loop``.
 
     Round k (from 0): each site draws ``b_t = min(batch, n_t)`` of its samples without replacement
     (``fold_in(key, k)``; the ``b_t`` smallest of uniform keys, padding excluded) and sends
     ``G_t = X_B^T (loss'(y_B, X_B w_t)) / b_t``, an unbiased estimate of its loss gradient; the server sets
-    ``W <- prox_{eta_k R}(W - eta_k G)``, ``eta_k = step0 / (1 + lam1 step0 k)`` (``constant``: ``step0``).
+    ``W <- prox_{eta_k R}(W - eta_k G)``, ``eta_k = step0 / (1 + lam1 step0 k)`` (``constant``, a traced
+    bool: ``step0``).
     Records J(W) and the gap of J with the dual point ``alpha = -c loss'(<w_t, x>)`` after every round.
 
     Returns ``(W, alpha, objectives (history_size,), gaps (history_size,), J0, gap0)``.
@@ -228,7 +229,7 @@ def sgd_program(sites, W0, lam1, lam2, step0, key, rounds, *, loss, batch, const
         a = jnp.einsum("tbd,td->tb", Xb, W)
         G = jnp.einsum("tb,tbd->td", mb * loss_.derivative(yb, a) / b[:, None], Xb)
         kf = k.astype(X.dtype)
-        eta = step0 if constant else step0 / (1.0 + lam1 * step0 * kf)
+        eta = jnp.where(constant, step0, step0 / (1.0 + lam1 * step0 * kf))
         W, _ = reg.prox(W - eta * G, eta)
         J, gap, _ = certificate(W)
         return W, objs.at[k].set(J, mode="drop"), gaps.at[k].set(gap, mode="drop")
@@ -288,9 +289,8 @@ def minibatch_sgd(sites: Sites, *, lam1, lam2, loss="squared", rounds=500, batch
     step0 = default_step(sites, loss_.name) if step0 is None else float(step0)
     W0 = jnp.zeros((m, d), dtype) if W0 is None else jnp.asarray(W0, dtype)
     args = (sites, W0, jnp.asarray(lam1, dtype), jnp.asarray(lam2, dtype), jnp.asarray(step0, dtype),
-            jax.random.PRNGKey(seed), jnp.asarray(rounds, jnp.int32))
-    static = dict(loss=loss_.name, batch=min(batch, sites.n_max), constant=schedule == "constant",
-                  history_size=history_capacity(rounds))
+            jax.random.PRNGKey(seed), jnp.asarray(rounds, jnp.int32), jnp.asarray(schedule == "constant"))
+    static = dict(loss=loss_.name, batch=min(batch, sites.n_max), history_size=history_capacity(rounds))
     program, c_seconds = compiled(sgd_program, args, static)
     t1 = time.perf_counter()
     W, alpha, objs, gaps, J0, gap0 = jax.block_until_ready(program(*args))
