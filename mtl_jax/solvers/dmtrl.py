@@ -169,56 +169,67 @@ class LocalUpdate(NamedTuple):
 
 # --- the site's part ---------------------------------------------------------------------------------
 
+def _sdca_pass(X, y, c, mask, sq, alpha, dv, steps, w, q, budget, order, p, *, loss: Loss):
+    """Pass ``p`` of one block: coordinate steps in ``order`` (n,) while the block's ``budget`` lasts."""
+    n = X.shape[0]
+
+    def step(i, carry):
+        alpha, dv, steps = carry
+        j = order[i]
+        x = X[j]
+        a = jnp.dot(w, x) + q * jnp.dot(dv, x)
+        new = loss.dual_step(alpha[j], y[j], c[j], a, q * sq[j])
+        live = (p * n + i < budget) & (mask[j] > 0)
+        delta = jnp.where(live, new - alpha[j], 0.0)
+        return alpha.at[j].add(delta), dv + delta * x, steps + live.astype(steps.dtype)
+
+    return jax.lax.fori_loop(0, n, step, (alpha, dv, steps))
+
+
 def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, key, *, loss: Loss, cyclic: bool) -> LocalUpdate:
-    """SDCA on one block's local subproblem: ``budget`` coordinate steps over its slots, pass after pass.
+    """SDCA on the local subproblems of a batch of blocks: ``budget`` coordinate steps each, pass after pass.
+
+    Every block works alone (only its own rows, duals, ``w`` and ``q``); the leading axis K is a batch
+    of blocks, ``vmap``ped inside each pass. Random order draws one fresh permutation per block and
+    pass, all blocks' at once (one random-bits call per pass: few random-number kernels keep compiling
+    fast).
 
     Args:
-      X: (n, d) the block's rows; y, c, mask, sq: (n,) targets, weights ``1/n_t``, real-row mask, ``||x_i||^2``.
-      alpha: (n,) current duals. w: (d,) the site's model. q: () the block's ``q``.
-      budget: () int, coordinate steps to make (``passes * n`` for whole passes; padding slots count).
-      key: PRNG key of the block and round (random order: a fresh permutation per pass).
-    Returns a :class:`LocalUpdate`.
+      X: (K, n, d) rows; y, c, mask, sq: (K, n) targets, weights ``1/n_t``, real-row mask, ``||x_i||^2``.
+      alpha: (K, n) current duals. w: (K, d) each block's site model. q: (K,) each block's ``q``.
+      budget: (K,) int, coordinate steps to make (``passes * n`` for whole passes; padding slots count).
+      key: PRNG key of the round (random order).
+    Returns a :class:`LocalUpdate` of (K, ...) arrays.
     """
-    n, d = X.shape
+    K, n, d = X.shape
     safe_c = jnp.where(mask > 0, c, 1.0)
-    passes = (budget + n - 1) // n
+    passes = jnp.max((budget + n - 1) // n)
+    one = jax.vmap(partial(_sdca_pass, loss=loss), in_axes=(0,) * 12 + (None,))
 
     def one_pass(p, carry):
-        order = jnp.arange(n) if cyclic else jax.random.permutation(jax.random.fold_in(key, p), n)
+        alpha, dv, steps = carry
+        if cyclic:
+            order = jnp.broadcast_to(jnp.arange(n), (K, n))
+        else:
+            order = jnp.argsort(jax.random.bits(jax.random.fold_in(key, p), (K, n)), axis=1)
+        return one(X, y, safe_c, mask, sq, alpha, dv, steps, w, q, budget, order, p)
 
-        def step(i, carry):
-            alpha, dv, steps = carry
-            j = order[i]
-            x = X[j]
-            a = jnp.dot(w, x) + q * jnp.dot(dv, x)
-            new = loss.dual_step(alpha[j], y[j], safe_c[j], a, q * sq[j])
-            live = (p * n + i < budget) & (mask[j] > 0)
-            delta = jnp.where(live, new - alpha[j], 0.0)
-            return alpha.at[j].add(delta), dv + delta * x, steps + live.astype(steps.dtype)
-
-        return jax.lax.fori_loop(0, n, step, carry)
-
-    zero = jnp.zeros((), jnp.int32)
-    alpha, dv, steps = jax.lax.fori_loop(0, passes, one_pass, (alpha, jnp.zeros((d,), X.dtype), zero))
+    carry = (alpha, jnp.zeros((K, d), X.dtype), jnp.zeros((K,), jnp.int32))
+    alpha, dv, steps = jax.lax.fori_loop(0, passes, one_pass, carry)
     return LocalUpdate(alpha, dv, steps)
 
 
-def site_draws(key, site_ids, systems: Systems, n_max):
-    """Per-site random systems draws of a round: (budget in steps per block-of-the-site, participates).
+def site_draws(key, systems: Systems, n_max):
+    """The round's random systems draws per site: (budget in coordinate steps (m,), participates (m,) bool).
 
-    Depends only on the round's key and the global site id (``fold_in``), not on how sites are placed.
+    One ``uniform`` call of shape (m, 3): effort fraction, straggling, dropout.
     """
-    def draw(t, passes):
-        k1, k2, k3, k4 = jax.random.split(jax.random.fold_in(key, t), 4)
-        effort = jax.random.uniform(k1, (), minval=systems.min_effort, maxval=1.0)
-        straggles = jax.random.bernoulli(k2, systems.straggler_prob)
-        effort = jnp.where(straggles, effort * systems.straggler_effort, effort)
-        participates = ~jax.random.bernoulli(k3, systems.dropout_prob)
-        del k4
-        budget = jnp.round(effort * passes * n_max).astype(jnp.int32)
-        return budget, participates
-
-    return jax.vmap(draw)(site_ids, systems.passes)
+    u = jax.random.uniform(key, (systems.passes.shape[0], 3), dtype=systems.min_effort.dtype)
+    effort = systems.min_effort + (1.0 - systems.min_effort) * u[:, 0]
+    effort = jnp.where(u[:, 1] < systems.straggler_prob, effort * systems.straggler_effort, effort)
+    participates = u[:, 2] >= systems.dropout_prob
+    budget = jnp.round(effort * systems.passes * n_max).astype(jnp.int32)
+    return budget, participates
 
 
 # --- q_t rules -----------------------------------------------------------------------------------------
@@ -297,10 +308,6 @@ def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Los
 
 # --- the round ---------------------------------------------------------------------------------------
 
-def _block_ids(sites: Sites):
-    return jnp.arange(sites.num_blocks)
-
-
 def _chunks_per_site(sites: Sites):
     if sites.site is None:
         return jnp.ones((sites.num_sites,), sites.X.dtype)
@@ -361,14 +368,13 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
 
     round_key = jax.random.fold_in(state.key, state.round)
     k_sys, k_order = jax.random.split(round_key)
-    budget_site, participates = site_draws(k_sys, jnp.arange(m), systems, sites.n_max)
+    budget_site, participates = site_draws(k_sys, systems, sites.n_max)
     chunks = _chunks_per_site(sites)
     c = sample_weights(sites)
     sq = jnp.sum(sites.X**2, axis=-1)
-    keys = jax.vmap(lambda k: jax.random.fold_in(k_order, k))(_block_ids(sites))
-    local = jax.vmap(partial(local_sdca, loss=loss_, cyclic=order == "cyclic"))(
-        sites.X, sites.y, c, sites.mask, sq, state.alpha, per_block(W, sites), per_block(q * chunks, sites),
-        per_block(budget_site, sites), keys)
+    local = local_sdca(sites.X, sites.y, c, sites.mask, sq, state.alpha, per_block(W, sites),
+                       per_block(q * chunks, sites), per_block(budget_site, sites), k_order, loss=loss_,
+                       cyclic=order == "cyclic")
     live_block = per_block(participates, sites)
     alpha = jnp.where(live_block[:, None], local.alpha, state.alpha)
     dV = site_sums(jnp.where(live_block[:, None], local.dv, 0.0), sites)
