@@ -169,30 +169,20 @@ class LocalUpdate(NamedTuple):
 
 # --- the site's part ---------------------------------------------------------------------------------
 
-def _sdca_pass(X, y, c, mask, sq, alpha, dv, steps, w, q, budget, order, p, *, loss: Loss):
-    """Pass ``p`` of one block: coordinate steps in ``order`` (n,) while the block's ``budget`` lasts."""
-    n = X.shape[0]
-
-    def step(i, carry):
-        alpha, dv, steps = carry
-        j = order[i]
-        x = X[j]
-        a = jnp.dot(w, x) + q * jnp.dot(dv, x)
-        new = loss.dual_step(alpha[j], y[j], c[j], a, q * sq[j])
-        live = (p * n + i < budget) & (mask[j] > 0)
-        delta = jnp.where(live, new - alpha[j], 0.0)
-        return alpha.at[j].add(delta), dv + delta * x, steps + live.astype(steps.dtype)
-
-    return jax.lax.fori_loop(0, n, step, (alpha, dv, steps))
-
-
 def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, key, *, loss: Loss, cyclic: bool) -> LocalUpdate:
     """SDCA on the local subproblems of a batch of blocks: ``budget`` coordinate steps each, pass after pass.
 
     Every block works alone (only its own rows, duals, ``w`` and ``q``); the leading axis K is a batch
-    of blocks, ``vmap``ped inside each pass. Random order draws one fresh permutation per block and
-    pass, all blocks' at once (one random-bits call per pass: few random-number kernels keep compiling
-    fast).
+    of blocks (``K = 1`` is one site alone). A pass visits each slot once, in a fresh random order per
+    block and pass (``cyclic``: in storage order), updating coordinate ``i`` with the margin
+    ``<w + q dv, x_i>`` and curvature ``q ||x_i||^2`` (``Loss.dual_step``).
+
+    How it is laid out, and why: each pass first gathers the blocks' rows in visiting order into a
+    (n, K, d) array, then a ``lax.scan`` makes the n sequential steps, each on all K blocks at once
+    with a contiguous (K, d) slice. A coordinate is visited once per pass, so a step reads its old
+    dual from the pass's start and emits its change as a scan output, and the changes are scattered
+    back after the pass: the duals are never carried through the steps (carrying them made XLA copy
+    the whole (K, n) array at every step). One random-bits call per pass draws all blocks' orders.
 
     Args:
       X: (K, n, d) rows; y, c, mask, sq: (K, n) targets, weights ``1/n_t``, real-row mask, ``||x_i||^2``.
@@ -204,15 +194,28 @@ def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, key, *, loss: Loss, cycli
     K, n, d = X.shape
     safe_c = jnp.where(mask > 0, c, 1.0)
     passes = jnp.max((budget + n - 1) // n)
-    one = jax.vmap(partial(_sdca_pass, loss=loss), in_axes=(0,) * 12 + (None,))
+    blocks = jnp.arange(K)[None, :]
 
     def one_pass(p, carry):
         alpha, dv, steps = carry
         if cyclic:
-            order = jnp.broadcast_to(jnp.arange(n), (K, n))
+            order = jnp.broadcast_to(jnp.arange(n)[:, None], (n, K))
         else:
-            order = jnp.argsort(jax.random.bits(jax.random.fold_in(key, p), (K, n)), axis=1)
-        return one(X, y, safe_c, mask, sq, alpha, dv, steps, w, q, budget, order, p)
+            order = jnp.argsort(jax.random.bits(jax.random.fold_in(key, p), (K, n)), axis=1).T
+        visit = lambda a: a[blocks, order]  # (K, n, ...) -> (n, K, ...) in visiting order
+
+        def step(carry, xs):
+            dv, steps = carry
+            x, yi, ci, mi, si, ai, i = xs
+            a = jnp.sum((w + q[:, None] * dv) * x, axis=-1)
+            new = loss.dual_step(ai, yi, ci, a, q * si)
+            live = (p * n + i < budget) & (mi > 0)
+            delta = jnp.where(live, new - ai, 0.0)
+            return (dv + delta[:, None] * x, steps + live.astype(steps.dtype)), delta
+
+        xs = (visit(X), visit(y), visit(safe_c), visit(mask), visit(sq), visit(alpha), jnp.arange(n))
+        (dv, steps), deltas = jax.lax.scan(step, (dv, steps), xs)
+        return alpha.at[blocks, order].add(deltas), dv, steps
 
     carry = (alpha, jnp.zeros((K, d), X.dtype), jnp.zeros((K,), jnp.int32))
     alpha, dv, steps = jax.lax.fori_loop(0, passes, one_pass, carry)
