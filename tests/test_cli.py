@@ -104,6 +104,33 @@ def test_fit_arrays_and_history_equal_the_library_fit(tmp_path, data_file, expec
     np.testing.assert_allclose(cols["gap"], expected.history_arrays()["gap"], rtol=1e-6, atol=1e-12)
 
 
+def test_fit_with_the_dmtrl_solver_writes_the_library_result_and_round_records(tmp_path, data_file, dataset):
+    X, y, task, _ = dataset
+    expected = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, solver="dmtrl", local_passes=2, seed=3, dropout_prob=0.2)
+    out = tmp_path / "run"
+    assert _fit(data_file, out, "--solver", "dmtrl", "--local-passes", "2", "--seed", "3", "--dropout-prob", "0.2") == 0
+    run = store.read_run(out)
+    np.testing.assert_allclose(run.arrays["W"], expected.W, rtol=1e-12, atol=1e-14)
+    cols = run.columns()
+    assert sorted(cols) == sorted(mtl_jax.solvers.base.RoundRecord._fields)
+    np.testing.assert_array_equal(cols["bytes"], expected.history_arrays()["bytes"])
+    np.testing.assert_array_equal(cols["participants"], expected.history_arrays()["participants"])
+    assert run.config["fit"]["solver"] == "dmtrl" and run.config["fit"]["scheme"] == "joint"
+    assert run.config["fit"]["local_passes"] == 2 and run.config["fit"]["dropout_prob"] == 0.2
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--q", "factored"], "--q: only for --solver dmtrl"),
+    (["--solver", "dmtrl", "--method", "apg"], "--method:"),
+    (["--solver", "dmtrl", "--q", "factored"], "--q: the joint scheme"),
+    (["--solver", "dmtrl", "--dropout-prob", "1"], "--dropout-prob: must be a probability"),
+])
+def test_fit_refuses_distributed_options_that_do_not_apply(tmp_path, data_file, capsys, extra, message):
+    assert _fit(data_file, tmp_path / "run", *extra) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists() or not os.listdir(tmp_path / "run")
+
+
 def test_fit_manifest_records_arguments_data_fit_summary_environment(tmp_path, data_file, expected):
     out = tmp_path / "run"
     assert _fit(data_file, out) == 0

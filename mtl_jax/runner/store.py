@@ -7,7 +7,8 @@ A *run* is a folder holding three files:
   versions, JAX backend and devices, the git commit when there is one, host), ``started`` and
   ``ended`` (UTC, ISO 8601), and ``files``. Written last: a folder with a manifest is a complete run.
 * ``history.jsonl``: JSON Lines, one record per logged round or step. Solver runs log
-  ``{"round", "objective", "gap", "bytes", "seconds"}``; weighting runs log
+  ``{"round", "objective", "gap", "bytes", "seconds"}`` (the distributed solver adds the fields of
+  :class:`mtl_jax.solvers.base.RoundRecord`); weighting runs log
   ``{"step", "seed", "task_losses": [K], "weights": [K]}``.
 * ``arrays.npz``: the run's arrays (read with ``allow_pickle=False``), e.g. ``W``, the factored Omega
   ``omega_U``, ``omega_a``, ``omega_b``.
