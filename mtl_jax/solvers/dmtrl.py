@@ -134,7 +134,7 @@ class DMTRLState(NamedTuple):
     W: jax.Array            # (m, d) the server's map of V
     omega: SpectralMatrix   # alternating: the Omega in use (factored); joint: unused (I / m)
     q: jax.Array            # (m,) the sites' q_t
-    key: jax.Array          # PRNG key of the run
+    seed: jax.Array         # () uint32, the run's seed (every random draw is a hash of it and counters)
     round: jax.Array        # () int32, rounds done
     since_omega: jax.Array  # () int32, rounds since the last Omega-step
     objective: jax.Array    # () J(W)
@@ -169,7 +169,8 @@ class LocalUpdate(NamedTuple):
 
 # --- the site's part ---------------------------------------------------------------------------------
 
-def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, key, *, loss: Loss, cyclic: bool) -> LocalUpdate:
+def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, stream, *, loss: Loss, cyclic: bool,
+               block_ids=None) -> LocalUpdate:
     """SDCA on the local subproblems of a batch of blocks: ``budget`` coordinate steps each, pass after pass.
 
     Every block works alone (only its own rows, duals, ``w`` and ``q``); the leading axis K is a batch
@@ -182,26 +183,30 @@ def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, key, *, loss: Loss, cycli
     with a contiguous (K, d) slice. A coordinate is visited once per pass, so a step reads its old
     dual from the pass's start and emits its change as a scan output, and the changes are scattered
     back after the pass: the duals are never carried through the steps (carrying them made XLA copy
-    the whole (K, n) array at every step). One random-bits call per pass draws all blocks' orders.
+    the whole (K, n) array at every step). A block's order in pass ``p`` is the argsort of
+    :func:`counter_bits` of ``(stream, p, block id, slot)``: it depends on the block's global id only.
 
     Args:
       X: (K, n, d) rows; y, c, mask, sq: (K, n) targets, weights ``1/n_t``, real-row mask, ``||x_i||^2``.
       alpha: (K, n) current duals. w: (K, d) each block's site model. q: (K,) each block's ``q``.
       budget: (K,) int, coordinate steps to make (``passes * n`` for whole passes; padding slots count).
-      key: PRNG key of the round (random order).
+      stream: () integer, the round's random stream (:func:`round_stream`); unused when ``cyclic``.
+      block_ids: (K,) global ids of the blocks (default ``0..K-1``), so that a block's order does not
+        depend on which batch or device it is processed in.
     Returns a :class:`LocalUpdate` of (K, ...) arrays.
     """
     K, n, d = X.shape
     safe_c = jnp.where(mask > 0, c, 1.0)
     passes = jnp.max((budget + n - 1) // n)
     blocks = jnp.arange(K)[None, :]
+    ids = jnp.arange(K) if block_ids is None else block_ids
 
     def one_pass(p, carry):
         alpha, dv, steps = carry
         if cyclic:
             order = jnp.broadcast_to(jnp.arange(n)[:, None], (n, K))
         else:
-            order = jnp.argsort(jax.random.bits(jax.random.fold_in(key, p), (K, n)), axis=1).T
+            order = jnp.argsort(counter_bits(stream, p, ids[:, None], jnp.arange(n)[None, :]), axis=1).T
         visit = lambda a: a[blocks, order]  # (K, n, ...) -> (n, K, ...) in visiting order
 
         def step(carry, xs):
@@ -222,17 +227,56 @@ def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, key, *, loss: Loss, cycli
     return LocalUpdate(alpha, dv, steps)
 
 
-def site_draws(key, systems: Systems, n_max):
+def site_draws(stream, systems: Systems, n_max, site_ids=None):
     """The round's random systems draws per site: (budget in coordinate steps (m,), participates (m,) bool).
 
-    One ``uniform`` call of shape (m, 3): effort fraction, straggling, dropout.
+    Three uniforms per site (effort fraction, straggling, dropout) from :func:`counter_bits` of
+    ``(stream, site id, j)``: a site's draws depend on its global id only.
     """
-    u = jax.random.uniform(key, (systems.passes.shape[0], 3), dtype=systems.min_effort.dtype)
+    m = systems.passes.shape[0]
+    ids = jnp.arange(m) if site_ids is None else site_ids
+    u = uniform(counter_bits(stream, ids[:, None], jnp.arange(3)[None, :]), systems.min_effort.dtype)
     effort = systems.min_effort + (1.0 - systems.min_effort) * u[:, 0]
     effort = jnp.where(u[:, 1] < systems.straggler_prob, effort * systems.straggler_effort, effort)
     participates = u[:, 2] >= systems.dropout_prob
     budget = jnp.round(effort * systems.passes * n_max).astype(jnp.int32)
     return budget, participates
+
+
+# --- random streams ------------------------------------------------------------------------------------
+
+def _hash32(x):
+    """lowbias32 (C. Wellons' integer hash prospector): a bijective 32-bit mixer, elementwise on uint32."""
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_bits(*counters):
+    """32 random bits from integer counters (broadcast together): ``h <- hash(h + golden * (c + 1))`` in turn.
+
+    A counter-based generator (as in Salmon et al., SC 2011, with a cheaper mixer than Threefry): every
+    draw is a pure function of its indices (seed, round, stream, site, pass, slot), so the draws do not
+    depend on batching or on how sites are spread over devices, and the program needs no PRNG kernel
+    (Threefry's unrolled rounds were a large part of the round's compile time). Not cryptographic;
+    ample for shuffling coordinates and simulating stragglers.
+    """
+    h = jnp.zeros((), jnp.uint32)
+    for c in counters:
+        h = _hash32(h + jnp.uint32(0x9E3779B9) * (jnp.asarray(c).astype(jnp.uint32) + jnp.uint32(1)))
+    return h
+
+
+def uniform(bits, dtype):
+    """Uniform numbers in [0, 1) from 32 random bits (24 of them: exact in float32 and float64)."""
+    return (bits >> 8).astype(dtype) * jnp.asarray(2.0**-24, dtype)
+
+
+def round_stream(seed, round_, purpose):
+    """The random stream of one round and purpose (0: systems draws, 1: coordinate orders)."""
+    return counter_bits(seed, round_, purpose)
 
 
 # --- q_t rules -----------------------------------------------------------------------------------------
@@ -326,7 +370,7 @@ def _omega_q(W, params: Params, *, scheme: str, q_rule: str):
     return omega, q_values(sigma, q_rule).astype(W.dtype)
 
 
-def init_state(sites: Sites, params: Params, alpha0, key, omega0=None, *, loss: str, scheme: str, q_rule: str):
+def init_state(sites: Sites, params: Params, alpha0, seed, omega0=None, *, loss: str, scheme: str, q_rule: str):
     """The state before the first round: ``V = X^T alpha0``, ``W`` its map, certificates, ``q``.
 
     ``omega0`` (factored) is the alternating scheme's first Omega (default: the Omega-step of W = 0, I / m).
@@ -343,7 +387,8 @@ def init_state(sites: Sites, params: Params, alpha0, key, omega0=None, *, loss: 
     W, reg_conj, reg_at_W = server_map(V, omega, params, scheme=scheme)
     J, gap, primal, dual, gap_w = certify(alpha0, V, W, reg_conj, reg_at_W, sites, params, loss=loss_, scheme=scheme)
     zero = jnp.zeros((), jnp.int32)
-    return DMTRLState(alpha0, V, W, omega, q, key, zero, zero, J, gap, primal, dual, gap_w, jnp.zeros((), dtype))
+    seed = jnp.asarray(seed).astype(jnp.uint32)
+    return DMTRLState(alpha0, V, W, omega, q, seed, zero, zero, J, gap, primal, dual, gap_w, jnp.zeros((), dtype))
 
 
 def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems, *, loss: str, scheme: str,
@@ -369,8 +414,7 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
         omega, q, W = jax.lax.cond(omega_step, new_omega, lambda _: (omega, q, W), None)
         since = jnp.where(omega_step, 0, since)
 
-    round_key = jax.random.fold_in(state.key, state.round)
-    k_sys, k_order = jax.random.split(round_key)
+    k_sys, k_order = round_stream(state.seed, state.round, 0), round_stream(state.seed, state.round, 1)
     budget_site, participates = site_draws(k_sys, systems, sites.n_max)
     chunks = _chunks_per_site(sites)
     c = sample_weights(sites)
@@ -396,7 +440,7 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     site_seconds = steps / systems.speed + systems.latency + up / systems.bandwidth
     seconds = jnp.max(jnp.where(participates, site_seconds, 0.0)) + systems.latency + down / systems.bandwidth
     sim = state.sim_seconds + seconds
-    new = DMTRLState(alpha, V, W_new, omega, q, state.key, state.round + 1, since + 1, J, gap, primal, dual,
+    new = DMTRLState(alpha, V, W_new, omega, q, state.seed, state.round + 1, since + 1, J, gap, primal, dual,
                      gap_w, sim)
     return new, RoundStats(J, gap, primal, dual, gap_w, participants, passes, omega_step, sim)
 
@@ -570,10 +614,10 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
         alpha0 = jnp.zeros(sites.y.shape, dtype)
     omega0 = _as_omega(o["omega0"], m, dtype)
     fixed = scheme == "alternating" and o["omega_every"] == _NEVER and o["omega_tol"] < 0
-    key = jax.random.PRNGKey(o["seed"])
+    seed = jnp.asarray(o["seed"], jnp.uint32)
 
     static = dict(loss=loss_.name, scheme=scheme, q_rule=q_rule)
-    init_args = (sites, params, alpha0, key, omega0)
+    init_args = (sites, params, alpha0, seed, omega0)
     init, c_init = compiled(init_program, init_args, static)
     state = init(*init_args)
     args = (state, sites, params, systems, jnp.asarray(max_rounds, jnp.int32), jnp.asarray(fixed))
