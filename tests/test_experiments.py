@@ -91,9 +91,12 @@ def test_task_weighting_output_plots_through_the_cli(quick_run, tmp_path):
 def test_school_experiment_smallest_setting_writes_runs_that_plot_through_the_cli(tmp_path):
     school = load_script("experiments/school_convergence.py")
     out = tmp_path / "school"
-    assert school.main(["--out", str(out), "--alternations", "3", "--no-compile-cache"]) == 0
+    assert school.main(["--out", str(out), "--alternations", "3", "--rounds", "400", "--no-compile-cache"]) == 0
     runs = [store.read_run(p) for p in store.find_runs(out)]
-    assert sorted(os.path.basename(r.path) for r in runs) == ["alternating", "apg"]
+    assert sorted(os.path.basename(r.path) for r in runs) == ["alternating", "apg", "dmtrl"]
+    dmtrl = next(r for r in runs if r.path.endswith("dmtrl"))
+    assert dmtrl.columns()["bytes"][-1] > 0 and dmtrl.summary["objective"] == pytest.approx(
+        next(r for r in runs if r.path.endswith("apg")).summary["objective"], rel=1e-6)
     apg = next(r for r in runs if r.path.endswith("apg"))
     assert apg.summary["converged"] and apg.summary["relative_gap"] <= 1e-9
     cols = apg.columns()
