@@ -55,7 +55,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax.data.sites import Sites, feature_sums, margins, sample_weights
+from mtl_jax.data.sites import Sites, margins, sample_weights
 from mtl_jax.losses import get_loss
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, TraceNormSq, dual_objective, empirical_loss, omega_factored
 from mtl_jax.solvers import centralized, dmtrl
