@@ -361,9 +361,24 @@ def _chunks_per_site(sites: Sites):
     return site_sums(jnp.ones((sites.num_blocks,), sites.X.dtype), sites)
 
 
-def _omega_q(W, params: Params, *, scheme: str, q_rule: str):
-    """The Omega-step from ``W`` (factored) and the q_t of its Sigma."""
-    omega = omega_factored(W, params.eps)
+def pad_factors(omega: SpectralMatrix, width: int) -> SpectralMatrix:
+    """``omega`` with zero columns appended to ``U`` (eigenvalue ``b`` on them): the same matrix, ``width`` columns.
+
+    The state's Omega keeps one shape for the whole run (a ``lax.cond`` between "keep" and "new Omega"
+    needs it), while a given ``omega0`` may have more columns than an Omega-step's ``min(m, d)``.
+    A zero column with eigenvalue ``b`` adds nothing to ``apply``, ``map``, ``trace``, ``max_eigenvalue``
+    or the q_t rules.
+    """
+    extra = width - omega.U.shape[1]
+    if extra <= 0:
+        return omega
+    U = jnp.pad(omega.U, ((0, 0), (0, extra)))
+    return SpectralMatrix(U, jnp.concatenate([omega.a, jnp.broadcast_to(omega.b, (extra,))]), omega.b)
+
+
+def _omega_q(W, params: Params, *, scheme: str, q_rule: str, width: int = 0):
+    """The Omega-step from ``W`` (factored, at least ``width`` columns) and the q_t of its Sigma."""
+    omega = pad_factors(omega_factored(W, params.eps), width)
     if scheme == "joint":
         return omega, jnp.full((W.shape[0],), 1.0 / params.lam1, W.dtype)
     sigma = SigmaQuadratic(omega, params.lam1, params.lam2).sigma
@@ -379,7 +394,7 @@ def init_state(sites: Sites, params: Params, alpha0, seed, omega0=None, *, loss:
     dtype = sites.X.dtype
     m, d = sites.num_sites, sites.dim
     if scheme == "alternating" and omega0 is not None:
-        omega = omega0
+        omega = pad_factors(omega0, min(m, d))
         q = q_values(SigmaQuadratic(omega, params.lam1, params.lam2).sigma, q_rule).astype(dtype)
     else:
         omega, q = _omega_q(jnp.zeros((m, d), dtype), params, scheme=scheme, q_rule=q_rule)
@@ -408,7 +423,7 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
             (params.omega_tol >= 0) & (state.gap_w <= params.omega_tol * jnp.abs(state.primal)))
 
         def new_omega(_):
-            om, qq = _omega_q(state.W, params, scheme=scheme, q_rule=q_rule)
+            om, qq = _omega_q(state.W, params, scheme=scheme, q_rule=q_rule, width=omega.U.shape[1])
             return om, qq, server_map(state.V, om, params, scheme=scheme)[0]
 
         omega, q, W = jax.lax.cond(omega_step, new_omega, lambda _: (omega, q, W), None)

@@ -304,15 +304,7 @@ def test_fixed_omega_every_q_rule(rule):
     assert np.all(np.diff(dual) >= -1e-12 * np.abs(dual[1:]))
 
 
-OMEGA0_SHAPE_BUG = (
-    "dmtrl.round_step: with scheme='alternating' an omega0 whose factor U is not (m, min(m, d)) -- any dense "
-    "(m, m) omega0 when m > d (as_spectral gives U (m, m)), or a factored one of another rank -- makes the "
-    "jax.lax.cond between the Omega-step (U (m, min(m, d))) and 'keep Omega' trace with mismatched branch "
-    "shapes: TypeError 'cond branches must have equal output types', even with omega_every=None, "
-    "omega_tol=None (the cond is traced regardless)")
 
-
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=OMEGA0_SHAPE_BUG)
 @pytest.mark.parametrize("form", ["dense", "rank3"])
 def test_fixed_omega0_of_any_rank(form):
     """omega0 as documented: "dense (m, m) or factored"; here m = 8 > d = 5."""
