@@ -304,7 +304,6 @@ def test_fixed_omega_every_q_rule(rule):
     assert np.all(np.diff(dual) >= -1e-12 * np.abs(dual[1:]))
 
 
-
 @pytest.mark.parametrize("form", ["dense", "rank3"])
 def test_fixed_omega0_of_any_rank(form):
     """omega0 as documented: "dense (m, m) or factored"; here m = 8 > d = 5."""
