@@ -16,12 +16,13 @@ the bytes sent up to then, and the simulated seconds (DMTRL's cost model, its de
 
 ">N" means not reached within the cap of N rounds.
 
-Part 2, the sweep: synthetic squared loss, lam2 = 1e-2, lam1 from 1 down to 1e-4, so that the condition
-number ``kappa = L / lam1`` grows (``L = curvature * max_t lambda_max(X_t^T X_t) / n_t``, the smoothness
-of the loss part); rounds to 1e-6 for DMTRL joint (1 and 5 passes) and distributed APG, and who wins in
-rounds. Dual coordinate ascent (DMTRL, CoCoA+) needs O(kappa)-ish rounds (each round a fixed
-fraction of progress at q_t = 1/lam1), APG O(sqrt(kappa)) iterations: DMTRL is expected to win at small
-kappa and lose at large kappa, the crossover depending on how much a local pass achieves.
+Part 2, the sweep: synthetic squared loss, 30 tasks, lam2 = 1e-2, lam1 from 1 down to 1e-4, so that the
+condition number ``kappa = L / lam1`` grows (``L = curvature * max_t lambda_max(X_t^T X_t) / n_t``, the
+smoothness of the loss part); rounds to 1e-6 for DMTRL joint (1 and 5 passes) and distributed APG, and who
+wins in rounds, on two data sets: n_t = 30 samples per task in d = 20 (the loss part is strongly convex by
+itself, which APG's restart exploits) and n_t = 10 in d = 40 (it is not: only lam1 makes J strongly convex).
+Dual coordinate ascent with the safe ``q_t = 1/lam1`` (DMTRL, CoCoA+) needs O(kappa) rounds, accelerated
+gradient O(sqrt(kappa)) (less where the data add curvature): DMTRL is expected to win at small kappa only.
 
     python benchmarks/bench_dmtrl_baselines.py            # ~5 min on 2 CPU cores
     python benchmarks/bench_dmtrl_baselines.py --quick    # small caps, seconds
@@ -114,31 +115,38 @@ def part1(args, log):
     log("")
 
 
+#: The sweep's two data sets: the loss part strongly convex on its own (n_t > d) or not (n_t < d).
+SWEEP_DATA = (("n_t = 30 > d = 20", 20, 30), ("n_t = 10 < d = 40", 40, 10))
+
+
 def part2(args, log):
-    X, y, task, _ = make_clustered_tasks(30, 20, num_clusters=3, samples_per_task=30, loss="squared", noise=1.0,
-                                         seed=0)
-    sites = pack_sites(X, y, task, 30, layout="padded")
-    L = get_loss("squared").curvature * float(np.max(np.asarray(centralized.site_lmax(sites))
-                                                     / np.asarray(sites.counts)))
     cap = args.sweep_rounds
-    log(f"## Part 2: synthetic squared, lam2 = {args.sweep_lam2}, rounds to a relative gap of 1e-6 as lam1 falls "
-        f"(L = {L:.3f}; cap {cap} rounds)\n")
-    log("| lam1 | kappa = L/lam1 | DMTRL joint 1 pass | DMTRL joint 5 passes | distributed APG | fewer rounds | "
-        "MB DMTRL 1 pass / APG |")
-    log("|---|---|---|---|---|---|---|")
-    for lam1 in args.sweep_lam1:
-        common = dict(lam1=lam1, lam2=args.sweep_lam2, loss="squared", tol=1e-6)
-        res = {"p1": dmtrl.solve(sites, max_iter=cap, **common),
-               "p5": dmtrl.solve(sites, max_iter=cap, local_passes=5, **common),
-               "apg": baselines.distributed_apg(sites, max_rounds=cap, **common)}
-        hits = {k: first_reach(v.history, 1e-6) for k, v in res.items()}
-        rounds = {k: (h[0] if h else np.inf) for k, h in hits.items()}
-        best_dmtrl = min(rounds["p1"], rounds["p5"])
-        winner = "DMTRL" if best_dmtrl < rounds["apg"] else ("APG" if rounds["apg"] < best_dmtrl else "tie")
-        mb = " / ".join(f"{hits[k][1] / 1e6:.3f}" if hits[k] else "-" for k in ("p1", "apg"))
-        cell = {k: (str(h[0]) if h else f">{cap}") for k, h in hits.items()}
-        log(f"| {lam1:g} | {L / lam1:.3g} | {cell['p1']} | {cell['p5']} | {cell['apg']} | {winner} | {mb} |")
-    log("")
+    for label, dim, samples in SWEEP_DATA:
+        X, y, task, _ = make_clustered_tasks(30, dim, num_clusters=3, samples_per_task=samples, loss="squared",
+                                             noise=1.0, seed=0)
+        sites = pack_sites(X, y, task, 30, layout="padded")
+        lmax = np.asarray(centralized.site_lmax(sites)) / np.asarray(sites.counts)
+        L = get_loss("squared").curvature * float(np.max(lmax))
+        log(f"## Part 2: synthetic squared, 30 tasks, {label}, lam2 = {args.sweep_lam2}: rounds to a relative gap "
+            f"of 1e-6 as lam1 falls (L = {L:.3f}; cap {cap} rounds)\n")
+        log("| lam1 | kappa = L/lam1 | DMTRL joint 1 pass | DMTRL joint 5 passes | distributed APG | fewer rounds | "
+            "MB DMTRL 1 pass / APG | sim s DMTRL 1 pass / APG |")
+        log("|---|---|---|---|---|---|---|---|")
+        for lam1 in args.sweep_lam1:
+            common = {"lam1": lam1, "lam2": args.sweep_lam2, "loss": "squared", "tol": 1e-6}
+            res = {"p1": dmtrl.solve(sites, max_iter=cap, **common),
+                   "p5": dmtrl.solve(sites, max_iter=cap, local_passes=5, **common),
+                   "apg": baselines.distributed_apg(sites, max_rounds=cap, **common)}
+            hits = {k: first_reach(v.history, 1e-6) for k, v in res.items()}
+            rounds = {k: (h[0] if h else np.inf) for k, h in hits.items()}
+            best_dmtrl = min(rounds["p1"], rounds["p5"])
+            winner = "DMTRL" if best_dmtrl < rounds["apg"] else ("APG" if rounds["apg"] < best_dmtrl else "tie")
+            mb = " / ".join(f"{hits[k][1] / 1e6:.3f}" if hits[k] else "-" for k in ("p1", "apg"))
+            sim = " / ".join(f"{hits[k][2]:.1f}" if hits[k] else "-" for k in ("p1", "apg"))
+            cell = {k: (str(h[0]) if h else f">{cap}") for k, h in hits.items()}
+            log(f"| {lam1:g} | {L / lam1:.3g} | {cell['p1']} | {cell['p5']} | {cell['apg']} | {winner} | {mb} | "
+                f"{sim} |")
+        log("")
 
 
 def main(argv=None, log=print):

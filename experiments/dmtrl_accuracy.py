@@ -235,16 +235,21 @@ def error_figure(results):
     for ax, name in zip(axes, names):
         errs = np.array([[s[mth]["error"] for mth in METHODS] for s in results[name]])  # (seeds, methods)
         x = np.arange(len(METHODS))
-        ax.bar(x, errs.mean(0), yerr=errs.std(0), color=[f"C{i}" for i in x], capsize=3, alpha=0.85)
-        for i in x:
-            ax.plot(np.full(errs.shape[0], i), errs[:, i], "k.", markersize=3)
-        means = errs.mean(0)
-        top = min(errs.max(), 1.6 * np.median(means))  # an outlying method's bar is cut and labelled
+        means, stds = errs.mean(0), errs.std(0)
+        outlier = means > 2.5 * np.median(means)  # drawn at the top edge and labelled with its value
+        top = errs[:, ~outlier].max()
         lo = errs.min()
-        ax.set_ylim(max(0.0, lo - 0.3 * (top - lo + 1e-12)), top + 0.3 * (top - lo + 1e-12))
+        pad = 0.15 * (top - lo + 1e-12)
         for i in x:
-            if means[i] + errs.std(0)[i] > top:
-                ax.text(i, top, f"{means[i]:.3g}\n+-{errs.std(0)[i]:.2g}", ha="center", va="top", fontsize="x-small")
+            shown = top + 0.5 * pad if outlier[i] else means[i]
+            ax.errorbar(i, shown, yerr=None if outlier[i] else stds[i], fmt="o", color=f"C{i}", capsize=4,
+                        markersize=7)
+            ax.plot(i + np.linspace(-0.15, 0.15, errs.shape[0]), np.minimum(errs[:, i], top + 0.5 * pad) if outlier[i] else errs[:, i], "k.",
+                    markersize=3)
+            if outlier[i]:
+                ax.annotate(f"{means[i]:.3g} +- {stds[i]:.2g}", (i, top + 0.5 * pad), ha="right", va="top",
+                            fontsize="x-small", xytext=(-6, -4), textcoords="offset points")
+        ax.set_ylim(max(0.0, lo - pad), top + pad)
         ax.set_xticks(x, METHODS, rotation=40, ha="right", fontsize="small")
         ax.set_title(name, fontsize="medium")
         ax.set_ylabel("held-out MSE" if name in ("synthetic_squared", "exam") else "held-out misclassification")
