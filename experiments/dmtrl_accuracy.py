@@ -244,8 +244,8 @@ def error_figure(results):
             shown = top + 0.5 * pad if outlier[i] else means[i]
             ax.errorbar(i, shown, yerr=None if outlier[i] else stds[i], fmt="o", color=f"C{i}", capsize=4,
                         markersize=7)
-            ax.plot(i + np.linspace(-0.15, 0.15, errs.shape[0]), np.minimum(errs[:, i], top + 0.5 * pad) if outlier[i] else errs[:, i], "k.",
-                    markersize=3)
+            seeds = np.minimum(errs[:, i], top + 0.5 * pad) if outlier[i] else errs[:, i]
+            ax.plot(i + np.linspace(-0.15, 0.15, errs.shape[0]), seeds, "k.", markersize=3)
             if outlier[i]:
                 ax.annotate(f"{means[i]:.3g} +- {stds[i]:.2g}", (i, top + 0.5 * pad), ha="right", va="top",
                             fontsize="x-small", xytext=(-6, -4), textcoords="offset points")
