@@ -142,3 +142,14 @@ def test_benchmark_quick_smoke(capsys):
     assert all(np.isfinite(row["ratio"]) for row in out["seeds"].values())
     with pytest.raises(ValueError, match="--only"):
         bench.main(["--only", "gpu"])
+
+
+def test_dmtrl_accuracy_quick_writes_every_run_the_table_and_the_figures(tmp_path):
+    accuracy = load_script("experiments/dmtrl_accuracy.py")
+    out = tmp_path / "acc"
+    assert accuracy.main(["--quick", "--no-compile-cache", "--out", str(out)]) == 0
+    runs = [store.read_run(p) for p in store.find_runs(out)]
+    assert len(runs) == 12   # 6 methods x 2 seeds on one data set
+    for name in ("results.md", "errors.png", "omega.png"):
+        assert (out / name).stat().st_size > 0
+    assert cli.main(["plot", "--results", str(out), "--out", str(tmp_path / "acc.png")]) == 0
