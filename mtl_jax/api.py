@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax import names
+from mtl_jax import distributed, names
 from mtl_jax.data.sites import pack_sites, to_sites
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
 from mtl_jax.solvers import centralized, dmtrl
@@ -178,6 +178,7 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
                   num_samples=int(len(y)), **_recordable(solver_options))
     if solver == "dmtrl":
         config.setdefault("scheme", "joint")
+        config["devices"] = int(distributed.site_mesh(solver_options.get("devices")).devices.size)
     return FitResult(W=out.W, omega=out.omega, history=out.history, objective=out.objective,
                      gap=out.gap, converged=out.converged, iterations=out.iterations, config=config,
                      alpha=alpha, compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)

@@ -116,15 +116,17 @@ def omega_update(W, eps: float = DEFAULT_EPS):
     return (U * a) @ U.T
 
 
-def omega_factored(W, eps: float = DEFAULT_EPS) -> SpectralMatrix:
+def omega_factored(W, eps: float = DEFAULT_EPS, num_tasks=None) -> SpectralMatrix:
     """The Omega-step of :func:`omega_update` in factored form, from the thin SVD of ``W`` (m, d).
 
     ``Omega = U diag(a) U^T + b (I - U U^T)`` with ``U`` (m, min(m, d)) the left singular vectors:
-    O(m d) memory and O(m d^2) time.
+    O(m d) memory and O(m d^2) time. ``num_tasks`` (may be traced): the number of real tasks when
+    ``W`` has extra all-zero rows (empty sites added for an even split over devices); the floor and
+    the unit trace are those of the real tasks.
     """
     W = jnp.asarray(W)
     U, s, _ = jnp.linalg.svd(W, full_matrices=False)
-    a, b = _floored_roots(s, W.shape[0], eps)
+    a, b = _floored_roots(s, W.shape[0] if num_tasks is None else num_tasks, eps)
     return SpectralMatrix(U, a, b)
 
 

@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtl_jax import names
+from mtl_jax import distributed, names
 from mtl_jax.data.sites import Sites, feature_sums, margins, per_block, sample_weights, site_sums
 from mtl_jax.losses import Loss, get_loss
 from mtl_jax.mtrl import (
@@ -86,7 +86,7 @@ ORDERS = ("random", "cyclic")
 DEFAULT_MAX_ROUNDS = 2000
 #: Options of :func:`solve` (and of ``fit(solver="dmtrl", ...)``) beyond the common ones.
 OPTIONS = ("scheme", "local_passes", "q", "omega_every", "omega_tol", "omega0", "order", "seed", "min_effort",
-           "straggler_prob", "straggler_effort", "dropout_prob", "speed", "latency", "bandwidth")
+           "straggler_prob", "straggler_effort", "dropout_prob", "speed", "latency", "bandwidth", "devices")
 #: The cost model's defaults: a site makes 10^6 coordinate steps per second; a message takes 50 ms plus its
 #: size over 12.5 MB/s (a 100 Mbit/s wide-area link).
 DEFAULT_SPEED = 1e6
@@ -376,9 +376,14 @@ def pad_factors(omega: SpectralMatrix, width: int) -> SpectralMatrix:
     return SpectralMatrix(U, jnp.concatenate([omega.a, jnp.broadcast_to(omega.b, (extra,))]), omega.b)
 
 
-def _omega_q(W, params: Params, *, scheme: str, q_rule: str, width: int = 0):
+def real_sites(sites: Sites):
+    """(m,) bool: the sites that hold data (a real site has at least one sample; empty ones pad a device split)."""
+    return sites.counts > 0
+
+
+def _omega_q(W, params: Params, num_tasks, *, scheme: str, q_rule: str, width: int = 0):
     """The Omega-step from ``W`` (factored, at least ``width`` columns) and the q_t of its Sigma."""
-    omega = pad_factors(omega_factored(W, params.eps), width)
+    omega = pad_factors(omega_factored(W, params.eps, num_tasks), width)
     if scheme == "joint":
         return omega, jnp.full((W.shape[0],), 1.0 / params.lam1, W.dtype)
     sigma = SigmaQuadratic(omega, params.lam1, params.lam2).sigma
@@ -397,7 +402,8 @@ def init_state(sites: Sites, params: Params, alpha0, seed, omega0=None, *, loss:
         omega = pad_factors(omega0, min(m, d))
         q = q_values(SigmaQuadratic(omega, params.lam1, params.lam2).sigma, q_rule).astype(dtype)
     else:
-        omega, q = _omega_q(jnp.zeros((m, d), dtype), params, scheme=scheme, q_rule=q_rule)
+        omega, q = _omega_q(jnp.zeros((m, d), dtype), params, jnp.sum(real_sites(sites)), scheme=scheme,
+                            q_rule=q_rule)
     V = feature_sums(alpha0, sites)
     W, reg_conj, reg_at_W = server_map(V, omega, params, scheme=scheme)
     J, gap, primal, dual, gap_w = certify(alpha0, V, W, reg_conj, reg_at_W, sites, params, loss=loss_, scheme=scheme)
@@ -407,8 +413,12 @@ def init_state(sites: Sites, params: Params, alpha0, seed, omega0=None, *, loss:
 
 
 def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems, *, loss: str, scheme: str,
-               q_rule: str, order: str = "random"):
-    """One communication round; returns ``(new state, RoundStats)``. jit-able, vmaps over the sites inside.
+               q_rule: str, order: str = "random", mesh=None):
+    """One communication round; returns ``(new state, RoundStats)``. jit-able.
+
+    The sites' part (:func:`local_sdca`) works on all blocks at once; with a ``mesh`` (static; see
+    :mod:`mtl_jax.distributed`) it runs under ``shard_map``, each device on its own blocks, and the
+    server's sums over sites become all-reduces.
 
     Alternating scheme: an Omega-step (from the W of the last round) begins the round when it is due
     (``omega_every`` rounds since the last, or the W-problem's relative gap at most ``omega_tol``).
@@ -423,7 +433,8 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
             (params.omega_tol >= 0) & (state.gap_w <= params.omega_tol * jnp.abs(state.primal)))
 
         def new_omega(_):
-            om, qq = _omega_q(state.W, params, scheme=scheme, q_rule=q_rule, width=omega.U.shape[1])
+            om, qq = _omega_q(state.W, params, jnp.sum(real_sites(sites)), scheme=scheme, q_rule=q_rule,
+                              width=omega.U.shape[1])
             return om, qq, server_map(state.V, om, params, scheme=scheme)[0]
 
         omega, q, W = jax.lax.cond(omega_step, new_omega, lambda _: (omega, q, W), None)
@@ -434,9 +445,13 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     chunks = _chunks_per_site(sites)
     c = sample_weights(sites)
     sq = jnp.sum(sites.X**2, axis=-1)
-    local = local_sdca(sites.X, sites.y, c, sites.mask, sq, state.alpha, per_block(W, sites),
-                       per_block(q * chunks, sites), per_block(budget_site, sites), k_order, loss=loss_,
-                       cyclic=order == "cyclic")
+    def local_part(X, y, c, mask, sq, alpha, w, q, budget, ids, stream):
+        return local_sdca(X, y, c, mask, sq, alpha, w, q, budget, stream, loss=loss_, cyclic=order == "cyclic",
+                          block_ids=ids)
+
+    local = distributed.map_blocks(local_part, mesh, 10)(
+        sites.X, sites.y, c, sites.mask, sq, state.alpha, per_block(W, sites), per_block(q * chunks, sites),
+        per_block(budget_site, sites), jnp.arange(sites.num_blocks), k_order)
     live_block = per_block(participates, sites)
     alpha = jnp.where(live_block[:, None], local.alpha, state.alpha)
     dV = site_sums(jnp.where(live_block[:, None], local.dv, 0.0), sites)
@@ -446,6 +461,7 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
                                           scheme=scheme)
 
     steps = site_sums(local.steps.astype(dtype), sites)
+    participates = participates & real_sites(sites)
     live = participates.astype(dtype)
     participants = jnp.sum(participates, dtype=jnp.int32)
     passes = jnp.sum(live * steps / jnp.maximum(sites.counts, 1)) / jnp.maximum(participants, 1)
@@ -479,9 +495,9 @@ class RunOutput(NamedTuple):
 register_exportable(Systems, Params, DMTRLState, RoundStats, RunOutput)
 
 
-@partial(jax.jit, static_argnames=("loss", "scheme", "q_rule", "order", "history_size"))
+@partial(jax.jit, static_argnames=("loss", "scheme", "q_rule", "order", "history_size", "mesh"))
 def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems, max_rounds, fixed_omega, *,
-               loss: str, scheme: str, q_rule: str, order: str, history_size: int) -> RunOutput:
+               loss: str, scheme: str, q_rule: str, order: str, history_size: int, mesh=None) -> RunOutput:
     """Rounds from ``state`` until the certificate reaches ``tol`` or ``max_rounds`` (traced) more are done.
 
     One ``lax.while_loop``: a chunk of rounds is one compiled program, whatever its length.
@@ -497,7 +513,8 @@ def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems
 
     def body(carry):
         s, buf, k = carry
-        s, stats = round_step(s, sites, params, systems, loss=loss, scheme=scheme, q_rule=q_rule, order=order)
+        s, stats = round_step(s, sites, params, systems, loss=loss, scheme=scheme, q_rule=q_rule, order=order,
+                              mesh=mesh)
         buf = jax.tree_util.tree_map(lambda b, v: b.at[jnp.minimum(k, history_size - 1)].set(v), buf, stats)
         return s, buf, k + 1
 
@@ -565,6 +582,10 @@ def check_dmtrl_options(options: dict, m: int) -> dict:
     o["latency"] = check_real("latency", o.setdefault("latency", DEFAULT_LATENCY))
     o["bandwidth"] = check_real("bandwidth", o.setdefault("bandwidth", DEFAULT_BANDWIDTH), strict=True)
     o.setdefault("omega0", None)
+    devices = o.setdefault("devices", None)
+    if devices is not None and not (isinstance(devices, (int, np.integer)) and not isinstance(devices, bool)):
+        raise ValueError(f"devices: must be None (all local devices) or a number of devices, got {devices!r}")
+    o["mesh"] = distributed.site_mesh(devices)
     return o
 
 
@@ -630,22 +651,42 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     omega0 = _as_omega(o["omega0"], m, dtype)
     fixed = scheme == "alternating" and o["omega_every"] == _NEVER and o["omega_tol"] < 0
     seed = jnp.asarray(o["seed"], jnp.uint32)
+    K = sites.num_blocks
+    mesh = o["mesh"] if o["mesh"].devices.size > 1 else None
+    if mesh is not None:  # empty sites for an even split; the per-site arrays grow with them
+        sites, systems, alpha0, omega0 = _spread(mesh, sites, systems, alpha0, omega0)
 
     static = dict(loss=loss_.name, scheme=scheme, q_rule=q_rule)
     init_args = (sites, params, alpha0, seed, omega0)
     init, c_init = compiled(init_program, init_args, static)
     state = init(*init_args)
     args = (state, sites, params, systems, jnp.asarray(max_rounds, jnp.int32), jnp.asarray(fixed))
-    program, c_run = compiled(run_rounds, args, dict(static, order=o["order"],
+    program, c_run = compiled(run_rounds, args, dict(static, order=o["order"], mesh=mesh,
                                                      history_size=history_capacity(max_rounds)))
     t1 = time.perf_counter()
     out = jax.block_until_ready(program(*args))
     t2 = time.perf_counter()
     history = _history(state, out, itemsize=np.dtype(dtype).itemsize, m=m, d=d, wall=t2 - t1)
     s = out.state
-    return SolveOutput(np.asarray(s.W), numpy_tree(omega_factored(s.W, params.eps)), np.asarray(s.alpha), history,
+    W = np.asarray(s.W)[:m]
+    return SolveOutput(W, numpy_tree(omega_factored(W, params.eps)), np.asarray(s.alpha)[:K], history,
                        float(s.objective), float(s.gap), bool(out.converged), int(out.rounds), c_init + c_run,
                        t2 - t1)
+
+
+def _spread(mesh, sites, systems: Systems, alpha0, omega0):
+    """Sites padded with empty ones to a multiple of the devices and split over them; per-site inputs padded alike."""
+    n = mesh.devices.size
+    padded = distributed.pad_sites(sites, n)
+    extra = padded.num_sites - sites.num_sites
+    grow = lambda a, value: jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], value, a.dtype)])
+    if extra:
+        systems = systems._replace(passes=grow(systems.passes, 0), speed=grow(systems.speed, 1.0))
+        if omega0 is not None:
+            omega0 = SpectralMatrix(grow(omega0.U, 0.0), omega0.a, omega0.b)
+    alpha0 = jnp.concatenate([alpha0, jnp.zeros((padded.num_blocks - sites.num_blocks,) + alpha0.shape[1:],
+                                                alpha0.dtype)])
+    return distributed.shard_sites(padded, mesh), systems, distributed.shard_blocks(alpha0, mesh), omega0
 
 
 def round_bytes(participants: int, omega_step: bool, *, m: int, d: int, itemsize: int) -> tuple[int, int]:

@@ -1,0 +1,97 @@
+"""Sites over devices: a mesh with one ``"sites"`` axis, empty sites for an even split, the local work under ``shard_map``.
+
+The DMTRL round (:mod:`mtl_jax.solvers.dmtrl`) is a per-block part (the sites' SDCA passes, which see
+only their own rows) plus server steps whose cross-site operations are sums over sites. Here the
+per-block part runs under ``shard_map`` over a 1-D device mesh, every device holding a contiguous
+slice of the blocks; the server's sums over the sharded sites axis become all-reduces that XLA's
+partitioner inserts (the ``psum`` of the design), and the d x d Gram matrix of V and the small
+decompositions are computed on every device alike. Nothing else of the round changes.
+
+Sites that do not divide evenly over the devices are completed with *empty sites* (no rows, count 0,
+zero duals): they change no sum, and everything that counts sites (the Omega-step's floor and trace,
+participants, bytes) counts real sites only (``counts > 0``; a real site always has a sample).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mtl_jax.data.sites import Sites
+
+AXIS = "sites"
+
+
+def site_mesh(devices=None) -> Mesh:
+    """A 1-D mesh named ``"sites"`` over ``devices``: None (all local devices), a count, or a list of devices."""
+    local = jax.local_devices()
+    if devices is None:
+        chosen = local
+    elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(local):
+            raise ValueError(f"devices: must be between 1 and the {len(local)} local device(s), got {devices}")
+        chosen = local[:int(devices)]
+    else:
+        chosen = list(devices)
+        if not chosen:
+            raise ValueError("devices: an empty list of devices")
+    return Mesh(np.array(chosen), (AXIS,))
+
+
+def pad_sites(sites: Sites, multiple: int) -> Sites:
+    """``sites`` with empty blocks appended so that the number of blocks is a multiple of ``multiple``.
+
+    Padded layout: the new blocks are new empty sites (count 0). Chunked layout: the new chunks belong
+    to one new empty site. Either way ``num_sites`` may grow; real sites keep their ids.
+    """
+    K = sites.num_blocks
+    extra = (-K) % multiple
+    if extra == 0:
+        return sites
+    pad = lambda a, value=0: jnp.concatenate([a, jnp.full((extra,) + a.shape[1:], value, a.dtype)])
+    X, y, mask, index = pad(sites.X), pad(sites.y), pad(sites.mask), pad(sites.index, -1)
+    if sites.site is None:
+        return Sites(X, y, mask, pad(sites.counts), index)
+    m = sites.num_sites
+    counts = jnp.concatenate([sites.counts, jnp.zeros((1,), sites.counts.dtype)])
+    return Sites(X, y, mask, counts, index, pad(sites.site, m))
+
+
+def block_spec(ndim: int) -> PartitionSpec:
+    """The leading axis over ``"sites"``, the rest whole."""
+    return PartitionSpec(AXIS, *([None] * (ndim - 1)))
+
+
+def shard_blocks(tree, mesh: Mesh):
+    """Every array leaf of ``tree`` placed with its leading axis split over the mesh (it must divide evenly)."""
+    return jax.tree_util.tree_map(lambda a: jax.device_put(a, NamedSharding(mesh, block_spec(a.ndim))), tree)
+
+
+def shard_sites(sites: Sites, mesh: Mesh) -> Sites:
+    """The block arrays of ``sites`` split over the mesh; ``counts`` (and ``site``) too when they divide evenly."""
+    n = mesh.devices.size
+    if sites.num_blocks % n:
+        raise ValueError(f"sites: {sites.num_blocks} blocks do not divide over {n} devices; pad_sites first")
+    X, y, mask, index = shard_blocks((sites.X, sites.y, sites.mask, sites.index), mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    counts = jax.device_put(sites.counts, replicated)
+    site = None if sites.site is None else jax.device_put(sites.site, NamedSharding(mesh, block_spec(1)))
+    return Sites(X, y, mask, counts, index, site)
+
+
+def map_blocks(fn, mesh: Mesh | None, num_batched: int):
+    """``fn`` over blocks, split over the mesh: the first ``num_batched`` arguments are per-block arrays
+    (leading axis over ``"sites"``), the rest are replicated; the outputs are per-block. ``mesh=None``: ``fn``.
+    """
+    if mesh is None or mesh.devices.size == 1:
+        return fn
+
+    def call(*args):
+        batched, rest = args[:num_batched], args[num_batched:]
+        in_specs = tuple(block_spec(jnp.ndim(a)) for a in batched) + tuple(PartitionSpec() for _ in rest)
+        out_shapes = jax.eval_shape(fn, *args)
+        out_specs = jax.tree_util.tree_map(lambda s: block_spec(len(s.shape)), out_shapes)
+        return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
+
+    return call
