@@ -44,6 +44,8 @@ upload, plus the download.
 """
 from __future__ import annotations
 
+import hashlib
+import os
 import time
 from functools import partial
 from typing import NamedTuple
@@ -86,7 +88,8 @@ ORDERS = ("random", "cyclic")
 DEFAULT_MAX_ROUNDS = 2000
 #: Options of :func:`solve` (and of ``fit(solver="dmtrl", ...)``) beyond the common ones.
 OPTIONS = ("scheme", "local_passes", "q", "omega_every", "omega_tol", "omega0", "order", "seed", "min_effort",
-           "straggler_prob", "straggler_effort", "dropout_prob", "speed", "latency", "bandwidth", "devices")
+           "straggler_prob", "straggler_effort", "dropout_prob", "speed", "latency", "bandwidth", "devices",
+           "checkpoint", "checkpoint_every")
 #: The cost model's defaults: a site makes 10^6 coordinate steps per second; a message takes 50 ms plus its
 #: size over 12.5 MB/s (a 100 Mbit/s wide-area link).
 DEFAULT_SPEED = 1e6
@@ -586,6 +589,15 @@ def check_dmtrl_options(options: dict, m: int) -> dict:
     if devices is not None and not (isinstance(devices, (int, np.integer)) and not isinstance(devices, bool)):
         raise ValueError(f"devices: must be None (all local devices) or a number of devices, got {devices!r}")
     o["mesh"] = distributed.site_mesh(devices)
+    path = o.setdefault("checkpoint", None)
+    if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"checkpoint: must be a file path (str or os.PathLike), got {path!r}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint: the folder {folder} does not exist")
+    o["checkpoint_every"] = check_int("checkpoint_every", o.setdefault("checkpoint_every", 100), low=1,
+                                      high=_NEVER)
     return o
 
 
@@ -624,7 +636,11 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
         first Omega, dense (m, m) or factored; with ``omega_every=None, omega_tol=None`` it stays fixed and the
         run stops on the W-problem's gap), ``order`` ("random" or "cyclic"), ``seed``, and the systems
         model: ``min_effort``, ``straggler_prob``, ``straggler_effort``, ``dropout_prob``, ``speed``,
-        ``latency``, ``bandwidth`` (:class:`Systems`).
+        ``latency``, ``bandwidth`` (:class:`Systems`); ``devices`` (None: all local devices, or a count;
+        :mod:`mtl_jax.distributed`); ``checkpoint`` (a .npz path: the run goes in chunks of
+        ``checkpoint_every`` rounds (default 100), the state and history are saved atomically after each,
+        and a run started with an existing checkpoint of the same problem continues from it, ending
+        with exactly the numbers of an uninterrupted run).
 
     Returns a :class:`~mtl_jax.solvers.base.SolveOutput` whose history holds
     :class:`~mtl_jax.solvers.base.RoundRecord` rows (round 0 is the starting point).
@@ -660,18 +676,38 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     init_args = (sites, params, alpha0, seed, omega0)
     init, c_init = compiled(init_program, init_args, static)
     state = init(*init_args)
-    args = (state, sites, params, systems, jnp.asarray(max_rounds, jnp.int32), jnp.asarray(fixed))
-    program, c_run = compiled(run_rounds, args, dict(static, order=o["order"], mesh=mesh,
-                                                     history_size=history_capacity(max_rounds)))
-    t1 = time.perf_counter()
-    out = jax.block_until_ready(program(*args))
-    t2 = time.perf_counter()
-    history = _history(state, out, itemsize=np.dtype(dtype).itemsize, m=m, d=d, wall=t2 - t1)
-    s = out.state
-    W = np.asarray(s.W)[:m]
-    return SolveOutput(W, numpy_tree(omega_factored(W, params.eps)), np.asarray(s.alpha)[:K], history,
-                       float(s.objective), float(s.gap), bool(out.converged), int(out.rounds), c_init + c_run,
-                       t2 - t1)
+    path = o["checkpoint"]
+    chunk = o["checkpoint_every"] if path is not None else max_rounds
+    history = [_start_record(state)]
+    fingerprint = None if path is None else _fingerprint(sites, params, systems, o, loss_.name, q_rule)
+    if path is not None and os.path.exists(path):
+        state, history = load_checkpoint(path, state, fingerprint)
+    itemsize = np.dtype(dtype).itemsize
+    fixed = jnp.asarray(fixed)
+    c_run = solve_seconds = 0.0
+    done = False
+    while True:
+        remaining = max_rounds - (len(history) - 1)
+        if remaining <= 0 or done:
+            break
+        args = (state, sites, params, systems, jnp.asarray(min(chunk, remaining), jnp.int32), fixed)
+        program, c = compiled(run_rounds, args, dict(static, order=o["order"], mesh=mesh,
+                                                     history_size=history_capacity(chunk if path else max_rounds)))
+        c_run += c
+        t1 = time.perf_counter()
+        out = jax.block_until_ready(program(*args))
+        seconds = time.perf_counter() - t1
+        solve_seconds += seconds
+        history.extend(_rows(out, history[-1], itemsize=itemsize, m=m, d=d, wall=seconds))
+        state = out.state
+        done = bool(out.converged) or int(out.rounds) < int(args[4])
+        if path is not None:
+            save_checkpoint(path, state, history, fingerprint)
+    converged_ = bool(converged(state, params, fixed))
+    W = np.asarray(state.W)[:m]
+    return SolveOutput(W, numpy_tree(omega_factored(W, params.eps)), np.asarray(state.alpha)[:K], tuple(history),
+                       float(state.objective), float(state.gap), converged_, len(history) - 1, c_init + c_run,
+                       solve_seconds)
 
 
 def _spread(mesh, sites, systems: Systems, alpha0, omega0):
@@ -695,20 +731,93 @@ def round_bytes(participants: int, omega_step: bool, *, m: int, d: int, itemsize
     return itemsize * (participants * d + 2 * m), itemsize * m * (d + int(omega_step))
 
 
-def _history(start: DMTRLState, out: RunOutput, *, itemsize, m, d, wall) -> tuple:
+def _start_record(start: DMTRLState) -> RoundRecord:
+    return RoundRecord(int(start.round), float(start.objective), float(start.gap), 0, 0.0, float(start.primal),
+                       float(start.dual), float(start.gap_w), 0, 0, 0.0, 0, float(start.sim_seconds))
+
+
+def _rows(out: RunOutput, last: RoundRecord, *, itemsize, m, d, wall) -> list:
+    """History rows of a chunk of rounds, continuing the counts of ``last`` (cumulative bytes and seconds)."""
     n = int(out.rounds)
     cols = {k: np.asarray(v)[:n] for k, v in out.stats._asdict().items()}
     per_round = wall / max(n, 1)
-    total_up = total_down = 0
-    rows = [RoundRecord(0, float(start.objective), float(start.gap), 0, 0.0, float(start.primal), float(start.dual),
-                        float(start.gap_w), 0, 0, 0.0, 0, 0.0)]
+    total_up, total_down = last.bytes_up, last.bytes_down
+    rows = []
     for k in range(n):
         up, down = round_bytes(int(cols["participants"][k]), bool(cols["omega_step"][k]), m=m, d=d,
                                itemsize=itemsize)
         total_up, total_down = total_up + up, total_down + down
-        rows.append(RoundRecord(k + 1, float(cols["objective"][k]), float(cols["gap"][k]), total_up + total_down,
-                                per_round * (k + 1), float(cols["primal"][k]), float(cols["dual"][k]),
-                                float(cols["gap_w"][k]), total_up, total_down, float(cols["passes"][k]),
-                                int(cols["participants"][k]), float(cols["sim_seconds"][k])))
-    return tuple(rows)
+        rows.append(RoundRecord(last.round + k + 1, float(cols["objective"][k]), float(cols["gap"][k]),
+                                total_up + total_down, last.seconds + per_round * (k + 1), float(cols["primal"][k]),
+                                float(cols["dual"][k]), float(cols["gap_w"][k]), total_up, total_down,
+                                float(cols["passes"][k]), int(cols["participants"][k]),
+                                float(cols["sim_seconds"][k])))
+    return rows
+
+
+# --- checkpoints -----------------------------------------------------------------------------------------
+
+CHECKPOINT_FORMAT = "mtl_jax.dmtrl_checkpoint/1"
+
+
+def _fingerprint(sites, params: Params, systems: Systems, options: dict, loss: str, q_rule: str) -> str:
+    """What must match for a checkpoint to continue a run: the data, the hyper-parameters, the options."""
+    h = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves((sites, params, systems)):
+        a = np.asarray(leaf)
+        h.update(repr((a.shape, str(a.dtype))).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    keep = {k: v for k, v in options.items() if k not in ("checkpoint", "checkpoint_every", "mesh", "omega0",
+                                                        "devices")}
+    h.update(repr(sorted((k, repr(v)) for k, v in keep.items())).encode())
+    h.update(repr((loss, q_rule, options.get("omega0") is None)).encode())
+    return h.hexdigest()
+
+
+def save_checkpoint(path, state: DMTRLState, history, fingerprint: str) -> None:
+    """Write the state after a chunk of rounds and the history so far to ``path`` (.npz), atomically.
+
+    A kill at any moment leaves the previous checkpoint or the new one, never a torn file
+    (:func:`mtl_jax.data.io.atomic_write`). Arrays only: read back without pickle.
+    """
+    from mtl_jax.data.io import atomic_write
+    arrays = {f"state_{k}": np.asarray(v) for k, v in state._asdict().items() if k != "omega"}
+    arrays.update({f"state_omega_{k}": np.asarray(v) for k, v in state.omega._asdict().items()})
+    rows = np.array([tuple(r) for r in history], dtype=np.float64)
+    arrays.update(history=rows, format=np.array(CHECKPOINT_FORMAT), fingerprint=np.array(fingerprint))
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def load_checkpoint(path, like: DMTRLState, fingerprint: str):
+    """The state and history saved at ``path``, placed like ``like`` (shapes, dtypes, devices).
+
+    Raises ValueError naming ``checkpoint`` and saying why when the file is not a DMTRL checkpoint of
+    this problem (another format, other data, other hyper-parameters or options, other shapes).
+    """
+    from mtl_jax.data.io import read_npz
+    try:
+        saved = read_npz(path)
+    except ValueError as e:
+        raise ValueError(f"checkpoint: {e}; delete it to start afresh") from None
+    if str(saved.get("format", "")) != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint: {path} is not a DMTRL checkpoint ({CHECKPOINT_FORMAT})")
+    if str(saved["fingerprint"]) != fingerprint:
+        raise ValueError(f"checkpoint: {path} belongs to another problem or other options (data, lam1, lam2, "
+                         "loss, scheme or systems model differ); delete it or choose another path")
+
+    def placed(name, leaf):
+        a = saved[name]
+        if a.shape != leaf.shape or a.dtype != leaf.dtype:
+            raise ValueError(f"checkpoint: {path}: {name} has shape {a.shape} {a.dtype}, expected {leaf.shape} "
+                             f"{leaf.dtype}")
+        return jax.device_put(a, leaf.sharding)
+
+    fields = {k: placed(f"state_{k}", v) for k, v in like._asdict().items() if k != "omega"}
+    omega = SpectralMatrix(*(placed(f"state_omega_{k}", v) for k, v in like.omega._asdict().items()))
+    state = DMTRLState(**fields, omega=omega)
+    rows = saved["history"]
+    types = [type(x) for x in RoundRecord(0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0, 0, 0.0)]
+    history = [RoundRecord(*(t(v) for t, v in zip(types, row))) for row in rows]
+    return state, history
 
