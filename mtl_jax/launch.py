@@ -58,7 +58,7 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 ENV_COORDINATOR = "MTL_JAX_COORDINATOR"
 ENV_NUM_PROCESSES = "MTL_JAX_NUM_PROCESSES"
@@ -110,7 +110,7 @@ def distributed_settings(process_id=None, num_processes=None, coordinator=None) 
 
 
 def initialize(process_id: int | None = None, num_processes: int | None = None, coordinator: str | None = None,
-               **kwargs) -> tuple[int, int]:
+               *, preemption_service: bool = False, fail_fast: bool = True, **kwargs) -> tuple[int, int]:
     """Join this process to the others: ``jax.distributed.initialize`` with gloo for CPU collectives.
 
     Arguments left out are read from ``MTL_JAX_PROCESS_ID``, ``MTL_JAX_NUM_PROCESSES`` and
@@ -118,6 +118,13 @@ def initialize(process_id: int | None = None, num_processes: int | None = None, 
     initialised. Must run before anything else in JAX touches a device. ``kwargs`` go to
     ``jax.distributed.initialize`` (e.g. ``initialization_timeout``, ``local_device_ids``). Calling it
     again in an initialised process does nothing. Returns ``(process_id, num_processes)``.
+
+    ``preemption_service``: JAX's preemption service catches SIGTERM (a worker then keeps running
+    and must be SIGKILLed); off by default, so SIGTERM ends a worker at once, even one waiting in a
+    collective. ``fail_fast``: an uncaught exception prints its traceback and ends the process at
+    once (``os._exit(1)``) instead of waiting at exit, in JAX's shutdown barrier, for the processes
+    that are still working (which would look like a hang). A non-zero ``sys.exit`` has the same
+    problem: end a worker through :func:`exit_worker` or :func:`run_worker`.
     """
     process_id, num_processes, coordinator = distributed_settings(process_id, num_processes, coordinator)
     if num_processes == 1:
@@ -126,6 +133,8 @@ def initialize(process_id: int | None = None, num_processes: int | None = None, 
 
     if jax.distributed.is_initialized():
         return jax.process_index(), jax.process_count()
+    if not preemption_service:
+        jax.config.update("jax_enable_preemption_service", False)
     if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
         # The CPU client's cross-process collectives; GPU clients keep their own (NCCL).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -135,7 +144,71 @@ def initialize(process_id: int | None = None, num_processes: int | None = None, 
         kwargs["coordinator_bind_address"] = f"{host if host != 'localhost' else '127.0.0.1'}:{port}"
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, **kwargs)
+    if fail_fast and not getattr(sys.excepthook, "_mtl_jax_fail_fast", False):
+        sys.excepthook = _fail_fast_hook(sys.excepthook)
     return process_id, num_processes
+
+
+def _flush():
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+
+
+def _fail_fast_hook(previous):
+    def hook(kind, value, tb):
+        try:
+            previous(kind, value, tb)
+        finally:
+            _flush()
+            os._exit(EXIT_INTERRUPTED if issubclass(kind, KeyboardInterrupt) else 1)
+
+    hook._mtl_jax_fail_fast = True
+    return hook
+
+
+def _distributed() -> bool:
+    jax = sys.modules.get("jax")
+    return jax is not None and jax.distributed.is_initialized()
+
+
+def exit_worker(code=0):
+    """End this worker with ``code`` (``sys.exit`` semantics: None is 0, a string is printed and 1).
+
+    0 is a normal exit (JAX's shutdown waits for every process, as it should); anything else in a
+    process joined by :func:`initialize` is ``os._exit(code)`` after flushing output, so that the
+    failure reaches the launcher now rather than after the others finish or time out.
+    """
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):
+        print(code, file=sys.stderr)
+        code = 1
+    if code != 0 and _distributed():
+        _flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def run_worker(main, *args, **kwargs):
+    """``exit_worker(main(*args, **kwargs))``: an exception or a ``SystemExit`` ends the worker at once too."""
+    try:
+        code = main(*args, **kwargs)
+    except SystemExit as e:
+        code = e.code
+    except KeyboardInterrupt:
+        import traceback
+
+        traceback.print_exc()
+        code = EXIT_INTERRUPTED
+    except BaseException:  # noqa: BLE001 -- any failure ends the worker, with its traceback
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    exit_worker(code)
 
 
 def heartbeat() -> None:
@@ -289,7 +362,7 @@ class Launcher:
 
     # -- starting
 
-    def start(self) -> "Launcher":
+    def start(self) -> Launcher:
         """Start the workers (all before any output is read, so no thread exists during the forks)."""
         if self.processes:
             raise RuntimeError("already started")
@@ -308,8 +381,10 @@ class Launcher:
             if self.devices_per_process:
                 k = int(self.devices_per_process)
                 env["JAX_LOCAL_DEVICE_IDS"] = ",".join(str(j) for j in range(i * k, (i + 1) * k))
+            # preexec_fn only calls prctl; no thread of ours runs yet (the readers start after the forks).
             process = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, process_group=0, preexec_fn=preexec)
+                                       stderr=subprocess.STDOUT, process_group=0,
+                                       preexec_fn=preexec)  # noqa: PLW1509
             self.processes.append(process)
             self.tails.append(collections.deque(maxlen=20))
             self._last_output.append(time.monotonic())
@@ -394,14 +469,14 @@ class Launcher:
                 if self.timeout is not None and now - self._started > self.timeout:
                     i = running[0]
                     names = ", ".join(str(j) for j in running)
-                    error = (i, f"still running after the time-out of {self.timeout:g} s "
-                                f"(worker(s) {names} still running)", "timeout", [])
+                    detail = f"still running after the time-out of {self.timeout:g} s (worker(s) {names} still running)"
+                    error = (i, detail, "timeout", [])
                     break
                 if self.heartbeat is not None:
                     silent = [i for i in running if self._silent_for(i, now) > self.heartbeat]
                     if silent:
                         error = (silent[0], f"hangs: no output or heartbeat for {self.heartbeat:g} s", "hang",
-                                 [(j, f"hangs too") for j in silent[1:]])
+                                 [(j, "hangs too") for j in silent[1:]])
                         break
                 time.sleep(self.poll)
         finally:
@@ -511,7 +586,7 @@ def main(argv=None) -> int:
     if args.processes is None:
         if not args.selftest or command:
             parser.error("give --processes N and a COMMAND after --, or --selftest")
-        return selftest()
+        run_worker(selftest)
     if args.processes < 1:
         parser.error("--processes: must be at least 1")
     if args.selftest:

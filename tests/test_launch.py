@@ -29,8 +29,12 @@ WORKER = textwrap.dedent("""
             print(f"dying at {time.time()!r}", flush=True)
             os.kill(os.getpid(), signal.SIGKILL)
         if mode == "exit3":
+            from mtl_jax.launch import exit_worker
             print(f"dying at {time.time()!r}", flush=True)
-            sys.exit(3)
+            exit_worker(3)      # sys.exit(3) would wait in JAX's shutdown barrier for the others
+        if mode == "raise":
+            print(f"dying at {time.time()!r}", flush=True)
+            raise RuntimeError("a bug in worker 1")
     if mode == "kill" and me == 0:
         # Worker 0 waits in a cross-process all-reduce that worker 1 never joins.
         import jax, jax.numpy as jnp, numpy as np
@@ -85,7 +89,7 @@ def assert_all_gone(pids):
 
 
 def pids_in(text):
-    return [int(p) for p in re.findall(r"^\[worker \d+\] pid (\d+)$", text, re.M)]
+    return [int(p) for p in re.findall(r"^\[worker \d+\] pid (\d+)$", text, re.MULTILINE)]
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -162,18 +166,38 @@ def test_a_killed_worker_stops_all_and_is_named():
     assert_all_gone(e.pids)
 
 
-def test_a_worker_exiting_3_is_named_and_the_others_stopped():
+@pytest.mark.parametrize("join", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_a_worker_exiting_3_is_named_and_the_others_stopped(join):
     out = io.StringIO()
-    launcher = L.Launcher(worker("exit3"), 3, output=out, grace=2)
+    launcher = L.Launcher(worker("exit3", join), 3, output=out, grace=10, timeout=120)
     with launcher, pytest.raises(L.LaunchError) as info:
         launcher.start()
         launcher.wait()
+    reported = time.time()
     e = info.value
     assert (e.process_id, e.returncode, e.reason, e.exit_code) == (1, 3, "exit", 3)
     assert f"worker 1 (pid {launcher.pids[1]}) exited with code 3" in str(e)
     assert "last output of worker 1:" in str(e) and "dying at" in str(e)
+    # SIGTERM ends the others at once (JAX's preemption service, which would catch it, is off).
     assert [p.returncode for p in launcher.processes] == [-signal.SIGTERM, 3, -signal.SIGTERM]
+    died = float(re.search(r"dying at ([0-9.]+)", out.getvalue()).group(1))
+    print(f"exit 3 ({'joined' if join else 'plain'}) reported {reported - died:.2f} s after it")
+    assert reported - died < 10
     assert_all_gone(launcher.pids)
+
+
+@pytest.mark.slow
+def test_an_uncaught_exception_ends_a_joined_worker_at_once():
+    out = io.StringIO()
+    with pytest.raises(L.LaunchError) as info:
+        L.launch(worker("raise", join=True), 2, output=out, grace=10, timeout=120)
+    reported = time.time()
+    e = info.value
+    assert (e.process_id, e.returncode) == (1, 1)
+    assert "RuntimeError: a bug in worker 1" in str(e)
+    died = float(re.search(r"dying at ([0-9.]+)", out.getvalue()).group(1))
+    assert reported - died < 10
+    assert_all_gone(e.pids)
 
 
 def test_a_hanging_worker_is_reported_after_the_timeout():
@@ -241,15 +265,34 @@ def _launcher_in_a_subprocess(join):
 def test_ctrl_c_or_sigterm_to_the_launcher_stops_all_workers(signum, code, message):
     proc, pids = _launcher_in_a_subprocess(join=signum == signal.SIGINT)
     proc.send_signal(signum)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert message in err and "all workers stopped" in err
     assert_all_gone(pids)
 
 
 def test_the_launcher_cli_propagates_a_worker_exit_code():
-    result = subprocess.run([PY, "-m", "mtl_jax.launch", "--processes", "2", "--grace", "1", "--", PY, "-c",
-                             "import os, sys, time; sys.exit(3) if os.environ['MTL_JAX_PROCESS_ID'] == '1' "
-                             "else time.sleep(600)"], capture_output=True, text=True, timeout=60)
+    code = "import os, sys, time; sys.exit(3) if os.environ['MTL_JAX_PROCESS_ID'] == '1' else time.sleep(600)"
+    result = subprocess.run([PY, "-m", "mtl_jax.launch", "--processes", "2", "--grace", "1", "--", PY, "-c", code],
+                            capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 3
     assert re.search(r"error: worker 1 \(pid \d+\) exited with code 3; all workers stopped", result.stderr)
+
+
+def test_workers_die_with_a_killed_launcher():
+    proc, pids = _launcher_in_a_subprocess(join=False)
+    proc.kill()            # no chance to clean up: the kernel kills the workers (PR_SET_PDEATHSIG)
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_all_gone(pids)
+
+
+def test_exit_worker_outside_a_distributed_run_is_sys_exit():
+    with pytest.raises(SystemExit) as info:
+        L.exit_worker(3)
+    assert info.value.code == 3
+    with pytest.raises(SystemExit) as info:
+        L.run_worker(lambda: None)
+    assert info.value.code == 0
