@@ -149,7 +149,8 @@ def sigma(Omega, lam1, lam2):
 def _inverse_quadratic(omega: SpectralMatrix, W):
     """``tr(W^T Omega^{-1} W)``: +inf when W has mass where Omega is singular, 0 when neither has.
 
-    Masses below round-off (relative to ||W||^2) count as zero.
+    Masses below round-off (``100 r eps ||W||^2``, r the columns of U; never a multiple of m, which in
+    float32 at m = 10^6 exceeds ``||W||^2`` itself and would call every mass zero) count as zero.
     """
     coef = omega.U.T @ W
     num = jnp.sum(coef**2, axis=1)
@@ -158,7 +159,7 @@ def _inverse_quadratic(omega: SpectralMatrix, W):
         rest = W - omega.U @ coef
         num = jnp.concatenate([num, jnp.sum(rest**2)[None]])
         den = jnp.concatenate([den, omega.b[None]])
-    tiny = 100 * jnp.finfo(W.dtype).eps * omega.U.shape[0]
+    tiny = 100 * jnp.finfo(W.dtype).eps * max(omega.U.shape[1], 1)
     singular = den <= 0
     massless = num <= tiny * jnp.sum(W**2)
     terms = jnp.where(singular, jnp.where(massless, 0.0, jnp.inf), num / jnp.where(singular, 1.0, den))
@@ -221,15 +222,42 @@ def scale_exponent(Z):
     return jnp.where(jnp.abs(e) <= maxexp // 4, 0, jnp.maximum(e, 2 - maxexp))
 
 
+#: Singular values below ``ZERO_RTOL_FACTOR * sqrt(k eps) * s_max`` count as zero in :func:`_svd_map`
+#: (k = min(m, d), the Gram matrix's size): see :func:`zero_threshold`.
+ZERO_RTOL_FACTOR = 1.0
+
+
+def zero_threshold(s_max, k, dtype):
+    """The singular value below which the Gram route of :func:`_gram_eigh` cannot tell ``s`` from 0.
+
+    ``eigh`` of the (k, k) Gram matrix ``Z^T Z`` is backward stable: its eigenvalues carry an absolute
+    error of about ``c k eps s_max^2`` with c of order one (the Gram itself is formed with a relative
+    error of a few ``eps`` per entry: XLA's reductions are blocked, not one running sum of m terms), so a
+    computed ``s = sqrt(lambda)`` below ``sqrt(c k eps) s_max`` is noise: its own error is as large
+    as itself. The threshold is ``ZERO_RTOL_FACTOR * sqrt(k eps) * s_max`` (c = 1): relative to
+    ``s_max`` and independent of m. At k = 5 that is ~3.3e-8 s_max in float64 and ~7.7e-4 s_max in
+    float32. (The former threshold ``eps s_max max(m, d)`` grew with m and reached ~0.12 s_max in
+    float32 at m = 10^6, discarding real directions.) Dropping the directions below it changes
+    ``Z -> U fn(s) V^T`` by at most ``C sqrt(k)`` times the threshold (``fn(s) <= C s``), the size of
+    the Gram route's own error there, and keeps noise singular values (~``sqrt(eps) s_max`` each) out
+    of ``||W||_*`` when the shrinkage is too weak to remove them.
+    """
+    info = jnp.finfo(dtype)
+    return ZERO_RTOL_FACTOR * jnp.sqrt(jnp.asarray(k * info.eps, dtype)) * jnp.maximum(s_max, info.tiny)
+
+
 def _svd_map(Z, fn):
     """Apply ``fn`` to the singular values of ``Z``; returns (result, new singular values, old ones).
 
     ``fn`` must map 0 to 0 and satisfy ``0 <= fn(s) <= C s`` (true of the shrinkages used here), so
     that ``Z -> U diag(fn(s)) V^T = Z V diag(fn(s)/s) V^T`` needs only the Gram eigenvectors.
+    Singular values below :func:`zero_threshold` (relative to ``s_max``, never growing with m) count
+    as zero: they and their images are returned as 0 and their directions are dropped.
     """
     s, Q = _gram_eigh(Z)
+    tiny = zero_threshold(s[0], min(Z.shape), s.dtype)
+    s = jnp.where(s > tiny, s, 0.0)
     t = fn(s)
-    tiny = jnp.finfo(s.dtype).eps * jnp.maximum(s[0], jnp.finfo(s.dtype).tiny) * max(Z.shape)
     ratio = jnp.where(s > tiny, t / jnp.where(s > tiny, s, 1.0), 0.0)
     M = (Q * ratio) @ Q.T
     out = Z @ M if Z.shape[0] >= Z.shape[1] else M @ Z
@@ -243,7 +271,16 @@ def singular_values(Z):
     so singular values that should be zero come out near ``sqrt(eps) * s_max`` (~1e-8 relative in
     float64), which overstates ``||Z||_*`` of a low-rank ``Z`` (the usual case at the optimum of J)
     by a few 1e-9. The prox maps, which only need ``Z`` mapped through a shrinkage, keep the Gram route.
+
+    A tall ``Z`` (m > d) is first reduced to the (d, d) ``R`` of its Householder QR (backward stable,
+    so the singular values are as accurate as a direct SVD's): ``jnp.linalg.svd(Z, compute_uv=False)``
+    of an (m, d) array allocates an (m, m) buffer in XLA's CPU lowering (80 GB at m = 10^5).
     """
+    m, d = Z.shape
+    if m > d:
+        Z = jnp.linalg.qr(Z, mode="r")
+    elif d > m:
+        Z = jnp.linalg.qr(Z.T, mode="r")
     return jnp.linalg.svd(Z, compute_uv=False)
 
 
