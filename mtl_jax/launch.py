@@ -42,6 +42,12 @@ one process per GPU, give each process its devices (``CUDA_VISIBLE_DEVICES`` or
 default and needs nothing here; on CPUs gloo is used (``JAX_CPU_COLLECTIVES_IMPLEMENTATION=mpi``
 in the environment chooses MPI instead).
 
+A worker program: ``initialize()`` first, then the work, then ``exit_worker(code)`` (or the whole
+thing as ``run_worker(main)``): a worker that fails must end at once rather than wait, in JAX's
+shutdown barrier at exit, for the others to finish (an uncaught exception is handled so by
+:func:`initialize`; a plain ``sys.exit(2)`` is not). JAX's preemption service, which would catch
+SIGTERM, is turned off, so stopping a worker takes no grace period even inside a collective.
+
 Inside a worker, a global array is built from each process's rows with
 ``jax.make_array_from_process_local_data(sharding, local_rows, global_shape)`` and brought back whole
 with ``jax.experimental.multihost_utils.process_allgather(array, tiled=True)`` (see :func:`selftest`).
@@ -134,7 +140,10 @@ def initialize(process_id: int | None = None, num_processes: int | None = None, 
     if jax.distributed.is_initialized():
         return jax.process_index(), jax.process_count()
     if not preemption_service:
-        jax.config.update("jax_enable_preemption_service", False)
+        try:
+            jax.config.update("jax_enable_preemption_service", False)
+        except (AttributeError, KeyError, ValueError):   # a JAX without the option
+            pass
     if not os.environ.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION"):
         # The CPU client's cross-process collectives; GPU clients keep their own (NCCL).
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -129,6 +129,8 @@ def test_bad_launch_arguments():
         L.launch([PY, "-c", "pass"], 0)
     with pytest.raises(ValueError, match="timeout"):
         L.launch([PY, "-c", "pass"], 1, timeout=0)
+    with pytest.raises(FileNotFoundError):
+        L.launch(["/nonexistent/mtl-jax-worker"], 2)
 
 
 # ----------------------------------------------------------------------------- launching
