@@ -22,7 +22,11 @@ class FitResult:
 
     Attributes:
       W: (m, d) task weights, row t is task t's model.
-      omega: the task covariance in factored form ``U diag(a) U^T + b (I - U U^T)``.
+      omega: the task covariance in factored form ``U diag(a) U^T + b (I - U U^T)`` (a
+        :class:`~mtl_jax.mtrl.SpectralMatrix`: ``omega.U`` (m, r), ``omega.a`` (r,), ``omega.b`` ();
+        ``omega.apply(M)`` is ``Omega @ M`` in O(m r k) for M (m, k)). Use it at many tasks.
+      Omega: (property) the dense (m, m) Omega, for m up to
+        :data:`mtl_jax.mtrl.DENSE_OMEGA_MAX_TASKS` (20,000); ValueError above (use ``omega``).
       history: per-round :class:`~mtl_jax.solvers.base.HistoryRecord` rows
         (round, objective J, duality gap, bytes communicated, seconds).
       objective: J(W) at the end.
@@ -49,7 +53,21 @@ class FitResult:
 
     @property
     def Omega(self) -> np.ndarray:
-        """The (m, m) task covariance, materialised from :attr:`omega` (O(m^2) memory)."""
+        """The (m, m) task covariance, materialised from :attr:`omega` (O(m^2) memory).
+
+        Raises ValueError when m exceeds :data:`mtl_jax.mtrl.DENSE_OMEGA_MAX_TASKS` (an (m, m) array
+        of 10^5 tasks is 80 GB): use the factors :attr:`omega` instead.
+        """
+        from mtl_jax.mtrl import DENSE_OMEGA_MAX_TASKS
+        m = int(np.shape(self.omega.U)[0])
+        if m > DENSE_OMEGA_MAX_TASKS:
+            gb = m * m * np.dtype(np.asarray(self.omega.U).dtype).itemsize / 1e9
+            raise ValueError(
+                f"Omega: {m} tasks; a dense ({m}, {m}) Omega would take {gb:.3g} GB, above the limit of "
+                f"{DENSE_OMEGA_MAX_TASKS} tasks (mtl_jax.mtrl.DENSE_OMEGA_MAX_TASKS). Use the factors, "
+                f"Omega = U diag(a) U^T + b (I - U U^T): res.omega.U ({m}, r), res.omega.a (r,), res.omega.b; "
+                f"res.omega.apply(M) computes Omega @ M for an ({m}, k) M without forming Omega "
+                f"(res.omega.dense() forces the dense array)")
         return np.asarray(self.omega.dense())
 
     @property

@@ -29,6 +29,9 @@ from mtl_jax.data.sites import feature_sums, margins, sample_weights
 from mtl_jax.losses import Loss, get_loss
 
 DEFAULT_EPS = 1e-8
+#: ``FitResult.Omega`` refuses to materialise a dense (m, m) Omega above this many tasks (3.2 GB in
+#: float64 at 20,000); the factors ``U, a, b`` and :meth:`SpectralMatrix.apply` serve any m.
+DENSE_OMEGA_MAX_TASKS = 20_000
 
 
 # --- factored symmetric matrices ------------------------------------------------------------------
