@@ -244,10 +244,10 @@ def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period():
     assert_all_gone(launcher.pids)
 
 
-def _launcher_in_a_subprocess(join):
+def _launcher_in_a_subprocess(join, tmp):
     """``python -m mtl_jax.launch --processes 2 -- WORKER sleep``, once both workers printed their pids."""
     proc = subprocess.Popen([PY, "-m", "mtl_jax.launch", "--processes", "2", "--grace", "2", "--"]
-                            + worker("sleep", join),
+                            + worker("sleep", join), env=dict(os.environ, TMPDIR=str(tmp)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
     deadline = time.monotonic() + 60
@@ -264,13 +264,14 @@ def _launcher_in_a_subprocess(join):
 @pytest.mark.slow
 @pytest.mark.parametrize("signum, code, message", [(signal.SIGINT, 130, "interrupted"),
                                                    (signal.SIGTERM, 143, "SIGTERM")])
-def test_ctrl_c_or_sigterm_to_the_launcher_stops_all_workers(signum, code, message):
-    proc, pids = _launcher_in_a_subprocess(join=signum == signal.SIGINT)
+def test_ctrl_c_or_sigterm_to_the_launcher_stops_all_workers(signum, code, message, tmp_path):
+    proc, pids = _launcher_in_a_subprocess(signum == signal.SIGINT, tmp_path)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
     assert message in err and "all workers stopped" in err
     assert_all_gone(pids)
+    assert not list(tmp_path.iterdir())     # the heartbeat files removed
 
 
 def test_the_launcher_cli_propagates_a_worker_exit_code():
@@ -281,8 +282,8 @@ def test_the_launcher_cli_propagates_a_worker_exit_code():
     assert re.search(r"error: worker 1 \(pid \d+\) exited with code 3; all workers stopped", result.stderr)
 
 
-def test_workers_die_with_a_killed_launcher():
-    proc, pids = _launcher_in_a_subprocess(join=False)
+def test_workers_die_with_a_killed_launcher(tmp_path):
+    proc, pids = _launcher_in_a_subprocess(False, tmp_path)   # (its heartbeat folder stays in tmp_path)
     proc.kill()            # no chance to clean up: the kernel kills the workers (PR_SET_PDEATHSIG)
     proc.communicate(timeout=30)
     deadline = time.monotonic() + 10
