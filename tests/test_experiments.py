@@ -153,3 +153,16 @@ def test_dmtrl_accuracy_quick_writes_every_run_the_table_and_the_figures(tmp_pat
     for name in ("results.md", "errors.png", "omega.png"):
         assert (out / name).stat().st_size > 0
     assert cli.main(["plot", "--results", str(out), "--out", str(tmp_path / "acc.png")]) == 0
+
+
+def test_dmtrl_convergence_quick_writes_runs_tables_and_figures(tmp_path):
+    convergence = load_script("experiments/dmtrl_convergence.py")
+    out = tmp_path / "conv"
+    assert convergence.main(["--quick", "--no-compile-cache", "--out", str(out)]) == 0
+    runs = [store.read_run(p) for p in store.find_runs(out)]
+    assert runs and all(r.kind == "solver" for r in runs)
+    assert any(r.config.get("fit", {}).get("solver") == "dmtrl" for r in runs)
+    assert (out / "results.md").stat().st_size > 0
+    figures = list((out / "figures").glob("*.png"))
+    assert figures and all(f.stat().st_size > 0 for f in figures)
+    assert all(f.with_suffix(".pdf").exists() for f in figures)
