@@ -182,6 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
                      help="do not use the persistent compilation cache (see mtl_jax.enable_compilation_cache)")
     fit.set_defaults(func=cmd_fit)
 
+    # launch
+    launch = commands.add_parser(
+        "launch", formatter_class=raw, help="run a command (fit --solver dmtrl) in N processes on JAX's runtime",
+        description=_para("Start N worker processes on this host, each running 'mtl-jax COMMAND ...' joined by "
+                    "jax.distributed (gloo collectives on CPU, NCCL on GPUs): the DMTRL sites are split over all "
+                    "processes' devices, only the round's vectors cross process boundaries, and process 0 writes "
+                    "the result. A worker that fails, dies or hangs stops all of them with an error naming it; "
+                    "Ctrl-C stops all. Several hosts: run the same command on every host with "
+                    "MTL_JAX_COORDINATOR=host0:port MTL_JAX_NUM_PROCESSES=N MTL_JAX_PROCESS_ID=i set by hand "
+                    "(see mtl_jax.launch)."),
+        epilog="example:\n  mtl-jax launch --processes 2 -- fit --data d.npz --lam1 0.1 --lam2 1 --solver dmtrl "
+               "--out runs/two")
+    launch.add_argument("--processes", type=_positive_int, required=True, metavar="N", help="worker processes")
+    launch.add_argument("--timeout", type=_nonneg_float, default=None, metavar="S",
+                        help="stop everything after S seconds (default: no limit)")
+    launch.add_argument("--heartbeat", type=_nonneg_float, default=None, metavar="S",
+                        help="a worker silent for S seconds counts as hung (default: never; DMTRL reports after "
+                             "every chunk of rounds)")
+    launch.add_argument("worker", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                        help="the mtl-jax command every worker runs, after --")
+    launch.set_defaults(func=cmd_launch)
+
     # data
     data = commands.add_parser(
         "data", formatter_class=raw, help="write a data set (School/Exam or synthetic) to .npz or .csv",
@@ -353,6 +375,9 @@ def cmd_fit(args) -> int:
         "resumed_from": resumed_from,
     }
     summary = {"load_seconds": loaded - started, "fit_seconds": fitted - loaded}
+    from mtl_jax.distributed import is_writer
+    if not is_writer():  # a worker of a multi-process run (mtl-jax launch): process 0 writes and reports
+        return 0
     store.write_fit(out, res, config=config, arrays=arrays, summary=summary, started=started_at)
 
     how = f"dmtrl ({res.config.get('scheme', 'joint')} scheme)" if args.solver == "dmtrl" \
@@ -384,6 +409,26 @@ def _dmtrl_options(args) -> dict:
     if args.solver == "centralized" and args.method is None:
         args.method = "apg"  # recorded in the manifest as used
     return given
+
+
+# ----------------------------------------------------------------------------- launch
+
+def cmd_launch(args) -> int:
+    from mtl_jax import launch
+
+    worker = list(args.worker)
+    if worker and worker[0] == "--":
+        worker = worker[1:]
+    if not worker:
+        raise CLIError("launch: give the command the workers run after --, e.g. -- fit --data ... --solver dmtrl")
+    if worker[0] == "launch":
+        raise CLIError("launch: the workers' command cannot be launch itself")
+    try:
+        return launch.launch([sys.executable, "-m", "mtl_jax", *worker], args.processes, timeout=args.timeout,
+                             heartbeat=args.heartbeat or None)
+    except launch.LaunchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return int(e.exit_code) or 1
 
 
 # ----------------------------------------------------------------------------- data
@@ -619,6 +664,9 @@ def main(argv=None) -> int:
     library are printed as ``error: ...`` on stderr and give exit code 2. Note that ``fit``
     (without ``--float32``) turns on ``jax_enable_x64`` for the whole calling process.
     """
+    if os.environ.get("MTL_JAX_NUM_PROCESSES"):  # a worker of mtl-jax launch: join the others first
+        from mtl_jax import launch
+        launch.initialize()
     parser = build_parser()
     try:
         args = parser.parse_args(_attach_negative_numbers(parser, sys.argv[1:] if argv is None else list(argv)))
@@ -639,5 +687,6 @@ def main(argv=None) -> int:
 
 
 def entry_point() -> None:
-    """The ``mtl-jax`` console script."""
-    sys.exit(main())
+    """The ``mtl-jax`` console script (a failing worker of a multi-process run ends at once)."""
+    from mtl_jax.launch import exit_worker
+    exit_worker(main())

@@ -24,8 +24,12 @@ AXIS = "sites"
 
 
 def site_mesh(devices=None) -> Mesh:
-    """A 1-D mesh named ``"sites"`` over ``devices``: None (all local devices), a count, or a list of devices."""
-    local = jax.local_devices()
+    """A 1-D mesh named ``"sites"`` over ``devices``: None (all devices), a count, or a list of devices.
+
+    "All devices" are this process's, or, in a run of several processes joined by
+    :func:`mtl_jax.launch.initialize`, every process's (``jax.devices()``).
+    """
+    local = jax.devices() if jax.process_count() > 1 else jax.local_devices()
     if devices is None:
         chosen = local
     elif isinstance(devices, (int, np.integer)) and not isinstance(devices, bool):
@@ -78,6 +82,20 @@ def shard_sites(sites: Sites, mesh: Mesh) -> Sites:
     counts = jax.device_put(sites.counts, replicated)
     site = None if sites.site is None else jax.device_put(sites.site, NamedSharding(mesh, block_spec(1)))
     return Sites(X, y, mask, counts, index, site)
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly sharded) array as one NumPy array on this host; across processes a collective
+    (``process_allgather``), so every process must call it."""
+    if getattr(x, "is_fully_addressable", True) or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def is_writer() -> bool:
+    """Whether this process writes results (process 0 of a multi-process run; always true otherwise)."""
+    return jax.process_index() == 0
 
 
 def map_blocks(fn, mesh: Mesh | None, num_batched: int):

@@ -57,6 +57,7 @@ import numpy as np
 
 from mtl_jax import distributed, names
 from mtl_jax.data.sites import Sites, feature_sums, margins, per_block, sample_weights, site_sums
+from mtl_jax.launch import heartbeat
 from mtl_jax.losses import Loss, get_loss
 from mtl_jax.mtrl import (
     DEFAULT_EPS,
@@ -700,6 +701,8 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     seed = jnp.asarray(o["seed"], jnp.uint32)
     K = sites.num_blocks
     mesh = o["mesh"] if o["mesh"].devices.size > 1 else None
+    path = o["checkpoint"]
+    fingerprint = None if path is None else _fingerprint(sites, params, systems, o, loss_.name, q_rule)
     if mesh is not None:  # empty sites for an even split; the per-site arrays grow with them
         sites, systems, alpha0, omega0 = _spread(mesh, sites, systems, alpha0, omega0)
 
@@ -707,10 +710,8 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     init_args = (sites, params, alpha0, seed, omega0)
     init, c_init = compiled(init_program, init_args, static)
     state = init(*init_args)
-    path = o["checkpoint"]
     chunk = o["checkpoint_every"] if path is not None else max_rounds
     history = [_start_record(state)]
-    fingerprint = None if path is None else _fingerprint(sites, params, systems, o, loss_.name, q_rule)
     if path is not None and os.path.exists(path):
         state, history = load_checkpoint(path, state, fingerprint)
     itemsize = np.dtype(dtype).itemsize
@@ -734,9 +735,11 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
         done = bool(out.converged) or int(out.rounds) < int(args[4])
         if path is not None:
             save_checkpoint(path, state, history, fingerprint)
+        heartbeat()
     converged_ = bool(converged(state, params, fixed))
-    W = np.asarray(state.W)[:m]
-    return SolveOutput(W, numpy_tree(omega_factored(W, params.eps)), np.asarray(state.alpha)[:K], tuple(history),
+    W = distributed.to_host(state.W)[:m]
+    alpha = distributed.to_host(state.alpha)[:K]
+    return SolveOutput(W, numpy_tree(omega_factored(W, params.eps)), alpha, tuple(history),
                        float(state.objective), float(state.gap), converged_, len(history) - 1, c_init + c_run,
                        solve_seconds)
 
@@ -812,8 +815,10 @@ def save_checkpoint(path, state: DMTRLState, history, fingerprint: str) -> None:
     (:func:`mtl_jax.data.io.atomic_write`). Arrays only: read back without pickle.
     """
     from mtl_jax.data.io import atomic_write
-    arrays = {f"state_{k}": np.asarray(v) for k, v in state._asdict().items() if k != "omega"}
-    arrays.update({f"state_omega_{k}": np.asarray(v) for k, v in state.omega._asdict().items()})
+    arrays = {f"state_{k}": distributed.to_host(v) for k, v in state._asdict().items() if k != "omega"}
+    arrays.update({f"state_omega_{k}": distributed.to_host(v) for k, v in state.omega._asdict().items()})
+    if not distributed.is_writer():  # every process gathers (a collective); process 0 writes
+        return
     rows = np.array([tuple(r) for r in history], dtype=np.float64)
     arrays.update(history=rows, format=np.array(CHECKPOINT_FORMAT), fingerprint=np.array(fingerprint))
     with atomic_write(path, "wb") as f:
