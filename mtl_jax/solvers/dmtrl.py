@@ -458,7 +458,7 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     """
     loss_ = get_loss(loss)
     dtype = sites.X.dtype
-    m, d = sites.num_sites, sites.dim
+    d = sites.dim
     omega, q, W, since = state.omega, state.q, state.W, state.since_omega
     omega_step = jnp.zeros((), bool)
     if scheme == "alternating":
