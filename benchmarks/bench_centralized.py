@@ -37,7 +37,7 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from common import fresh_process, machine_line, peak_rss_gib  # noqa: E402
+from common import fresh_process, machine_line, median_time, peak_rss_gib  # noqa: E402
 from numpy_apg import numpy_apg_squared  # noqa: E402
 
 import mtl_jax  # noqa: E402
@@ -48,15 +48,6 @@ from mtl_jax.solvers import base, centralized  # noqa: E402
 from mtl_jax.solvers.apg import primal_lipschitz  # noqa: E402
 
 LAM1, LAM2 = 0.1, 1.0
-
-
-def median_time(fn, reps):
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def numpy_time(fn, reps):

@@ -36,6 +36,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from common import fresh_process, machine_line  # noqa: E402
+from common import median_time as _median_time  # noqa: E402
 
 import mtl_jax  # noqa: E402
 import mtl_jax.mtrl  # noqa: E402
@@ -44,18 +45,11 @@ from mtl_jax.data.synthetic import make_clustered_tasks  # noqa: E402
 from mtl_jax.losses import get_loss  # noqa: E402
 from mtl_jax.solvers import base, dmtrl  # noqa: E402
 
+median_time = partial(_median_time, warm=True)
+
 LAM1, LAM2 = 0.1, 1.0
 Q_RULES = ("lambda_max", "gershgorin", "paper", "factored")
 
-
-def median_time(fn, reps):
-    fn()  # warm
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 # --- a. one vmapped round vs a loop over sites -----------------------------------------------------------

@@ -45,3 +45,19 @@ def fresh_process(script: str, key: str, cache_dir: str | None = None) -> dict:
     if out.returncode != 0:
         raise RuntimeError(f"fresh process for {key!r} failed ({out.returncode}): {out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_time(fn, reps: int, *, warm: bool = False) -> float:
+    """Median wall seconds of ``reps`` calls of ``fn`` (after one unmeasured call when ``warm``)."""
+    import time
+
+    import numpy as np
+
+    if warm:
+        fn()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
