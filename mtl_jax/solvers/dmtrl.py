@@ -857,3 +857,7 @@ def load_checkpoint(path, like: DMTRLState, fingerprint: str):
     history = [RoundRecord(*(t(v) for t, v in zip(types, row))) for row in rows]
     return state, history
 
+
+
+#: The optimistix-style name of the whole solve (``init_state``, ``round_step``, ``run``).
+run = solve

@@ -68,3 +68,12 @@ def test_checkpoint_options_are_checked(sites, tmp_path):
         dmtrl.solve(sites, checkpoint=str(tmp_path / "missing" / "c.npz"), **KW)
     with pytest.raises(ValueError, match="^checkpoint_every"):
         dmtrl.solve(sites, checkpoint=str(tmp_path / "c.npz"), checkpoint_every=0, **KW)
+
+
+def test_new_probabilities_hyper_parameters_and_seeds_do_not_compile_again(sites):
+    from mtl_jax.solvers import base
+    dmtrl.run(sites, max_iter=5, **KW, **SYSTEMS)
+    before = base.cache_info()["compiled"]
+    dmtrl.run(sites, max_iter=5, lam1=0.3, lam2=0.5, loss="hinge", tol=1e-5, dropout_prob=0.6, straggler_prob=0.1,
+              straggler_effort=0.5, min_effort=0.3, seed=9, latency=0.2, bandwidth=1e5, speed=1e3, local_passes=3)
+    assert base.cache_info()["compiled"] == before
