@@ -160,7 +160,7 @@ def child_breakdown(sites, params, state, reps):
     from mtl_jax.data.sites import sample_weights
     from mtl_jax.losses import get_loss
     from mtl_jax.solvers import dmtrl
-    m, n, d = sites.X.shape
+    m, n, _ = sites.X.shape
     loss_ = get_loss("squared")
     c = sample_weights(sites)
     sq = jax.block_until_ready(jnp.sum(sites.X**2, axis=-1))
@@ -287,7 +287,7 @@ def child_collectives(data, P):
 
 
 def part3(m, d, samples, rounds):
-    print(f"\n## 3. 1 vs 2 vs 4 processes on this host (`mtl-jax launch --processes P -- fit ... --solver dmtrl`)\n")
+    print("\n## 3. 1 vs 2 vs 4 processes on this host (`mtl-jax launch --processes P -- fit ... --solver dmtrl`)\n")
     env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")
     env.pop("XLA_FLAGS", None)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
