@@ -183,9 +183,10 @@ def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, stream, *, loss: Loss, cy
     block and pass (``cyclic``: in storage order), updating coordinate ``i`` with the margin
     ``<w + q dv, x_i>`` and curvature ``q ||x_i||^2`` (``Loss.dual_step``).
 
-    How it is laid out, and why: each pass first gathers the blocks' rows in visiting order into a
-    (n, K, d) array, then a ``lax.scan`` makes the n sequential steps, each on all K blocks at once
-    with a contiguous (K, d) slice. A coordinate is visited once per pass, so a step reads its old
+    How it is laid out, and why: the blocks go in tiles of :func:`tile_size` (a ``lax.map``), so that a
+    tile's model and pending change stay in cache. In a tile, each pass first gathers the rows in
+    visiting order into a (n, tile, d) array, then a ``lax.scan`` makes the n sequential steps, each on
+    all the tile's blocks at once with a contiguous (tile, d) slice. A coordinate is visited once per pass, so a step reads its old
     dual from the pass's start and emits its change as a scan output, and the changes are scattered
     back after the pass: the duals are never carried through the steps (carrying them made XLA copy
     the whole (K, n) array at every step). A block's order in pass ``p`` is the argsort of
@@ -201,10 +202,35 @@ def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, stream, *, loss: Loss, cy
     Returns a :class:`LocalUpdate` of (K, ...) arrays.
     """
     K, n, d = X.shape
+    ids = jnp.arange(K) if block_ids is None else block_ids
+    tile = tile_size(K, d, X.dtype)
+    if K < 4 * tile:  # a few tiles cost more than they save (measured: 1,000 sites 8 ms whole, 15 ms in 3 tiles)
+        return _local_tile(X, y, c, mask, sq, alpha, w, q, budget, ids, stream, loss=loss, cyclic=cyclic)
+    # Tiles of blocks one after another: a tile's (tile, d) model and pending change stay in cache through
+    # the n steps of a pass (all K at once stream them from memory at every step; measured 2026-12-01, float32,
+    # n = 100, d = 20: 10,000 sites 196 -> 152 ms, 50,000 sites 874 -> 649 ms per pass).
+    pad = (-K) % tile
+    args = (X, y, c, mask, sq, alpha, w, q, budget, ids)
+    tiles = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape((-1, tile) + a.shape[1:]) for a in args]
+    out = jax.lax.map(lambda t: _local_tile(*t, stream, loss=loss, cyclic=cyclic), tuple(tiles))
+    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:])[:K], out)
+
+
+#: Bytes of a tile's (tile, d) working arrays that :func:`local_sdca` aims for (about an L1/L2 cache's worth).
+TILE_BYTES = 32 << 10
+
+
+def tile_size(K: int, d: int, dtype) -> int:
+    """Blocks per tile of :func:`local_sdca`: ``TILE_BYTES / (d * itemsize)``, at least 8, at most K."""
+    return int(min(K, max(8, TILE_BYTES // (d * jnp.dtype(dtype).itemsize))))
+
+
+def _local_tile(X, y, c, mask, sq, alpha, w, q, budget, ids, stream, *, loss: Loss, cyclic: bool) -> LocalUpdate:
+    """:func:`local_sdca` on one tile of K blocks at once (arguments as there)."""
+    K, n, d = X.shape
     safe_c = jnp.where(mask > 0, c, 1.0)
     passes = jnp.max((budget + n - 1) // n)
     blocks = jnp.arange(K)[None, :]
-    ids = jnp.arange(K) if block_ids is None else block_ids
 
     def one_pass(p, carry):
         alpha, dv, steps = carry
