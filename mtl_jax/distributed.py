@@ -98,6 +98,66 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
+def process_sites(X, y, task, mesh: Mesh, *, num_tasks=None, loss=None) -> tuple[Sites, int]:
+    """Global :class:`Sites` (padded layout) over ``mesh``, each process reading only its own sites' rows.
+
+    ``task`` (N,) is read whole (it says which rows belong to which site); ``X`` (N, d) and ``y`` (N,) are
+    anything that supports ``a[rows]`` with a sorted integer array, e.g. the memory maps of
+    :func:`mtl_jax.data.io.npz_member_rows`: this process reads the rows of the sites its devices hold and no
+    others. The sites are padded with empty ones to a multiple of the mesh size; each process's rows are
+    checked here (finite numbers; labels for hinge and logistic). Returns ``(sites, m)`` with ``m`` the real
+    number of sites. The same call in every process of a multi-process run (every argument alike).
+    """
+    from mtl_jax.data.sites import pack_sites
+    from mtl_jax.validation import validate_dataset
+
+    task = np.asarray(task)
+    m = int(task.max()) + 1 if num_tasks is None else int(num_tasks)
+    counts = np.bincount(task, minlength=m)
+    if np.any(counts == 0):
+        raise ValueError(f"task: every task needs at least one sample; none for {np.flatnonzero(counts == 0)[:5]}")
+    D = mesh.devices.size
+    m_pad = -(-m // D) * D
+    n_max, d = int(counts.max()), int(X.shape[1])
+    sharding = NamedSharding(mesh, block_spec(3))
+    index_map = sharding.addressable_devices_indices_map((m_pad, n_max, d))
+    spans = sorted({(sl[0].start or 0, m_pad if sl[0].stop is None else sl[0].stop) for sl in index_map.values()})
+    mine = np.concatenate([np.arange(lo, hi) for lo, hi in spans])
+    real = mine[mine < m]
+    order = np.argsort(task, kind="stable")
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rows = np.concatenate([order[starts[t]:starts[t + 1]] for t in real]) if real.size else np.zeros(0, np.int64)
+    sorted_rows = np.sort(rows)
+    X_own = np.asarray(X[sorted_rows])
+    y_own = np.asarray(y[sorted_rows])
+    local_task = np.searchsorted(real, task[sorted_rows])
+    X_own, y_own, local_task, _ = validate_dataset(X_own, y_own, local_task, loss=loss, num_tasks=real.size)
+    local = pack_sites(X_own, y_own, local_task, real.size, n_max, layout="padded")
+    empty = mine.size - real.size
+
+    def blocks(a, fill=0):
+        a = np.asarray(a)
+        return np.concatenate([a, np.full((empty,) + a.shape[1:], fill, a.dtype)])
+
+    index = np.asarray(local.index)
+    index = np.where(index >= 0, sorted_rows[np.maximum(index, 0)], -1)  # global row ids
+    arrays = [blocks(local.X), blocks(local.y), blocks(local.mask), blocks(index, -1)]
+    shapes = [(m_pad, n_max, d), (m_pad, n_max), (m_pad, n_max), (m_pad, n_max)]
+    X_g, y_g, mask_g, index_g = (
+        jax.make_array_from_process_local_data(NamedSharding(mesh, block_spec(len(shape))), a, shape)
+        for a, shape in zip(arrays, shapes))
+    all_counts = np.concatenate([counts, np.zeros(m_pad - m, counts.dtype)])
+    counts_g = jax.device_put(all_counts.astype(np.asarray(local.counts).dtype), NamedSharding(mesh, PartitionSpec()))
+    return Sites(X_g, y_g, mask_g, counts_g, index_g), m
+
+
+def is_spread(sites: Sites, mesh: Mesh) -> bool:
+    """Whether ``sites`` already lie over ``mesh`` as :func:`shard_sites` or :func:`process_sites` place them."""
+    sharding = getattr(sites.X, "sharding", None)
+    return (isinstance(sharding, NamedSharding) and sharding.mesh.devices.size == mesh.devices.size
+            and sites.num_blocks % mesh.devices.size == 0 and sharding.spec[:1] == (AXIS,))
+
+
 def map_blocks(fn, mesh: Mesh | None, num_batched: int):
     """``fn`` over blocks, split over the mesh: the first ``num_batched`` arguments are per-block arrays
     (leading axis over ``"sites"``), the rest are replicated; the outputs are per-block. ``mesh=None``: ``fn``.

@@ -229,3 +229,39 @@ def _is_float(s: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def npz_member_rows(path, name):
+    """Array ``name`` of the ``.npz`` at ``path`` for reading some rows: a read-only memory map when the member
+    is stored uncompressed (``np.savez``, ``save_npz``), so that ``a[rows]`` reads those rows from disk only.
+
+    A compressed member (``np.savez_compressed``) cannot be mapped; it is read whole (still without pickle).
+    Raises FileNotFoundError, or ValueError for a missing member or an array of Python objects.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    member = name + ".npy"
+    with zipfile.ZipFile(path) as z:
+        try:
+            info = z.getinfo(member)
+        except KeyError:
+            raise ValueError(f"{path}: has no array {name!r}") from None
+        stored = info.compress_type == zipfile.ZIP_STORED
+    if not stored:
+        return read_npz(path, [name])[name]
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        local = f.read(30)
+        if local[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path}: not a valid .npz file (bad local header of {member})")
+        name_len, extra_len = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+        f.seek(info.header_offset + 30 + name_len + extra_len)
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+            np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        if dtype.hasobject:
+            raise ValueError(f"{path}: array {name!r} holds Python objects, which only pickle could load")
+        offset = f.tell()
+    return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")

@@ -715,6 +715,7 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     systems = Systems(jnp.asarray(o["local_passes"], jnp.int32),
                       *(jnp.asarray(o[k], dtype) for k in ("min_effort", "straggler_prob", "straggler_effort",
                                                              "dropout_prob", "speed", "latency", "bandwidth")))
+    given_alpha = alpha0 is not None or W0 is not None
     if alpha0 is not None:
         alpha0 = jnp.asarray(alpha0, dtype)
     elif W0 is not None:
@@ -729,7 +730,13 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     mesh = o["mesh"] if o["mesh"].devices.size > 1 else None
     path = o["checkpoint"]
     fingerprint = None if path is None else _fingerprint(sites, params, systems, o, loss_.name, q_rule)
-    if mesh is not None:  # empty sites for an even split; the per-site arrays grow with them
+    if mesh is not None and distributed.is_spread(sites, mesh):  # placed by the caller (process_sites)
+        m = int(np.sum(distributed.to_host(sites.counts) > 0))
+        K = m if sites.site is None else K
+        if given_alpha:
+            raise ValueError("alpha0, W0: warm starts are not supported for sites placed by process_sites yet")
+        alpha0 = jnp.zeros_like(sites.y)
+    elif mesh is not None:  # empty sites for an even split; the per-site arrays grow with them
         sites, systems, alpha0, omega0 = _spread(mesh, sites, systems, alpha0, omega0)
 
     static = dict(loss=loss_.name, scheme=scheme, q_rule=q_rule)
@@ -824,9 +831,9 @@ def _fingerprint(sites, params: Params, systems: Systems, options: dict, loss: s
     """What must match for a checkpoint to continue a run: the data, the hyper-parameters, the options."""
     h = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves((sites, params, systems)):
-        a = np.asarray(leaf)
-        h.update(repr((a.shape, str(a.dtype))).encode())
-        h.update(np.ascontiguousarray(a).tobytes())
+        h.update(repr((leaf.shape, str(leaf.dtype))).encode())
+        if getattr(leaf, "is_fully_addressable", True):  # data spread over processes: shapes and counts only
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
     keep = {k: v for k, v in options.items() if k not in ("checkpoint", "checkpoint_every", "mesh", "omega0",
                                                         "devices")}
     h.update(repr(sorted((k, repr(v)) for k, v in keep.items())).encode())
