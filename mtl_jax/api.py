@@ -202,6 +202,34 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
                      alpha=alpha, compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)
 
 
+def fit_sites(sites, num_tasks: int, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, eps=DEFAULT_EPS,
+              **options) -> FitResult:
+    """DMTRL on sites already laid out over the devices (``mtl_jax.distributed.process_sites``): a :class:`FitResult`.
+
+    For multi-process runs in which each process read only its own sites' rows (``fit`` needs the whole
+    data in every process). ``num_tasks`` is the real number of sites (``process_sites`` returns it);
+    ``lam1``, ``lam2``, ``tol``, ``max_iter``, ``eps`` and the DMTRL options as for :func:`fit`. Every process
+    calls it and gets the same result (``W``, ``alpha`` in the input row order, gathered).
+    """
+    from mtl_jax.distributed import site_mesh, to_host
+    lam1, lam2 = validate_lams(lam1, lam2, scalar=True)
+    tol = check_real("tol", tol)
+    if max_iter is not None:
+        max_iter = check_int("max_iter", max_iter, low=1, high=2**31)
+    out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, eps=eps, **options)
+    index = to_host(sites.index)[:out.alpha.shape[0]]
+    alpha = np.zeros(int(np.sum(index >= 0)), dtype=out.alpha.dtype)
+    alpha[index[index >= 0]] = out.alpha[index >= 0]
+    config = dict(lam1=float(lam1), lam2=float(lam2), loss=loss, solver="dmtrl", method=None, tol=float(tol),
+                  max_iter=max_iter, eps=float(eps), num_tasks=int(num_tasks), dim=int(sites.dim),
+                  num_samples=int(alpha.size), **_recordable(options))
+    config.setdefault("scheme", "joint")
+    config["devices"] = int(site_mesh(options.get("devices")).devices.size)
+    return FitResult(W=out.W, omega=out.omega, history=out.history, objective=out.objective, gap=out.gap,
+                     converged=out.converged, iterations=out.iterations, config=config, alpha=alpha,
+                     compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)
+
+
 def _recordable(options: dict) -> dict:
     """Solver options for ``FitResult.config``: per-site arrays as lists, a given Omega as its shape only."""
     out = {}

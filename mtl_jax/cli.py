@@ -319,17 +319,20 @@ def cmd_fit(args) -> int:
 
     if not os.path.isfile(args.data):
         raise CLIError(f"--data {args.data}: " + ("is a directory" if os.path.isdir(args.data) else "no such file"))
+    own_rows = _reads_own_rows(args, W0)
     try:
-        X, y, task = load(args.data, task_column=args.task_column, target_column=args.target_column)
+        X, y, task = _lazy_npz(args.data) if own_rows else load(args.data, task_column=args.task_column,
+                                                                 target_column=args.target_column)
     except OSError as e:
         raise CLIError(f"--data {args.data}: cannot read ({e.strerror or e})") from None
     means = None
     if args.intercept:
-        X = add_intercept(X)
+        X = _WithIntercept(X) if own_rows else add_intercept(X)
     elif args.center:
         X, y, means = center_by_task(X, y, task)
-    X = X.astype(np.float32 if args.float32 else np.float64)
-    y = y.astype(X.dtype)
+    if not own_rows:
+        X = X.astype(np.float32 if args.float32 else np.float64)
+        y = y.astype(X.dtype)
     m, d, n = int(task.max()) + 1, X.shape[1], X.shape[0]
     preprocessing = "intercept" if args.intercept else "center" if args.center else "none"
 
@@ -354,8 +357,16 @@ def cmd_fit(args) -> int:
     loaded = time.perf_counter()
     options = _dmtrl_options(args)
     try:
-        res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, solver=args.solver,
-                          method=args.method, tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0, **options)
+        if own_rows:  # each process reads only its own sites' rows (mtl_jax.distributed.process_sites)
+            from mtl_jax import distributed
+            sites, _ = distributed.process_sites(X, y, task, distributed.site_mesh(), loss=args.loss,
+                                                 dtype=np.float32 if args.float32 else np.float64)
+            res = mtl_jax.api.fit_sites(sites, m, lam1=args.lam1, lam2=args.lam2, loss=args.loss, tol=args.tol,
+                                        max_iter=args.max_iter, **options)
+        else:
+            res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, solver=args.solver,
+                              method=args.method, tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0,
+                              **options)
     except ValueError as e:
         name = str(e).split(":", 1)[0]
         if name in _DMTRL_FLAGS or name in ("method", "solver"):
@@ -370,7 +381,8 @@ def cmd_fit(args) -> int:
         "command": "fit",
         "arguments": {k: v for k, v in vars(args).items() if k != "func"},
         "data": {"path": os.path.abspath(args.data), "num_tasks": m, "dim": d, "num_samples": n,
-                 "preprocessing": preprocessing, "dtype": str(X.dtype)},
+                 "preprocessing": preprocessing, "dtype": "float32" if args.float32 else "float64",
+                 **({"rows_read": "own sites per process"} if own_rows else {})},
         "fit": res.config,
         "resumed_from": resumed_from,
     }
@@ -392,6 +404,44 @@ def cmd_fit(args) -> int:
         print(f"note: not converged to --tol {args.tol:g} within the iteration cap; continue with --resume "
               "(or raise --max-iter)", file=sys.stderr)
     return 0
+
+
+def _reads_own_rows(args, W0) -> bool:
+    """Whether this fit is a launched multi-process DMTRL run that can read only its own sites' rows:
+    ``.npz`` data, no ``--center`` (its means span the data) and no warm start."""
+    import jax
+
+    return (jax.process_count() > 1 and args.solver == "dmtrl" and args.data.lower().endswith(".npz")
+            and not args.center and W0 is None)
+
+
+def _lazy_npz(path):
+    """``X``, ``y`` of an .npz as memory maps (rows read on demand) and ``task`` whole, checked like ``load``."""
+    from mtl_jax.data.io import npz_member_rows
+
+    try:
+        X, y, task = (npz_member_rows(path, name) for name in ("X", "y", "task"))
+    except ValueError as e:
+        raise CLIError(f"--data {path}: {e}") from None
+    task = np.asarray(task)
+    if X.ndim != 2 or y.shape != (X.shape[0],) or task.shape != (X.shape[0],):
+        raise CLIError(f"--data {path}: X (N, d), y (N,) and task (N,) must agree, got {X.shape}, {y.shape}, "
+                       f"{task.shape}")
+    if task.dtype.kind not in "iu" or task.min() < 0:
+        raise CLIError(f"--data {path}: task must hold integer ids >= 0")
+    return X, y, task.astype(np.int64)
+
+
+class _WithIntercept:
+    """Rows of ``X`` with a constant-1 column appended, read on demand (``a[rows]``)."""
+
+    def __init__(self, X):
+        self.X = X
+        self.shape = (X.shape[0], X.shape[1] + 1)
+
+    def __getitem__(self, rows):
+        block = np.asarray(self.X[rows], dtype=np.float64)
+        return np.concatenate([block, np.ones((block.shape[0], 1))], axis=1)
 
 
 _DMTRL_FLAGS = ("scheme", "local_passes", "q", "omega_every", "seed", "straggler_prob", "straggler_effort",

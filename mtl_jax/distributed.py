@@ -98,7 +98,7 @@ def is_writer() -> bool:
     return jax.process_index() == 0
 
 
-def process_sites(X, y, task, mesh: Mesh, *, num_tasks=None, loss=None) -> tuple[Sites, int]:
+def process_sites(X, y, task, mesh: Mesh, *, num_tasks=None, loss=None, dtype=None) -> tuple[Sites, int]:
     """Global :class:`Sites` (padded layout) over ``mesh``, each process reading only its own sites' rows.
 
     ``task`` (N,) is read whole (it says which rows belong to which site); ``X`` (N, d) and ``y`` (N,) are
@@ -106,7 +106,8 @@ def process_sites(X, y, task, mesh: Mesh, *, num_tasks=None, loss=None) -> tuple
     :func:`mtl_jax.data.io.npz_member_rows`: this process reads the rows of the sites its devices hold and no
     others. The sites are padded with empty ones to a multiple of the mesh size; each process's rows are
     checked here (finite numbers; labels for hinge and logistic). Returns ``(sites, m)`` with ``m`` the real
-    number of sites. The same call in every process of a multi-process run (every argument alike).
+    number of sites. ``dtype``: of the rows as computed (default: as read). The same call in every process of
+    a multi-process run (every argument alike).
     """
     from mtl_jax.data.sites import pack_sites
     from mtl_jax.validation import validate_dataset
@@ -128,8 +129,8 @@ def process_sites(X, y, task, mesh: Mesh, *, num_tasks=None, loss=None) -> tuple
     starts = np.concatenate([[0], np.cumsum(counts)])
     rows = np.concatenate([order[starts[t]:starts[t + 1]] for t in real]) if real.size else np.zeros(0, np.int64)
     sorted_rows = np.sort(rows)
-    X_own = np.asarray(X[sorted_rows])
-    y_own = np.asarray(y[sorted_rows])
+    X_own = np.asarray(X[sorted_rows], dtype=dtype)
+    y_own = np.asarray(y[sorted_rows], dtype=X_own.dtype)
     local_task = np.searchsorted(real, task[sorted_rows])
     X_own, y_own, local_task, _ = validate_dataset(X_own, y_own, local_task, loss=loss, num_tasks=real.size)
     local = pack_sites(X_own, y_own, local_task, real.size, n_max, layout="padded")

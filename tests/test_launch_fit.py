@@ -29,6 +29,9 @@ def test_two_launched_processes_write_the_single_process_result(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     run = store.read_run(tmp_path / "two")
     assert run.config["fit"]["devices"] == 2
+    assert run.config["data"]["rows_read"] == "own sites per process"   # each process read its own rows only
+    alpha = run.arrays["alpha"]                                            # duals back in the input row order
+    np.testing.assert_allclose(alpha, expected.alpha, rtol=1e-6, atol=1e-9)
     np.testing.assert_allclose(run.arrays["W"], expected.W, rtol=1e-6, atol=1e-9)
     assert run.summary["iterations"] == expected.iterations
     assert run.columns()["bytes"][-1] == expected.history[-1].bytes
