@@ -715,7 +715,10 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     systems = Systems(jnp.asarray(o["local_passes"], jnp.int32),
                       *(jnp.asarray(o[k], dtype) for k in ("min_effort", "straggler_prob", "straggler_effort",
                                                              "dropout_prob", "speed", "latency", "bandwidth")))
-    given_alpha = alpha0 is not None or W0 is not None
+    mesh = o["mesh"] if o["mesh"].devices.size > 1 else None
+    placed = mesh is not None and distributed.is_spread(sites, mesh)  # by the caller (process_sites)
+    if placed and (alpha0 is not None or W0 is not None):
+        raise ValueError("alpha0, W0: warm starts are not supported for sites placed by process_sites yet")
     if alpha0 is not None:
         alpha0 = jnp.asarray(alpha0, dtype)
     elif W0 is not None:
@@ -727,14 +730,11 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     fixed = scheme == "alternating" and o["omega_every"] == _NEVER and o["omega_tol"] < 0
     seed = jnp.asarray(o["seed"], jnp.uint32)
     K = sites.num_blocks
-    mesh = o["mesh"] if o["mesh"].devices.size > 1 else None
     path = o["checkpoint"]
     fingerprint = None if path is None else _fingerprint(sites, params, systems, o, loss_.name, q_rule)
-    if mesh is not None and distributed.is_spread(sites, mesh):  # placed by the caller (process_sites)
+    if placed:  # count the real sites; the duals start at zero where the data are
         m = int(np.sum(distributed.to_host(sites.counts) > 0))
         K = m if sites.site is None else K
-        if given_alpha:
-            raise ValueError("alpha0, W0: warm starts are not supported for sites placed by process_sites yet")
         alpha0 = jnp.zeros_like(sites.y)
     elif mesh is not None:  # empty sites for an even split; the per-site arrays grow with them
         sites, systems, alpha0, omega0 = _spread(mesh, sites, systems, alpha0, omega0)
