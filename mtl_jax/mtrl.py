@@ -381,16 +381,20 @@ def objective_J(W, sites, *, lam1, lam2, loss: str | Loss = "squared"):
     return empirical_loss(W, sites, loss) + TraceNormSq(lam1, lam2).value(W)
 
 
+def dual_terms(alpha, sites, loss: str | Loss):
+    """``sum_{t,i} -c_t loss*(-alpha_ti / c_t)``: the loss part of the dual objective (padding contributes 0)."""
+    loss = get_loss(loss)
+    safe_c = jnp.where(sites.mask > 0, sample_weights(sites), 1.0)
+    return jnp.sum(sites.mask * loss.dual_term(alpha, sites.y, safe_c))
+
+
 def dual_objective(alpha, sites, reg, loss: str | Loss, V=None):
     """``D(alpha) = sum_{t,i} -c_t loss*(-alpha_ti / c_t) - R*(V)``, ``V_t = sum_i alpha_ti x_ti``.
 
     ``alpha`` (m, n_max) must be dual feasible and zero at padding; pass ``V`` (m, d) when it is
     already known (it saves a pass over the data). Returns (D, W(alpha), R(W(alpha))).
     """
-    loss = get_loss(loss)
-    c = sample_weights(sites)
-    safe_c = jnp.where(sites.mask > 0, c, 1.0)
-    conj = jnp.sum(sites.mask * loss.dual_term(alpha, sites.y, safe_c))
+    conj = dual_terms(alpha, sites, loss)
     V = feature_sums(alpha, sites) if V is None else V
     W, reg_conj, reg_at_W = reg.conjugate(V)
     return conj - reg_conj, W, reg_at_W

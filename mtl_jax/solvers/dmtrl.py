@@ -65,6 +65,7 @@ from mtl_jax.mtrl import (
     SpectralMatrix,
     TraceNormSq,
     as_spectral,
+    dual_terms,
     empirical_loss,
     omega_factored,
 )
@@ -77,6 +78,7 @@ from mtl_jax.solvers.base import (
     numpy_tree,
     register_exportable,
 )
+from mtl_jax.validation import check_int, check_real, check_square_matrix
 
 SCHEMES = names.DMTRL_SCHEMES
 #: ``q_t`` rules of the alternating scheme (the joint scheme always uses ``1 / lam1``).
@@ -375,12 +377,6 @@ def q_values(sigma: SpectralMatrix, rule: str):
 
 # --- certificates ----------------------------------------------------------------------------------------
 
-def _dual_terms(alpha, sites, loss: Loss):
-    c = sample_weights(sites)
-    safe_c = jnp.where(sites.mask > 0, c, 1.0)
-    return jnp.sum(sites.mask * loss.dual_term(alpha, sites.y, safe_c))
-
-
 def server_map(V, omega, params: Params, *, scheme: str):
     """``W`` from ``V``: ``grad R*(V)`` of the squared trace norm (joint) or ``Sigma V`` (alternating).
 
@@ -398,7 +394,7 @@ def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Los
     The dual point ``alpha`` is feasible for J's dual in both schemes, so ``J(W) - D_J(alpha)`` bounds
     ``J(W) - min J`` whatever Omega the alternating scheme is at.
     """
-    conj = _dual_terms(alpha, sites, loss)
+    conj = dual_terms(alpha, sites, loss)
     emp = empirical_loss(W, sites, loss)
     primal = emp + reg_at_W
     dual = conj - reg_conj
@@ -600,7 +596,6 @@ def _per_site(name, value, m, dtype, *, low, integer=False):
 
 
 def _probability(name, value, *, high_open=False):
-    from mtl_jax.validation import check_real
     v = check_real(name, value)
     if v > 1 or (high_open and v >= 1):
         raise ValueError(f"{name}: must be a probability in [0, {'1)' if high_open else '1]'}, got {value!r}")
@@ -609,7 +604,6 @@ def _probability(name, value, *, high_open=False):
 
 def check_dmtrl_options(options: dict, m: int) -> dict:
     """Validate :data:`OPTIONS` for ``m`` sites; returns them with defaults filled in (ValueError naming the option)."""
-    from mtl_jax.validation import check_int, check_real
     check_options(options, OPTIONS, "solver_options")
     o = dict(options)
     scheme = o.setdefault("scheme", "joint")
@@ -667,7 +661,6 @@ def _as_omega(omega0, m, dtype):
         if om.U.ndim != 2 or om.U.shape[0] != m:
             raise ValueError(f"omega0: U must have {m} rows (one per task), got shape {om.U.shape}")
         return om
-    from mtl_jax.validation import check_square_matrix
     M = check_square_matrix("omega0", omega0)
     if M.shape != (m, m):
         raise ValueError(f"omega0: must be ({m}, {m}), got {M.shape}")
