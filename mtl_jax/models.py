@@ -163,6 +163,69 @@ class MultiTaskCNN(nn.Module):
         return TaskHeads(out_dims, self.head_hidden, self.activation, self.param_dtype, name=HEADS)(h)
 
 
+def bag_mean(embedding: jax.Array, ids: jax.Array) -> jax.Array:
+    """(B, e) masked mean of token embeddings: ``embedding`` (V + 1, e), ``ids`` (B, L) integers in 0..V.
+
+    Row b is ``sum_l m_bl embedding[ids_bl] / max(sum_l m_bl, 1)`` with ``m_bl = ids_bl > 0``: padding
+    (id 0) is left out, and a row without tokens gives zeros. Padding rows get no gradient."""
+    mask = ids > 0
+    weights = mask / jnp.maximum(jnp.sum(mask, axis=1, keepdims=True), 1)  # (B, L)
+    vectors = jnp.take(embedding, jnp.where(mask, ids, 0), axis=0)  # (B, L, e)
+    return jnp.einsum("bl,ble->be", weights.astype(vectors.dtype), vectors)
+
+
+class _Table(nn.Module):
+    """An embedding table ``embedding`` (rows, width), entries N(0, 1) (flax's Embed default)."""
+
+    rows: int
+    width: int
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        return self.param("embedding", nn.initializers.normal(stddev=1.0), (self.rows, self.width), self.param_dtype)
+
+
+class EmbeddingBagMLP(nn.Module):
+    """Embedding bag (masked mean of token embeddings) + MLP trunk + one head per task, for text.
+
+    ``x`` (B, L): token ids, 0 = padding (:mod:`mtl_jax.data.text`), as integers or as floats holding
+    integers (the training loop casts inputs to its float dtype; they are rounded back, exact below
+    2^24). Ids above ``vocab_size`` are folded, ``(id - 1) % vocab_size + 1``; negative ids count as
+    padding. Trunk: the embedding table ``shared_embed`` (``embedding`` (vocab_size + 1, embed_dim),
+    row 0 never used), :func:`bag_mean` (B, embed_dim), then Dense(hidden[0]) -> ... -> Dense(hidden[-1])
+    (``shared_0``, ..., ``shared_last``), each followed by ``activation``; then :class:`TaskHeads`.
+    ``out_dims`` as for :class:`MultiTaskMLP`. Returns a tuple of K arrays (B, out_dims[k]).
+    """
+
+    num_tasks: int
+    out_dims: int | tuple[int, ...]
+    vocab_size: int = 2**14
+    embed_dim: int = 64
+    hidden: tuple[int, ...] = (64,)
+    head_hidden: tuple[int, ...] = ()
+    activation: Callable = nn.relu
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        if x.ndim != 2:
+            raise ValueError(f"x: the embedding bag needs token ids of shape (B, L), got {x.shape}")
+        ids = jnp.round(x).astype(jnp.int32) if jnp.issubdtype(x.dtype, jnp.inexact) else x.astype(jnp.int32)
+        ids = jnp.where(ids > 0, (ids - 1) % self.vocab_size + 1, 0)
+        embedding = _Table(self.vocab_size + 1, self.embed_dim, self.param_dtype, name="shared_embed")()
+        h = bag_mean(embedding, ids)
+        for i, width in enumerate(self.hidden):
+            name = SHARED_LAST if i == len(self.hidden) - 1 else f"shared_{i}"
+            h = self.activation(nn.Dense(width, param_dtype=self.param_dtype, name=name)(h))
+        out_dims = _task_out_dims(self.num_tasks, self.out_dims)
+        return TaskHeads(out_dims, self.head_hidden, self.activation, self.param_dtype, name=HEADS)(h)
+
+
+#: The model kinds :func:`make_model` builds.
+MODEL_KINDS = ("mlp", "cnn", "embedding_bag")
+
+
 def make_model(
     kind: str,
     out_dims: Sequence[int],
@@ -171,9 +234,14 @@ def make_model(
     features: Sequence[int] = (16, 32),
     head_hidden: Sequence[int] = (),
     param_dtype: Any = jnp.float32,
+    vocab_size: int = 2**14,
+    embed_dim: int = 64,
 ) -> nn.Module:
-    """Build ``"mlp"`` (:class:`MultiTaskMLP`, trunk widths ``hidden``) or ``"cnn"`` (:class:`MultiTaskCNN`,
-    conv widths ``features``, dense width ``hidden[-1]``) with one head per entry of ``out_dims``."""
+    """Build ``"mlp"`` (:class:`MultiTaskMLP`, trunk widths ``hidden``), ``"cnn"`` (:class:`MultiTaskCNN`,
+    conv widths ``features``, dense width ``hidden[-1]``) or ``"embedding_bag"`` (:class:`EmbeddingBagMLP`,
+    ``vocab_size`` token ids (the tokenizer's ``num_buckets``, default
+    :data:`mtl_jax.data.text.DEFAULT_NUM_BUCKETS` = 2^14), embeddings of width ``embed_dim``, trunk
+    widths ``hidden``) with one head per entry of ``out_dims`` (:data:`MODEL_KINDS`)."""
     out_dims = tuple(int(d) for d in out_dims)
     if not out_dims or any(d < 1 for d in out_dims):
         raise ValueError(f"out_dims: need one positive output size per task, got {out_dims}")
@@ -190,7 +258,12 @@ def make_model(
         if not features or any(f < 1 for f in features):
             raise ValueError(f"features: need at least one positive conv width, got {features}")
         return MultiTaskCNN(len(out_dims), out_dims, features, hidden[-1], head_hidden, param_dtype=param_dtype)
-    raise ValueError(f"kind: unknown model {kind!r}; expected 'mlp' or 'cnn'")
+    if kind == "embedding_bag":
+        vocab_size = check_int("vocab_size", vocab_size, low=1)
+        embed_dim = check_int("embed_dim", embed_dim, low=1)
+        return EmbeddingBagMLP(len(out_dims), out_dims, vocab_size, embed_dim, hidden, head_hidden,
+                               param_dtype=param_dtype)
+    raise ValueError(f"kind: unknown model {kind!r}; expected one of {MODEL_KINDS}")
 
 
 # ----------------------------------------------------------------------------- parameter access

@@ -7,6 +7,7 @@ from .io import atomic_write, load, save_csv, save_npz
 from .school import load_exam
 from .sites import Sites, TaskMeans, add_intercept, center_by_task, from_sites, to_sites
 from .synthetic import cluster_recovery, make_clustered_tasks
+from .text import encode as encode_texts, tokenize, trump_tweets
 from mtl_jax.validation import KNOWN_LOSSES, check_loss, validate_dataset, validate_lams
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "center_by_task",
     "check_loss",
     "cluster_recovery",
+    "encode_texts",
     "from_sites",
     "load",
     "load_exam",
@@ -25,6 +27,8 @@ __all__ = [
     "save_csv",
     "save_npz",
     "to_sites",
+    "tokenize",
+    "trump_tweets",
     "validate_dataset",
     "validate_lams",
 ]

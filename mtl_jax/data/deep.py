@@ -14,6 +14,10 @@ arrays plus a static :class:`TaskSpec`. The layout is the one :mod:`mtl_jax.trai
     TaskSpec.out_dims  (C_k or D_k,) * K  -- classes of a classification task, outputs of a regression task
     TaskSpec.names     human-readable task names
 
+Problems: :func:`multi_digits`, :func:`imbalanced_regression`, :func:`school_multihead` and the text
+problem ``trump_tweets`` (:func:`mtl_jax.data.text.trump_tweets`, also reachable as ``deep.trump_tweets``;
+its inputs are (N, L) int64 token ids).
+
 The arrays are NumPy (float64 inputs, int64 labels); :func:`mtl_jax.training.train` moves them to
 the device once and casts them to the training dtype. The same seed gives the same arrays.
 """
@@ -344,3 +348,16 @@ def school_multihead(
         names=tuple(f"{grouping}={level}" for level in levels),
     )
     return MultiTaskDataset(train=train, test=test, spec=spec)
+
+
+# ----------------------------------------------------------------------------- (d) a real text task
+
+
+def __getattr__(name: str):
+    """``deep.trump_tweets``: the tweets text problem, defined in :mod:`mtl_jax.data.text` (which builds on
+    this module) and imported on first use (PEP 562), so either module can be imported first."""
+    if name == "trump_tweets":
+        from mtl_jax.data.text import trump_tweets
+
+        return trump_tweets
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
