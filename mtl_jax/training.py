@@ -60,7 +60,7 @@ from mtl_jax.models import (
 )
 from mtl_jax.validation import check_int, check_real
 
-_SUPPORTED_EXTRAS = ("grad_norms",)
+_SUPPORTED_EXTRAS = ("grad_norms", "epoch_end")
 _OPTIMIZERS = ("adam", "sgd")
 _DTYPES = ("float32", "float64")
 _SEED_LIMIT = 2**31  # seeds go through int32 arrays (vmapped over seeds)
@@ -103,6 +103,10 @@ class StepMetrics(NamedTuple):
         or None when the scheme does not need them
     present: (K,) bool, the task has at least one sample in the batch (an absent task's loss is 0
         and its term in ``total_loss`` is 0; the scheme is told, see :mod:`mtl_jax.weighting`)
+    epoch_end: () bool, this step is the last of an epoch (:func:`make_train_step`; passed to a scheme
+        that needs ``epoch_end``)
+    losses_after: (K,) the same batch's task losses at the updated parameters, passed to the scheme's
+        ``after_step`` (famo), or None when the scheme has none
 
     After a run has diverged (:class:`TrainState` ``diverged_at``), the steps after the diverged one
     record NaN in every float field and False in ``present``: no step was taken.
@@ -114,6 +118,8 @@ class StepMetrics(NamedTuple):
     regulariser: jax.Array
     grad_norms: jax.Array | None
     present: jax.Array
+    epoch_end: jax.Array | None = None
+    losses_after: jax.Array | None = None
 
 
 class TestMetrics(NamedTuple):
@@ -279,6 +285,7 @@ def make_train_step(
     stratify: bool = False,
     mtrl: MTRLCoupling | None = None,
     freeze_on_divergence: bool = True,
+    steps_per_epoch: int | None = None,
 ) -> Callable[[TrainState, Split], tuple[TrainState, StepMetrics]]:
     """A pure, jitted ``step(state, data) -> (state, StepMetrics)``.
 
@@ -290,11 +297,17 @@ def make_train_step(
       3. if the scheme needs ``grad_norms``: ``G_k = ||dL_k / dW_shared||``, W_shared the last shared
          kernel, from the same forward pass (K cotangent passes; under jit only the path from the
          losses back to that kernel is computed);
+         ``epoch_end`` (if the scheme needs it): ``(state.step + 1) % steps_per_epoch == 0``, the
+         last step of an epoch; ``steps_per_epoch`` defaults to ``ceil(N / batch_size)`` for N training
+         rows (1 with ``batch_size=None``): batches are drawn with replacement, so an "epoch" is as many
+         steps as one pass over the data would take;
       4. ``w, scheme_state = scheme.update(L, scheme_state, present=present, **extra)``, ``w``
          stop-gradient'ed; ``present`` (K,) bool marks the tasks with a sample in the batch (an absent
          task's L is 0 with no gradient, and the scheme uses its last observed loss instead);
       5. grads = ``vjp(w)`` = gradient of ``sum_k w_k L_k`` (+ the gradient of the MTRL regulariser
-         ``R(H, Omega)`` with Omega from the state), optax update;
+         ``R(H, Omega)`` with Omega from the state), optax update; if the scheme has an ``after_step``
+         (famo): one more forward pass, the losses ``L'`` (K,) of the same batch at the updated
+         parameters, and ``scheme_state = scheme.after_step(L', scheme_state, present=present)``;
       6. ``step += 1``; with MTRL heads, Omega is recomputed in closed form from the new heads when
          ``step % mtrl.every == 0`` (so after ``n * every`` steps, Omega = omega_update(H(params)));
       7. divergence: if ``L``, the weights or the total loss, or any float leaf of the new state
@@ -318,7 +331,10 @@ def make_train_step(
                          f"({len(kinds)}), got {batch_size}")
     if mtrl is not None:
         mtrl = validate_coupling(mtrl)
+    if steps_per_epoch is not None:
+        steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, low=1)
     wants_grad_norms = "grad_norms" in needs
+    after_step = getattr(scheme, "after_step", None)
 
     @jax.jit
     def step(state: TrainState, data: Split) -> tuple[TrainState, StepMetrics]:
@@ -329,8 +345,12 @@ def make_train_step(
         # A task with no sample in the batch has loss 0/1 = 0 (no gradient); the scheme must not take
         # that 0 for a loss (dwa's ratios would become 0/0), so it is told which tasks are present.
         present = jnp.any(mask, axis=0)
+        per_epoch = steps_per_epoch or (1 if batch_size is None else -(-data.x.shape[0] // batch_size))
+        epoch_end = (state.step + 1) % per_epoch == 0
 
         extra, grad_norms = {}, None
+        if "epoch_end" in needs:
+            extra["epoch_end"] = epoch_end
         if wants_grad_norms:
             # Row k of the identity pulls back dL_k / dparams; only the shared kernel's part is kept,
             # so XLA prunes the rest of the K backward passes.
@@ -356,15 +376,20 @@ def make_train_step(
 
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        losses_after = None
+        if after_step is not None:
+            # The same batch at the updated parameters (one forward pass, no gradient): famo's loss change.
+            losses_after = jax.lax.stop_gradient(task_losses(model, params, x, ys, mask, kinds)).astype(losses.dtype)
+            scheme_state = after_step(losses_after, scheme_state, present=present)
         step_count = state.step + 1
         omega = None
         if mtrl is not None:
             omega = refresh_omega(params, state.omega, step_count, mtrl.every, mtrl.eps)
 
-        metrics = StepMetrics(losses, weights, total, regulariser, grad_norms, present)
+        metrics = StepMetrics(losses, weights, total, regulariser, grad_norms, present, epoch_end, losses_after)
         new_state = TrainState(params, opt_state, scheme_state, omega, step_count, key, state.diverged_at)
 
-        finite = _all_finite((losses, weights, total, new_state))
+        finite = _all_finite((losses, weights, total, losses_after, new_state))
         was_diverged = state.diverged_at >= 0
         diverged_at = jnp.where(was_diverged | finite, state.diverged_at, state.step).astype(jnp.int32)
         new_state = new_state._replace(diverged_at=diverged_at)
@@ -438,13 +463,20 @@ class TrainConfig:
 
     model: ``"mlp"`` (trunk widths ``hidden``) or ``"cnn"`` (conv widths ``features``, dense width
         ``hidden[-1]``); ``head_hidden``: hidden widths inside each task head (default: linear heads).
-    optimizer: ``"adam"`` or ``"sgd"``, with ``learning_rate``.
+    optimizer: ``"adam"`` or ``"sgd"``, with ``learning_rate``; max_grad_norm: None, or clip the model's
+        gradient (of the weighted total) to this global norm before the optimizer
+        (``optax.clip_by_global_norm``; FAMO's official code clips, see :func:`mtl_jax.weighting.famo`).
     steps: optimiser steps T; batch_size: samples per step (None: full batch); stratify: draw
         ``batch_size // K`` rows per task from its own rows (:func:`draw_batch`), for tasks on disjoint
         samples such as :func:`~mtl_jax.data.deep.school_multihead`.
+    steps_per_epoch: the steps that make an epoch for the schemes that work per epoch (dwa, gradnorm's
+        ``L(0)``); None: ``ceil(N_train / batch_size)`` (:func:`make_train_step`).
     scheme: a name of :data:`mtl_jax.weighting.SCHEMES`; scheme_kwargs: its keyword arguments (a dict
-        or pairs; stored as sorted pairs so the config is hashable). For ``"uncertainty"`` the
-        log-variances use Adam with the model's ``learning_rate`` unless ``learning_rate`` is given.
+        or pairs; stored as sorted pairs so the config is hashable). For ``"uncertainty"``, unless
+        given in ``scheme_kwargs``: the log-variances are stepped by the model's optimizer (``"adam"``
+        or ``"sgd"``, without the clipping) with the model's ``learning_rate`` (or the given
+        ``learning_rate``), and ``kinds`` are the data's task kinds (Kendall's classification form for
+        a classification task) when the scheme is built for data (:meth:`make_scheme` with a spec).
     seed: the seed of :func:`train` (``train_seeds`` takes its own list).
     mtrl: None (independent heads), or a :class:`~mtl_jax.models.MTRLCoupling` (or a dict of its
         fields) coupling the heads by the MTRL regulariser
@@ -466,6 +498,8 @@ class TrainConfig:
     steps: int = 500
     batch_size: int | None = 64
     stratify: bool = False
+    steps_per_epoch: int | None = None
+    max_grad_norm: float | None = None
     scheme: str = "equal"
     scheme_kwargs: tuple[tuple[str, Any], ...] = ()
     seed: int = 0
@@ -508,6 +542,10 @@ class TrainConfig:
             check_int("batch_size", self.batch_size, low=1)
         if not isinstance(self.stratify, (bool, np.bool_)):
             raise ValueError(f"stratify: must be a bool, got {self.stratify!r}")
+        if self.steps_per_epoch is not None:
+            check_int("steps_per_epoch", self.steps_per_epoch, low=1)
+        if self.max_grad_norm is not None:
+            check_real("max_grad_norm", self.max_grad_norm, low=0.0, strict=True)
         if self.scheme not in weighting_lib.SCHEMES:
             raise ValueError(f"scheme: must be one of {weighting_lib.SCHEMES}, got {self.scheme!r}")
         check_int("seed", self.seed, low=0, high=_SEED_LIMIT)
@@ -519,14 +557,27 @@ class TrainConfig:
         """The :class:`~mtl_jax.models.MTRLCoupling` of this config (``self.mtrl``), or None without MTRL heads."""
         return self.mtrl
 
-    def make_scheme(self) -> weighting_lib.Weighting:
+    def make_scheme(self, spec: TaskSpec | None = None) -> weighting_lib.Weighting:
+        """The config's weighting scheme; ``spec``: the data's :class:`~mtl_jax.data.deep.TaskSpec`, which
+        gives ``"uncertainty"`` its per-task ``kinds`` (None: the scheme's default, all regression)."""
         kwargs = dict(self.scheme_kwargs)
-        if self.scheme == "uncertainty" and "optimizer" not in kwargs:
-            kwargs.setdefault("learning_rate", self.learning_rate)
+        if self.scheme == "uncertainty":
+            if "optimizer" not in kwargs:
+                kwargs["optimizer"] = self._base_optimizer(kwargs.pop("learning_rate", self.learning_rate))
+            if spec is not None and "kinds" not in kwargs:
+                kwargs["kinds"] = tuple(spec.kinds)
         return weighting_lib.get(self.scheme, **kwargs)
 
+    def _base_optimizer(self, learning_rate: float) -> optax.GradientTransformation:
+        check_real("learning_rate", learning_rate, low=0.0, strict=True)
+        return optax.adam(learning_rate) if self.optimizer == "adam" else optax.sgd(learning_rate)
+
     def make_optimizer(self) -> optax.GradientTransformation:
-        return optax.adam(self.learning_rate) if self.optimizer == "adam" else optax.sgd(self.learning_rate)
+        """The model's optimizer: ``optimizer`` with ``learning_rate``, after clipping by ``max_grad_norm``."""
+        base = self._base_optimizer(self.learning_rate)
+        if self.max_grad_norm is None:
+            return base
+        return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), base)
 
 
 def to_device(split: Split, spec: TaskSpec, dtype=jnp.float32) -> Split:
@@ -552,7 +603,7 @@ def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.W
     """Model, scheme, optimizer, MTRL coupling and jitted step exactly as :func:`make_run` uses them.
 
     ``scheme``: a :class:`~mtl_jax.weighting.Weighting` used instead of the config's ``scheme`` and
-    ``scheme_kwargs`` (None: ``config.make_scheme()``). With
+    ``scheme_kwargs`` (None: ``config.make_scheme(spec)``). With
     ``data = to_device(dataset.train, spec, config.dtype)`` and
     ``state = init_state(c.model, c.scheme, c.optimizer, jax.random.key(seed), data.x[:1], mtrl=c.mtrl)``,
     ``c.step(state, data)`` is one training step of the run with that seed."""
@@ -562,10 +613,10 @@ def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.W
     model = make_model(config.model, spec.out_dims, hidden=config.hidden, features=config.features,
                        head_hidden=config.head_hidden, param_dtype=jnp.dtype(config.dtype))
     if scheme is None:
-        scheme = config.make_scheme()
+        scheme = config.make_scheme(spec)
     optimizer, mtrl = config.make_optimizer(), config.coupling()
     step = make_train_step(model, scheme, optimizer, spec.kinds, batch_size=config.batch_size,
-                           stratify=config.stratify, mtrl=mtrl)
+                           stratify=config.stratify, mtrl=mtrl, steps_per_epoch=config.steps_per_epoch)
     return Components(model, scheme, optimizer, mtrl, step)
 
 
