@@ -155,3 +155,24 @@ def test_validate_coupling_names_the_field_and_returns_python_numbers():
             models.validate_coupling(models.MTRLCoupling()._replace(**{field: value}), "coupling")
     with pytest.raises(ValueError, match="mtrl:"):
         models.validate_coupling((0.0, 1.0, 10, 1e-8))
+
+
+def test_make_model_embedding_bag_and_its_arguments():
+    """The text model (mtl_jax.data.text): built by name, its arguments checked, token ids (B, L) only.
+    Its forward pass against NumPy is in tests/data/test_text.py."""
+    assert models.MODEL_KINDS == ("mlp", "cnn", "embedding_bag")
+    model = models.make_model("embedding_bag", (3, 1), hidden=(4, 2), vocab_size=10, embed_dim=6)
+    assert isinstance(model, models.EmbeddingBagMLP)
+    assert (model.vocab_size, model.embed_dim, model.hidden, model.out_dims) == (10, 6, (4, 2), (3, 1))
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 7), jnp.int32))["params"]
+    assert shapes["shared_embed"]["embedding"].shape == (11, 6)  # row 0: padding
+    assert shapes[models.SHARED_LAST]["kernel"].shape == (4, 2)
+    assert shapes[models.HEADS]["kernel"].shape == (2, 2, 3)
+    with pytest.raises(ValueError, match="^x:"):
+        jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((2, 7, 1)))
+    with pytest.raises(ValueError, match="^vocab_size:"):
+        models.make_model("embedding_bag", (2,), vocab_size=0)
+    with pytest.raises(ValueError, match="^embed_dim:"):
+        models.make_model("embedding_bag", (2,), embed_dim=1.5)
+    with pytest.raises(ValueError, match="^kind:.*embedding_bag"):
+        models.make_model("rnn", (2,))
