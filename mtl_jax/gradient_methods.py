@@ -197,15 +197,15 @@ def _tol(tol: float, dtype) -> float:
 
 
 def task_orders(key: jax.Array, num_tasks: int) -> jax.Array:
-    """(K, K-1) int32: row ``i`` is a uniformly random order of the tasks other than ``i``.
+    """(K, K-1) int32: row ``i`` is a uniformly random order of the tasks other than ``i`` (the argsort of
+    ``jax.random.uniform(key, (K, K - 1))`` row by row, task ``i`` skipped).
 
     PCGrad and GradVac let task ``i`` meet the other tasks in this order; their ``update`` does
     ``key, sub = jax.random.split(state.key)`` and uses ``task_orders(sub, K)``."""
     k = int(num_tasks)
     if k < 2:
         return jnp.zeros((k, 0), dtype=jnp.int32)
-    keys = jax.random.split(key, k)
-    perms = jax.vmap(lambda kk: jax.random.permutation(kk, k - 1))(keys)        # (K, K-1) of 0..K-2
+    perms = jnp.argsort(jax.random.uniform(key, (k, k - 1)), axis=1)           # (K, K-1) of 0..K-2, uniform
     rows = jnp.arange(k)[:, None]
     return (perms + (perms >= rows)).astype(jnp.int32)                          # skip task i itself
 
@@ -232,11 +232,13 @@ class _SolverInfo(NamedTuple):
     iterations: jax.Array  # () int32
 
 
-def _simplex_minimize(fun: Callable, w0: jax.Array, lipschitz: jax.Array, max_iter: int, tol: float):
+def _simplex_minimize(fun: Callable, w0: jax.Array, lipschitz: jax.Array, max_iter: int, tol: float,
+                      backtrack: bool = True):
     """Minimise a smooth convex ``f`` over the simplex by accelerated projected gradient (FISTA with
     backtracking on the step and gradient-based restart), stopping when the Frank-Wolfe gap is <= ``tol``
     or after ``max_iter`` iterations. ``fun(w) -> (f, grad)``; ``lipschitz`` a first guess of the gradient's
-    Lipschitz constant (doubled while the sufficient-decrease test fails). Returns ``(w, _SolverInfo)``."""
+    Lipschitz constant (doubled while the sufficient-decrease test fails; with ``backtrack=False`` it must be an
+    upper bound and is used as is). Returns ``(w, _SolverInfo)``."""
     dtype = w0.dtype
     slack = 10.0 * jnp.finfo(dtype).eps
 
@@ -260,7 +262,8 @@ def _simplex_minimize(fun: Callable, w0: jax.Array, lipschitz: jax.Array, max_it
             x2, fx2, gx2, ok2 = step(y, fy, gy, L2)
             return (L2, x2, fx2, gx2, ok2, c[5] + 1)
 
-        L, x, fx, gx, _, _ = jax.lax.while_loop(bt_cond, bt_body, (L, x, fx, gx, ok, jnp.zeros((), jnp.int32)))
+        if backtrack:                                      # (static) not needed when ``lipschitz`` is exact
+            L, x, fx, gx, _, _ = jax.lax.while_loop(bt_cond, bt_body, (L, x, fx, gx, ok, jnp.zeros((), jnp.int32)))
         gap = _fw_gap(x, gx)
         t_new = 0.5 * (1.0 + jnp.sqrt(1.0 + 4.0 * t * t))
         y_new = x + ((t - 1.0) / t_new) * (x - x_prev)
@@ -320,7 +323,7 @@ def min_norm_weights(gram: jax.Array, *, solver: str = "projected", max_iter: in
             return jnp.dot(w, Mw), 2.0 * Mw
 
         L = 2.0 * _max_eig(Mn) * (1.0 + 1e-6) + jnp.finfo(Mn.dtype).tiny
-        w, info = _simplex_minimize(fun, w0, L, max_iter, tol)
+        w, info = _simplex_minimize(fun, w0, L, max_iter, tol, backtrack=False)
         return w, info.gap, info.iterations
 
     def fw_body(s):
@@ -450,24 +453,24 @@ def _project_conflicts(M: jax.Array, orders: jax.Array, targets: jax.Array | Non
     All K tasks advance together: at position ``p`` task ``i`` meets ``j = orders[i, p]``. Returns ``C``
     (K, K) and, for GradVac, the (K, K) cosines ``phi[i, j]`` seen when task i met task j (diagonal 0)."""
     k = M.shape[0]
-    rows = jnp.arange(k)
     C = jnp.eye(k, dtype=M.dtype)
     sq = jnp.diagonal(M)
     norms = jnp.sqrt(jnp.maximum(sq, 0.0))
     phis = jnp.zeros((k, k), M.dtype)
     for p in range(orders.shape[1]):                       # K - 1 static steps, no branch on values
         j = orders[:, p]
-        dots = (C @ M)[rows, j]                            # g_i^PC . g_j
+        onehot = jax.nn.one_hot(j, k, dtype=M.dtype)       # (K, K): row i selects task j = orders[i, p]
+        dots = jnp.sum((C @ M) * onehot, axis=1)           # g_i^PC . g_j
         if targets is None:                                # PCGrad: project out the conflict, if any
             coef = jnp.where(dots < 0, -_safe_div(dots, sq[j]), 0.0)
         else:                                              # GradVac: raise cos(g_i^PC, g_j) to its target
             n_i = jnp.sqrt(jnp.maximum(jnp.einsum("im,mn,in->i", C, M, C), 0.0))
             phi = _safe_div(dots, n_i * norms[j])
-            tgt = targets[rows, j]
+            tgt = jnp.sum(targets * onehot, axis=1)
             num = n_i * (tgt * jnp.sqrt(jnp.maximum(1.0 - phi ** 2, 0.0)) - phi * jnp.sqrt(jnp.maximum(1.0 - tgt ** 2, 0.0)))
             coef = jnp.where(phi < tgt, _safe_div(num, norms[j] * jnp.sqrt(jnp.maximum(1.0 - tgt ** 2, 0.0))), 0.0)
-            phis = phis.at[rows, j].set(phi)
-        C = C.at[rows, j].add(coef)
+            phis = phis + phi[:, None] * onehot
+        C = C + coef[:, None] * onehot
     return C, phis
 
 
