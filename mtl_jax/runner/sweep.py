@@ -197,6 +197,9 @@ def parse_grid(spec) -> Grid:
         return spec
     if isinstance(spec, Mapping):
         entries = [(str(k), v, f"{k}={v!r}") for k, v in spec.items()]
+    elif not isinstance(spec, (str, Sequence)):
+        raise ValueError(f"grid: must be a spec string, a list of KEY=VALUES tokens, a dict or a Grid, "
+                         f"got {type(spec).__name__}")
     else:
         tokens = spec.split() if isinstance(spec, str) else [str(t) for t in spec]
         entries = []
@@ -324,7 +327,7 @@ def _program_inputs(sites, loss, method, dtype):
     return loss_.name, dual, W0, alpha0
 
 
-def _solve_path(sites, points, order, *, loss, method, tol, max_iter, eps) -> _Solved:
+def _solve_path(sites, points, order, *, loss, method, tol, max_iter, eps, progress=None) -> _Solved:
     """The points one after another in ``order``, each warm-started from the one before: one program."""
     dtype = sites.X.dtype
     loss_name, dual, W, alpha = _program_inputs(sites, loss, method, dtype)
@@ -347,12 +350,14 @@ def _solve_path(sites, points, order, *, loss, method, tol, max_iter, eps) -> _S
             jax.block_until_ready(res.gap)
             seconds[p] = time.perf_counter() - t0
             outs[p] = (res.W, res.objective, res.gap, res.converged, res.iterations)
+            if progress is not None:
+                progress(1)
     W_all, obj, gap, conv, its = (np.stack([np.asarray(o[i]) for o in outs]) for i in range(5))
     return _Solved(W_all, obj, gap, conv.astype(bool), its.astype(np.int64), seconds, compile_seconds,
                    np.asarray(order))
 
 
-def _solve_batched(sites, points, order, batch_size, *, loss, method, tol, max_iter, eps) -> _Solved:
+def _solve_batched(sites, points, order, batch_size, *, loss, method, tol, max_iter, eps, progress=None) -> _Solved:
     """The points in batches of ``batch_size`` (in ``order``), each batch one call of :func:`batched_program`;
     batch k+1 starts element-wise from batch k's solutions (cold zeros for the first)."""
     dtype = sites.X.dtype
@@ -384,6 +389,8 @@ def _solve_batched(sites, points, order, batch_size, *, loss, method, tol, max_i
             host = [np.asarray(a) for a in (res.W, res.objective, res.gap, res.converged, res.iterations)]
             for k, p in enumerate(ids):
                 results[int(p)] = tuple(a[k] for a in host)
+            if progress is not None:
+                progress(n)
     W_all, obj, gap, conv, its = (np.stack([results[p][i] for p in range(P)]) for i in range(5))
     return _Solved(W_all, obj, gap, conv.astype(bool), its.astype(np.int64), seconds, compile_seconds,
                    np.asarray(order))
@@ -510,7 +517,7 @@ def default_strategy() -> str:
 
 def sweep(X, y, task, grid, *, loss="squared", method="apg", tol=1e-6, max_iter=None, eps=DEFAULT_EPS,
           num_tasks=None, val_fraction=0.2, test_fraction=0.2, strategy="auto", batch_size=None,
-          select_rtol=1e-9, out=None, name=None, config=None) -> SweepResult:
+          select_rtol=1e-9, out=None, name=None, config=None, progress=None) -> SweepResult:
     """Sweep (lam1, lam2) x seeds with the centralized MTRL solver; select per seed on validation.
 
     For each seed s: rows split by :func:`split_by_task` (seed s); at every grid point minimise
@@ -534,6 +541,9 @@ def sweep(X, y, task, grid, *, loss="squared", method="apg", tol=1e-6, max_iter=
         ``val``, ``test``, ``objective``, ``gap``, ``iterations``, ``selected``, ``train_mask``, ``val_mask``,
         ``test_mask``; the summary of :meth:`SweepResult.summary`). name: the run's name (default: folder).
       config: extra entries for the run's config (e.g. the data's path), next to ``"sweep"``.
+      progress: None, or a callable ``progress(done, total)`` called after every point (``"path"``) or
+        batch (``"batched"``) with the points done so far over all seeds and ``total = S * P`` (for a
+        progress bar; the call happens outside the compiled program).
 
     Returns:
       a :class:`SweepResult`.
@@ -559,6 +569,8 @@ def sweep(X, y, task, grid, *, loss="squared", method="apg", tol=1e-6, max_iter=
     if val_fraction + test_fraction >= 1:
         raise ValueError(f"val_fraction: val_fraction + test_fraction must be < 1, got {val_fraction} + {test_fraction}")
     select_rtol = check_real("select_rtol", select_rtol)
+    if progress is not None and not callable(progress):
+        raise ValueError(f"progress: must be None or a callable progress(done, total), got {type(progress).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy: must be one of {STRATEGIES}, got {strategy!r}")
     strategy = default_strategy() if strategy == "auto" else strategy
@@ -577,6 +589,12 @@ def sweep(X, y, task, grid, *, loss="squared", method="apg", tol=1e-6, max_iter=
     compile_seconds = 0.0
     metric = metric_name(loss)
     settings = dict(loss=loss, method=method, tol=tol, max_iter=max_iter, eps=eps)
+    done = [0]
+
+    def advance(n):
+        done[0] += n
+        progress(done[0], S * P)
+
     for k, seed in enumerate(grid.seeds):
         train, val, test = split_by_task(task, seed, val_fraction=val_fraction, test_fraction=test_fraction,
                                          num_tasks=m)
@@ -585,9 +603,10 @@ def sweep(X, y, task, grid, *, loss="squared", method="apg", tol=1e-6, max_iter=
         masks["train"][k], masks["val"][k], masks["test"][k] = train, val, test
         sites = pack_sites(X[train], y[train], task[train], m)
         if strategy == "path":
-            solved = _solve_path(sites, points, order, **settings)
+            solved = _solve_path(sites, points, order, **settings, progress=None if progress is None else advance)
         else:
-            solved = _solve_batched(sites, points, order, P if batch_size is None else batch_size, **settings)
+            solved = _solve_batched(sites, points, order, P if batch_size is None else batch_size, **settings,
+                                    progress=None if progress is None else advance)
         compile_seconds += solved.compile_seconds
         for key in ("W", "objective", "gap", "converged", "iterations", "seconds"):
             fields[key].append(getattr(solved, key))

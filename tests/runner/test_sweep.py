@@ -182,7 +182,10 @@ def test_batched_points_are_frozen_when_converged(data, batched_run):
 
 def test_same_seed_same_numbers_and_seeds_independent(data, path_run):
     X, y, task = data
-    one = sweep(X, y, task, GRID.replace("seeds=2", "seeds=1,"), tol=TIGHT, strategy="path")
+    calls = []
+    one = sweep(X, y, task, GRID.replace("seeds=2", "seeds=1,"), tol=TIGHT, strategy="path",
+                progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(k, 9) for k in range(1, 10)]
     np.testing.assert_array_equal(one.W[0], path_run.W[1])          # seed 1 alone = seed 1 after seed 0
     np.testing.assert_array_equal(one.val[0], path_run.val[1])
     again = sweep(X, y, task, GRID.replace("seeds=2", "seeds=1,"), tol=TIGHT, strategy="path")
@@ -233,11 +236,14 @@ def test_sweep_argument_errors_name_the_argument(data, tmp_path):
     for kwargs, word in [(dict(strategy="gpu"), "strategy"), (dict(batch_size=2, strategy="path"), "batch_size"),
                          (dict(val_fraction=0.5, test_fraction=0.5), "val_fraction"),
                          (dict(method="alternating"), "method"), (dict(tol=-1), "tol"),
-                         (dict(val_fraction=0), "val_fraction"), (dict(eps=2), "eps")]:
+                         (dict(val_fraction=0), "val_fraction"), (dict(eps=2), "eps"),
+                         (dict(progress=3), "progress")]:
         with pytest.raises(ValueError, match=word):
             sweep(X, y, task, g, **kwargs)
     with pytest.raises(ValueError, match="grid: lam2"):
         sweep(X, y, task, "lam1=1")
+    with pytest.raises(ValueError, match="grid: must be"):
+        parse_grid(5)
     with pytest.raises(ValueError, match="not a sweep"):
         store.write_run(tmp_path / "plain", kind="solver", config={"lam1": 1.0})
         read_sweep(tmp_path / "plain")
