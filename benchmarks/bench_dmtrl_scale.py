@@ -10,9 +10,10 @@ round's time goes at m = 10^5, and 1 vs 2 vs 4 launched processes on this host.
    ``jnp.sum(X)`` and NumPy's ``X.sum()``; the faster one counts), floor = bytes / bandwidth and
    fraction = floor / round time. Target (the issue): m = 10^5 at most 0.4 s per round, gap included. Each m
    runs in a fresh process, so its peak resident memory (VmHWM) is its own.
-2. Where the time goes at m = 10^5: ``dmtrl.local_sdca`` alone (random and cyclic order), the gather of X
-   into visiting order that a pass starts with, the pass's multiply-adds done densely (X w and X^T alpha),
-   and the server step with the certificate alone (sums, server map, certificate).
+2. Where the time goes at m = 10^5: ``dmtrl.local_sdca`` alone (random and cyclic order), the data layout of
+   the pass (``dmtrl.sites_rows``, made once per ``run_rounds`` call, so outside the per-round figure), the
+   pass's multiply-adds done densely (X w and X^T alpha), and the server step with the certificate alone
+   (sums, server map, certificate).
 3. 1 vs 2 vs 4 processes on this host: ``python -m mtl_jax launch --processes P -- fit ... --solver dmtrl
    --max-iter 50 --tol 0`` on a synthetic data file (float64, the CLI's default): wall time of the launch
    (python start, imports, compile and solve included), solve seconds per round and compile seconds from the
@@ -135,61 +136,27 @@ def child_round(m, reps, breakdown):
     return res
 
 
-TILE = 250
-
-
-def tiled_local_sdca(X, y, c, mask, sq, alpha, w, q, budget, stream, *, loss, cyclic, tile=TILE):
-    """An idea measured here (not the solver's code): ``dmtrl.local_sdca`` on tiles of ``tile`` sites in turn
-    (``lax.map`` over tiles, the n-step scan inside each), so that a step's (tile, d) slices and the ``dv``
-    carry stay in cache instead of streaming the (m, d) carry through memory at every one of the n steps.
-    The same coordinate steps and orders (a block's order depends on its global id only)."""
-    from mtl_jax.solvers import dmtrl
-    K = X.shape[0]
-    T = K // tile
-    r = lambda a: a.reshape((T, tile) + a.shape[1:])
-
-    def one(xs):
-        *arrays, ids = xs
-        return dmtrl.local_sdca(*arrays, stream, loss=loss, cyclic=cyclic, block_ids=ids)
-
-    out = jax.lax.map(one, tuple(r(a) for a in (X, y, c, mask, sq, alpha, w, q, budget)) + (r(jnp.arange(K)),))
-    return jax.tree_util.tree_map(lambda a: a.reshape((K,) + a.shape[2:]), out)
-
-
 def child_breakdown(sites, params, state, reps):
-    from mtl_jax.data.sites import sample_weights
     from mtl_jax.losses import get_loss
     from mtl_jax.solvers import dmtrl
     m, n, _ = sites.X.shape
     loss_ = get_loss("squared")
-    c = sample_weights(sites)
-    sq = jax.block_until_ready(jnp.sum(sites.X**2, axis=-1))
+    layout = jax.jit(dmtrl.sites_rows)
+    rows = jax.block_until_ready(layout(sites))
     budget = jnp.full((m,), n, jnp.int32)
     stream = dmtrl.round_stream(jnp.uint32(0), 0, 1)
-    args = (sites.X, sites.y, c, sites.mask, sq, state.alpha, state.W, state.q, budget, stream)
-    out = {}
+    args = (rows, state.alpha, state.W, state.q, budget, stream)
+    out = {"tile": int(rows.X.shape[-1])}
     for name, cyclic in (("local_random", False), ("local_cyclic", True)):
         f = jax.jit(partial(dmtrl.local_sdca, loss=loss_, cyclic=cyclic))
         out[name] = median_time(lambda: jax.block_until_ready(f(*args)), reps, warm=True)
-    if m % TILE == 0:
-        ref = jax.jit(partial(dmtrl.local_sdca, loss=loss_, cyclic=False))(*args)
-        f = jax.jit(partial(tiled_local_sdca, loss=loss_, cyclic=False))
-        got = f(*args)
-        out["tiled_random"] = median_time(lambda: jax.block_until_ready(f(*args)), reps, warm=True)
-        out["tiled_diff"] = float(jnp.max(jnp.abs(got.dv - ref.dv)) / jnp.max(jnp.abs(ref.dv)))
-    order = jax.block_until_ready(jax.jit(lambda s: dmtrl.visiting_order(s, 0, jnp.arange(m), n).T)(stream))
-    gather = jax.jit(lambda X, o: X[jnp.arange(m)[None, :], o])  # (n, m, d): what a pass starts with
-    out["gather_random"] = median_time(lambda: jax.block_until_ready(gather(sites.X, order)), reps, warm=True)
-    transpose = jax.jit(lambda X: jnp.swapaxes(X, 0, 1) + 0.0)   # the cyclic pass's (n, m, d) copy
-    out["transpose_copy"] = median_time(lambda: jax.block_until_ready(transpose(sites.X)), reps, warm=True)
+    out["layout"] = median_time(lambda: jax.block_until_ready(layout(sites)), reps, warm=True)
     dense = jax.jit(lambda X, W, a: (jnp.einsum("tnd,td->tn", X, W), jnp.einsum("tnd,tn->td", X, a)))
     out["dense"] = median_time(lambda: jax.block_until_ready(dense(sites.X, state.W, state.alpha)), reps, warm=True)
     server = jax.jit(partial(server_step, loss="squared", scheme="joint"))
     live = jnp.ones((m,), bool)
     out["server"] = median_time(lambda: jax.block_until_ready(server(state, state.alpha, state.V, live, sites,
                                                                       params)), reps, warm=True)
-    out["sq_once"] = median_time(lambda: jax.block_until_ready(jax.jit(lambda X: jnp.sum(X**2, -1))(sites.X)), reps,
-                                 warm=True)
     return out
 
 
@@ -229,16 +196,11 @@ def part2(big):
     print("| piece | s | share of the round |")
     print("|---|---|---|")
     pr = big["per_round"]
-    items = [("local pass, random order (`local_sdca`)", b["local_random"]),
+    items = [(f"local pass, random order (`local_sdca`, tiles of {b['tile']} sites)", b["local_random"]),
              ("local pass, cyclic order", b["local_cyclic"]),
-             ("  of which: gather of X into visiting order (n, m, d), random", b["gather_random"]),
-             ("  of which (cyclic): the (n, m, d) transposed copy", b["transpose_copy"]),
-             *([(f"(idea, not the solver) the random-order pass in tiles of {TILE} sites (lax.map over tiles; "
-                 f"max rel. dv diff vs local_sdca {b['tiled_diff']:.0e})", b["tiled_random"])] if "tiled_random" in b
-               else []),
              ("server step + certificate (sums, server map, J and gap)", b["server"]),
              ("the pass's multiply-adds done densely (X w, X^T alpha)", b["dense"]),
-             ("row norms sq = sum X^2 (once per run_rounds call, not per round)", b["sq_once"]),
+             ("the pass's data layout `dmtrl.sites_rows` (once per run_rounds call, not per round)", b["layout"]),
              ("whole round (part 1)", pr)]
     for name, t in items:
         print(f"| {name} | {t:.3f} | {t / pr:.0%} |")

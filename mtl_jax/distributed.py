@@ -161,14 +161,15 @@ def is_spread(sites: Sites, mesh: Mesh) -> bool:
 
 def map_blocks(fn, mesh: Mesh | None, num_batched: int):
     """``fn`` over blocks, split over the mesh: the first ``num_batched`` arguments are per-block arrays
-    (leading axis over ``"sites"``), the rest are replicated; the outputs are per-block. ``mesh=None``: ``fn``.
+    or pytrees of them (leading axis over ``"sites"``), the rest are replicated; the outputs are per-block. ``mesh=None``: ``fn``.
     """
     if mesh is None or mesh.devices.size == 1:
         return fn
 
     def call(*args):
         batched, rest = args[:num_batched], args[num_batched:]
-        in_specs = tuple(block_spec(jnp.ndim(a)) for a in batched) + tuple(PartitionSpec() for _ in rest)
+        in_specs = tuple(jax.tree_util.tree_map(lambda a: block_spec(jnp.ndim(a)), a) for a in batched) + tuple(
+            PartitionSpec() for _ in rest)
         out_shapes = jax.eval_shape(fn, *args)
         out_specs = jax.tree_util.tree_map(lambda s: block_spec(len(s.shape)), out_shapes)
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)

@@ -176,88 +176,139 @@ class LocalUpdate(NamedTuple):
 
 # --- the site's part ---------------------------------------------------------------------------------
 
-def local_sdca(X, y, c, mask, sq, alpha, w, q, budget, stream, *, loss: Loss, cyclic: bool,
-               block_ids=None) -> LocalUpdate:
-    """SDCA on the local subproblems of a batch of blocks: ``budget`` coordinate steps each, pass after pass.
+class BlockedRows(NamedTuple):
+    """The blocks' rows in the layout of the local pass (:func:`block_rows`): tiles of ``tile`` blocks,
+    slot-major, blocks on the last (fastest) axis. Built once per solve; constant over the rounds.
 
-    Every block works alone (only its own rows, duals, ``w`` and ``q``); the leading axis K is a batch
-    of blocks (``K = 1`` is one site alone). A pass visits each slot once, in a fresh random order per
-    block and pass (``cyclic``: in storage order), updating coordinate ``i`` with the margin
-    ``<w + q dv, x_i>`` and curvature ``q ||x_i||^2`` (``Loss.dual_step``).
-
-    How it is laid out, and why: the blocks go in tiles of :func:`tile_size` (a ``lax.map``), so that a
-    tile's model and pending change stay in cache. In a tile, each pass first gathers the rows in
-    visiting order into a (n, tile, d) array, then a ``lax.scan`` makes the n sequential steps, each on
-    all the tile's blocks at once with a contiguous (tile, d) slice. A coordinate is visited once per pass, so a step reads its old
-    dual from the pass's start and emits its change as a scan output, and the changes are scattered
-    back after the pass: the duals are never carried through the steps (carrying them made XLA copy
-    the whole (K, n) array at every step). A block's order in pass ``p`` is the argsort of
-    :func:`counter_bits` of ``(stream, p, block id, slot)``: it depends on the block's global id only.
-
-    Args:
-      X: (K, n, d) rows; y, c, mask, sq: (K, n) targets, weights ``1/n_t``, real-row mask, ``||x_i||^2``.
-      alpha: (K, n) current duals. w: (K, d) each block's site model. q: (K,) each block's ``q``.
-      budget: (K,) int, coordinate steps to make (``passes * n`` for whole passes; padding slots count).
-      stream: () integer, the round's random stream (:func:`round_stream`); unused when ``cyclic``.
-      block_ids: (K,) global ids of the blocks (default ``0..K-1``), so that a block's order does not
-        depend on which batch or device it is processed in.
-    Returns a :class:`LocalUpdate` of (K, ...) arrays.
+    X: (T, n, d, tile); y, c, mask, sq: (T, n, tile) targets, weights ``1/n_t`` (1 at empty slots), real-row
+    mask, ``||x_i||^2``. Slots of the padding blocks (``T tile - K`` of them) have mask 0.
     """
-    K, n, d = X.shape
-    ids = jnp.arange(K) if block_ids is None else block_ids
-    tile = tile_size(K, d, X.dtype)
-    if K < 4 * tile:  # a few tiles cost more than they save (measured: 1,000 sites 8 ms whole, 15 ms in 3 tiles)
-        return _local_tile(X, y, c, mask, sq, alpha, w, q, budget, ids, stream, loss=loss, cyclic=cyclic)
-    # Tiles of blocks one after another: a tile's (tile, d) model and pending change stay in cache through
-    # the n steps of a pass (all K at once stream them from memory at every step; measured 2026-12-01, float32,
-    # n = 100, d = 20: 10,000 sites 196 -> 152 ms, 50,000 sites 874 -> 649 ms per pass).
-    pad = (-K) % tile
-    args = (X, y, c, mask, sq, alpha, w, q, budget, ids)
-    tiles = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape((-1, tile) + a.shape[1:]) for a in args]
-    out = jax.lax.map(lambda t: _local_tile(*t, stream, loss=loss, cyclic=cyclic), tuple(tiles))
-    return jax.tree_util.tree_map(lambda a: a.reshape((-1,) + a.shape[2:])[:K], out)
+
+    X: jax.Array
+    y: jax.Array
+    c: jax.Array
+    mask: jax.Array
+    sq: jax.Array
 
 
-#: Bytes of a tile's (tile, d) working arrays that :func:`local_sdca` aims for (about an L1/L2 cache's worth).
-TILE_BYTES = 32 << 10
+#: Bytes of a tile's (d, tile) working arrays (its model, its pending change, a row of each block) that
+#: :func:`block_rows` aims for: about a core's L2 cache share.
+TILE_BYTES = 64 << 10
 
 
 def tile_size(K: int, d: int, dtype) -> int:
-    """Blocks per tile of :func:`local_sdca`: ``TILE_BYTES / (d * itemsize)``, at least 8, at most K."""
+    """Blocks per tile of the local pass: ``TILE_BYTES / (d * itemsize)``, at least 8, at most K."""
     return int(min(K, max(8, TILE_BYTES // (d * jnp.dtype(dtype).itemsize))))
 
 
-def _local_tile(X, y, c, mask, sq, alpha, w, q, budget, ids, stream, *, loss: Loss, cyclic: bool) -> LocalUpdate:
-    """:func:`local_sdca` on one tile of K blocks at once (arguments as there)."""
+def _to_tiles(a, tile: int):
+    """(K, ...) -> (T, ..., tile): blocks padded with zeros to a multiple of ``tile``, then moved last."""
+    pad = (-a.shape[0]) % tile
+    a = jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)).reshape((-1, tile) + a.shape[1:])
+    return jnp.moveaxis(a, 1, -1)
+
+
+def _from_tiles(a, K: int):
+    """(T, ..., tile) -> (K, ...): the inverse of :func:`_to_tiles`."""
+    a = jnp.moveaxis(a, -1, 1)
+    return a.reshape((-1,) + a.shape[2:])[:K]
+
+
+def block_rows(X, y, c, mask, sq=None, tile: int | None = None) -> BlockedRows:
+    """The blocks' rows laid out for :func:`local_sdca` (one copy of the data, made once per solve).
+
+    Why this layout: a step of the pass touches slot ``i`` of every block of a tile at once. Slot-major
+    tiles make that a contiguous (d, tile) slab, and with the blocks on the fastest axis the step's
+    products and its sum over the d features are plain vector operations over blocks (with d last, XLA:CPU
+    reduced along a short axis of 20 and copied the rows into visiting order at every pass; measured
+    2026-12-01, m = 20,480, n = 100, d = 20, float32: 3-5x faster per pass).
+
+    Args: X (K, n, d); y, c, mask (K, n); sq (K, n) the rows' squared norms (default: computed here, from the
+    laid-out rows, where the sum over features is a fast vector sum); ``tile`` blocks per tile (default
+    :func:`tile_size`).
+    """
     K, n, d = X.shape
+    tile = tile_size(K, d, X.dtype) if tile is None else int(tile)
     safe_c = jnp.where(mask > 0, c, 1.0)
+    # The barrier keeps XLA from fusing the transposition into each reader (measured 2026-12-01, 1,024 sites:
+    # 110 ms with the fusion, 20 ms without).
+    Xt = jax.lax.optimization_barrier(_to_tiles(X, tile))
+    sq = jnp.sum(Xt * Xt, axis=2) if sq is None else _to_tiles(sq, tile)
+    return BlockedRows(Xt, *(_to_tiles(a, tile) for a in (y, safe_c, mask)), sq)
+
+
+def row_margins(rows: BlockedRows, w):
+    """(K, n) the margins ``<w_k, x_ki>`` of every block's rows from the pass's layout; w: (K, d) block models.
+
+    The certificate's read of the data: in this layout the sum over the d features runs along a slow axis,
+    a plain vector operation over a tile's blocks (the (K, n, d) einsum reduced along a short fast axis).
+    """
+    a = jnp.einsum("tndk,tdk->tnk", rows.X, _to_tiles(w, rows.X.shape[-1]))
+    return _from_tiles(a, w.shape[0])
+
+
+def local_sdca(rows: BlockedRows, alpha, w, q, budget, stream, *, loss: Loss, cyclic: bool) -> LocalUpdate:
+    """SDCA on the local subproblems of a batch of blocks: ``budget`` coordinate steps each, pass after pass.
+
+    Every block works alone (only its own rows, duals, ``w`` and ``q``); the leading axis K is a batch
+    of blocks (``K = 1`` is one site alone). A pass visits each slot once, in the pass's random order
+    (:func:`visiting_order`; ``cyclic``: storage order), updating coordinate ``i`` with the margin
+    ``<w + q dv, x_i>`` and curvature ``q ||x_i||^2`` (``Loss.dual_step``).
+
+    All blocks share a pass's order: it depends on ``(stream, pass)`` only, so it is the same whatever
+    tile, device or process a block is processed in, and a step reads one contiguous slab of the tile
+    (:func:`block_rows`). Each block's order is still a fresh random permutation in every pass, which is
+    what SDCA's analysis needs of a block; the blocks' subproblems are independent of one another.
+
+    How it is laid out: the tiles go one after another (a ``lax.map``) so that a tile's model and pending
+    change stay in cache through the n sequential steps of a pass (a ``lax.scan``). A coordinate is visited
+    once per pass, so a step reads its old dual from the pass's start and emits its change as a scan output,
+    and the changes are added after the pass: the duals are never carried through the steps (carrying them
+    made XLA copy the whole dual array at every step).
+
+    Args:
+      rows: the blocks' rows, :func:`block_rows` of X (K, n, d) and y, c, mask, sq (K, n).
+      alpha: (K, n) current duals. w: (K, d) each block's site model. q: (K,) each block's ``q``.
+      budget: (K,) int, coordinate steps to make (``passes * n`` for whole passes; padding slots count).
+      stream: () integer, the round's random stream (:func:`round_stream`); unused when ``cyclic``.
+    Returns a :class:`LocalUpdate` of (K, ...) arrays.
+    """
+    K = alpha.shape[0]
+    tile = rows.X.shape[-1]
+    args = (rows.X, rows.y, rows.c, rows.mask, rows.sq) + tuple(_to_tiles(a, tile) for a in (alpha, w, q, budget))
+    one = partial(_local_tile, stream=stream, loss=loss, cyclic=cyclic)
+    if rows.X.shape[0] == 1:
+        out = jax.tree_util.tree_map(lambda a: a[None], one(tuple(a[0] for a in args)))
+    else:
+        out = jax.lax.map(one, args)
+    return LocalUpdate(*(_from_tiles(a, K) for a in out))
+
+
+def _local_tile(args, *, stream, loss: Loss, cyclic: bool) -> LocalUpdate:
+    """:func:`local_sdca` on one tile: X (n, d, t); y, c, mask, sq, alpha (n, t); w (d, t); q, budget (t,)."""
+    X, y, c, mask, sq, alpha, w, q, budget = args
+    n = X.shape[0]
     passes = jnp.max((budget + n - 1) // n)
-    blocks = jnp.arange(K)[None, :]
 
     def one_pass(p, carry):
         alpha, dv, steps = carry
-        if cyclic:
-            order = jnp.broadcast_to(jnp.arange(n)[:, None], (n, K))
-        else:
-            order = visiting_order(stream, p, ids, n).T
-        visit = lambda a: a[blocks, order]  # (K, n, ...) -> (n, K, ...) in visiting order
+        order = jnp.arange(n) if cyclic else visiting_order(stream, p, n)
 
-        def step(carry, xs):
+        def step(carry, s):
             dv, steps = carry
-            x, yi, ci, mi, si, ai, i = xs
-            a = jnp.sum((w + q[:, None] * dv) * x, axis=-1)
-            new = loss.dual_step(ai, yi, ci, a, q * si)
-            live = (p * n + i < budget) & (mi > 0)
+            i = order[s]
+            x, ai = X[i], alpha[i]
+            a = jnp.sum((w + q * dv) * x, axis=0)
+            new = loss.dual_step(ai, y[i], c[i], a, q * sq[i])
+            live = (p * n + s < budget) & (mask[i] > 0)
             delta = jnp.where(live, new - ai, 0.0)
-            return (dv + delta[:, None] * x, steps + live.astype(steps.dtype)), delta
+            return (dv + delta * x, steps + live.astype(steps.dtype)), delta
 
-        xs = (visit(X), visit(y), visit(safe_c), visit(mask), visit(sq), visit(alpha), jnp.arange(n))
-        (dv, steps), deltas = jax.lax.scan(step, (dv, steps), xs)
-        return alpha.at[blocks, order].add(deltas), dv, steps
+        (dv, steps), deltas = jax.lax.scan(step, (dv, steps), jnp.arange(n))
+        return alpha.at[order].add(deltas), dv, steps
 
-    carry = (alpha, jnp.zeros((K, d), X.dtype), jnp.zeros((K,), jnp.int32))
-    alpha, dv, steps = jax.lax.fori_loop(0, passes, one_pass, carry)
-    return LocalUpdate(alpha, dv, steps)
+    carry = (alpha, jnp.zeros_like(w), jnp.zeros(budget.shape, jnp.int32))
+    return LocalUpdate(*jax.lax.fori_loop(0, passes, one_pass, carry))
 
 
 #: Block sizes up to which a pass's order is a random affine permutation (``a i + b mod n``, 32-bit exact);
@@ -270,21 +321,21 @@ def _units(n: int) -> np.ndarray:
     return np.array([a for a in range(1, n) if math.gcd(a, n) == 1] or [1], np.uint32)
 
 
-def visiting_order(stream, p, ids, n: int):
-    """(K, n) the slots of each block in the order pass ``p`` visits them: a random permutation per block and pass.
+def visiting_order(stream, p, n: int):
+    """(n,) the slots in the order pass ``p`` visits them, shared by all blocks: a random permutation per pass.
 
     For ``n <= AFFINE_ORDER_MAX_N`` a random affine permutation ``i -> (a i + b) mod n`` (``a`` a random unit
-    mod n, ``b`` a random shift; both from :func:`counter_bits` of ``(stream, p, block id)``): about 30 times
-    cheaper than sorting random keys (the sort was ~45 % of a round at 1024 sites), and it still gives every
-    block a fresh order in every pass. Beyond that size, the argsort of random bits (a uniform permutation).
+    mod n, ``b`` a random shift; both from :func:`counter_bits` of ``(stream, p)``): it costs nothing next to
+    the pass and gives a fresh order in every pass. Beyond that size, the argsort of random bits (a uniform
+    permutation).
     """
     if n > AFFINE_ORDER_MAX_N:
-        return jnp.argsort(counter_bits(stream, p, ids[:, None], jnp.arange(n)[None, :]), axis=1)
+        return jnp.argsort(counter_bits(stream, p, jnp.arange(n)))
     units = jnp.asarray(_units(n))
-    a = units[counter_bits(stream, p, ids, 0) % jnp.uint32(units.shape[0])]
-    b = counter_bits(stream, p, ids, 1) % jnp.uint32(n)
+    a = units[counter_bits(stream, p, 0) % jnp.uint32(units.shape[0])]
+    b = counter_bits(stream, p, 1) % jnp.uint32(n)
     i = jnp.arange(n, dtype=jnp.uint32)
-    return ((a[:, None] * i[None, :] + b[:, None]) % jnp.uint32(n)).astype(jnp.int32)
+    return ((a * i + b) % jnp.uint32(n)).astype(jnp.int32)
 
 
 def site_draws(stream, systems: Systems, n_max, site_ids=None):
@@ -388,14 +439,15 @@ def server_map(V, omega, params: Params, *, scheme: str):
     return SigmaQuadratic(omega, params.lam1, params.lam2).conjugate(V)
 
 
-def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Loss, scheme: str):
+def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Loss, scheme: str, a=None):
     """(J(W), gap of J, the scheme's primal, dual, W-problem gap). The sites' two scalars are the sums here.
 
     The dual point ``alpha`` is feasible for J's dual in both schemes, so ``J(W) - D_J(alpha)`` bounds
-    ``J(W) - min J`` whatever Omega the alternating scheme is at.
+    ``J(W) - min J`` whatever Omega the alternating scheme is at. ``a``: the margins ``<w_t, x_ti>`` (the
+    shape of ``y``) when the caller has them (:func:`row_margins`).
     """
     conj = dual_terms(alpha, sites, loss)
-    emp = empirical_loss(W, sites, loss)
+    emp = empirical_loss(W, sites, loss, a)
     primal = emp + reg_at_W
     dual = conj - reg_conj
     if scheme == "joint":
@@ -408,6 +460,15 @@ def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Los
 
 
 # --- the round ---------------------------------------------------------------------------------------
+
+def sites_rows(sites: Sites, mesh=None) -> BlockedRows:
+    """:func:`block_rows` of the sites' blocks; with a mesh, each device lays out its own blocks (tiles never
+    straddle devices, so the tiles' leading axis splits over the mesh like the blocks do)."""
+    def lay(X, y, c, mask):
+        return block_rows(X, y, c, mask)
+
+    return distributed.map_blocks(lay, mesh, 4)(sites.X, sites.y, sample_weights(sites), sites.mask)
+
 
 def _chunks_per_site(sites: Sites):
     if sites.site is None:
@@ -467,13 +528,13 @@ def init_state(sites: Sites, params: Params, alpha0, seed, omega0=None, *, loss:
 
 
 def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems, *, loss: str, scheme: str,
-               q_rule: str, order: str = "random", mesh=None, sq=None):
+               q_rule: str, order: str = "random", mesh=None, rows: BlockedRows | None = None):
     """One communication round; returns ``(new state, RoundStats)``. jit-able.
 
     The sites' part (:func:`local_sdca`) works on all blocks at once; with a ``mesh`` (static; see
     :mod:`mtl_jax.distributed`) it runs under ``shard_map``, each device on its own blocks, and the
-    server's sums over sites become all-reduces. ``sq`` (the shape of ``y``): the rows' squared norms, when
-    the caller computed them once for many rounds (they cost a pass over the data).
+    server's sums over sites become all-reduces. ``rows``: the data in the local pass's layout
+    (:func:`sites_rows`), when the caller made it once for many rounds (it costs a copy of the data).
 
     Alternating scheme: an Omega-step (from the W of the last round) begins the round when it is due
     (``omega_every`` rounds since the last, or the W-problem's relative gap at most ``omega_tol``).
@@ -498,22 +559,21 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     k_sys, k_order = round_stream(state.seed, state.round, 0), round_stream(state.seed, state.round, 1)
     budget_site, participates = site_draws(k_sys, systems, sites.n_max)
     chunks = _chunks_per_site(sites)
-    c = sample_weights(sites)
-    sq = jnp.sum(sites.X**2, axis=-1) if sq is None else sq
-    def local_part(X, y, c, mask, sq, alpha, w, q, budget, ids, stream):
-        return local_sdca(X, y, c, mask, sq, alpha, w, q, budget, stream, loss=loss_, cyclic=order == "cyclic",
-                          block_ids=ids)
+    rows = sites_rows(sites, mesh) if rows is None else rows
 
-    local = distributed.map_blocks(local_part, mesh, 10)(
-        sites.X, sites.y, c, sites.mask, sq, state.alpha, per_block(W, sites), per_block(q * chunks, sites),
-        per_block(budget_site, sites), jnp.arange(sites.num_blocks), k_order)
+    def local_part(rows, alpha, w, q, budget, stream):
+        return local_sdca(rows, alpha, w, q, budget, stream, loss=loss_, cyclic=order == "cyclic")
+
+    local = distributed.map_blocks(local_part, mesh, 5)(
+        rows, state.alpha, per_block(W, sites), per_block(q * chunks, sites), per_block(budget_site, sites), k_order)
     live_block = per_block(participates, sites)
     alpha = jnp.where(live_block[:, None], local.alpha, state.alpha)
     dV = site_sums(jnp.where(live_block[:, None], local.dv, 0.0), sites)
     V = state.V + dV
     W_new, reg_conj, reg_at_W = server_map(V, omega, params, scheme=scheme)
+    a = distributed.map_blocks(row_margins, mesh, 2)(rows, per_block(W_new, sites))
     J, gap, primal, dual, gap_w = certify(alpha, V, W_new, reg_conj, reg_at_W, sites, params, loss=loss_,
-                                          scheme=scheme)
+                                          scheme=scheme, a=a)
 
     steps = site_sums(local.steps.astype(dtype), sites)
     participates = participates & real_sites(sites)
@@ -562,7 +622,7 @@ def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     empty = RoundStats(nan, nan, nan, nan, nan, jnp.zeros((history_size,), jnp.int32), nan,
                        jnp.zeros((history_size,), bool), nan)
 
-    sq = jnp.sum(sites.X**2, axis=-1)  # once for all the rounds
+    rows = sites_rows(sites, mesh)  # once for all the rounds
 
     def cond(carry):
         s, _, k = carry
@@ -571,7 +631,7 @@ def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     def body(carry):
         s, buf, k = carry
         s, stats = round_step(s, sites, params, systems, loss=loss, scheme=scheme, q_rule=q_rule, order=order,
-                              mesh=mesh, sq=sq)
+                              mesh=mesh, rows=rows)
         buf = jax.tree_util.tree_map(lambda b, v: b.at[jnp.minimum(k, history_size - 1)].set(v), buf, stats)
         return s, buf, k + 1
 
