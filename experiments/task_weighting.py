@@ -10,8 +10,10 @@ one :func:`~mtl_jax.training.train_seeds` call trains all seeds as one vmapped p
 baselines are K runs with constant one-hot weights (:func:`mtl_jax.weighting.fixed`), also one vmapped
 program per dataset. Written to the output folder:
 
-* ``results.md``: one markdown table per dataset (per-task test metric, mean +- std over seeds;
-  Delta m % against equal weighting and against the single-task baselines);
+* ``results.md``: one markdown table per dataset (per-task test metric, mean +- std over the seeds that
+  did not diverge; Delta m % against equal weighting and against the single-task baselines, median and
+  mean +- std over those seeds, :func:`mtl_jax.metrics.summarise_delta_m`; the number of diverged seeds,
+  :func:`mtl_jax.metrics.diverged_seeds`);
 * ``results.json``: the same numbers, per seed too, and the configuration;
 * ``<dataset>_curves.png``: task losses and task weights over training, per scheme;
 * ``cells/<dataset>/<scheme>/``: one finished (scheme, dataset) cell, a run folder of the results
@@ -45,10 +47,12 @@ from mtl_jax import plotting, weighting
 from mtl_jax.compilation import enable_compilation_cache
 from mtl_jax.data import deep
 from mtl_jax.data.io import atomic_write
+from mtl_jax.metrics import delta_m as delta_m  # re-exported: Delta m of a (..., K) metric against (K,)
+from mtl_jax.metrics import diverged_seeds, summarise_delta_m
 from mtl_jax.runner import store
 from mtl_jax.training import TrainConfig, make_run, to_device, train_seeds
 
-FORMAT = 2            # bump when a cell's content or meaning changes (old cells are then recomputed)
+FORMAT = 3            # bump when a cell's content or meaning changes (old cells are then recomputed)
 BASELINE = "equal"
 SINGLE_TASK = "single_task"
 CURVE_BINS = 100      # training curves are stored as means over this many windows of steps
@@ -115,16 +119,6 @@ def task_metric(test, kinds) -> np.ndarray:
     return np.where(is_cls, np.asarray(test.accuracy, float), np.asarray(test.mse, float))
 
 
-def delta_m(metric, baseline, higher_is_better) -> np.ndarray:
-    """Delta m % of ``metric`` (..., K) against ``baseline`` (K,): the mean over tasks of the relative
-    change, sign-corrected so that higher is better (Maninis et al. 2019; Liu et al. 2019)."""
-    metric, baseline = np.asarray(metric, float), np.asarray(baseline, float)
-    if baseline.ndim != 1 or metric.shape[-1] != baseline.shape[0]:
-        raise ValueError(f"baseline: need one value per task ({metric.shape[-1]}), got shape {baseline.shape}")
-    sign = np.where(np.asarray(higher_is_better, bool), 1.0, -1.0)
-    return 100.0 * np.mean(sign * (metric - baseline) / baseline, axis=-1)
-
-
 def bin_curve(a: np.ndarray, bins: int = CURVE_BINS) -> tuple[np.ndarray, np.ndarray]:
     """(S, T, K) -> (S, B, K) means over B <= ``bins`` consecutive windows of steps, and (B,) window centres."""
     a = np.asarray(a, float)
@@ -165,7 +159,10 @@ def run_cell(setup: Setup, data: deep.MultiTaskDataset, scheme: str, seeds) -> d
     """Train one (scheme, dataset) cell for all seeds; the arrays stored in its cell file.
 
     ``metric`` (S, K) test metric per seed; ``task_losses``/``weights`` (S, B, K) binned curves and
-    ``curve_x`` (B,); ``seconds`` wall time of the call, compilation included."""
+    ``curve_x`` (B,); ``diverged`` (S,) bool, the seeds whose training diverged
+    (:func:`mtl_jax.metrics.diverged_seeds` on the per-step losses; for the single-task baselines, seed s
+    is flagged if any of its K runs diverged on its own task); ``seconds`` wall time of the call,
+    compilation included."""
     t0 = time.perf_counter()
     if scheme == SINGLE_TASK:
         k = len(data.spec.kinds)
@@ -176,15 +173,20 @@ def run_cell(setup: Setup, data: deep.MultiTaskDataset, scheme: str, seeds) -> d
         # Curves: task i's loss and weight from the run trained on task i.
         losses = np.stack([np.asarray(history.task_losses)[i, :, :, i] for i in range(k)], axis=-1)
         weights = np.stack([np.asarray(history.weights)[i, :, :, i] for i in range(k)], axis=-1)
+        present = np.stack([np.asarray(history.present)[i, :, :, i] for i in range(k)], axis=-1)
+        diverged = diverged_seeds(losses, test_metric=metric, present=present)
     else:
         config = dataclasses.replace(setup.config, scheme=scheme, scheme_kwargs=SCHEME_KWARGS.get(scheme, {}))
         result = jax.block_until_ready(train_seeds(config, data, seeds))
         metric = task_metric(result.test, data.spec.kinds)
         losses, weights = np.asarray(result.history.task_losses), np.asarray(result.history.weights)
+        diverged = diverged_seeds(losses, diverged_at=result.diverged_at, test_metric=metric,
+                                  present=result.history.present)
     seconds = time.perf_counter() - t0
     losses, curve_x = bin_curve(losses)
     weights, _ = bin_curve(weights)
-    return dict(metric=metric, task_losses=losses, weights=weights, curve_x=curve_x, seconds=np.float64(seconds))
+    return dict(metric=metric, task_losses=losses, weights=weights, curve_x=curve_x, diverged=diverged,
+                seconds=np.float64(seconds))
 
 
 # ----------------------------------------------------------------------------- cells on disk (resume)
@@ -217,7 +219,7 @@ def load_cell(path: str, expected: str) -> dict[str, np.ndarray] | None:
     return {**run.arrays, "seconds": np.float64(run.summary.get("seconds", np.nan))}
 
 
-CELL_ARRAYS = {"metric", "task_losses", "weights", "curve_x"}
+CELL_ARRAYS = {"metric", "task_losses", "weights", "curve_x", "diverged"}
 
 
 def save_cell(path: str, cell: dict, *, dataset: str, scheme: str, expected: str, spec: deep.TaskSpec,
@@ -227,7 +229,8 @@ def save_cell(path: str, cell: dict, *, dataset: str, scheme: str, expected: str
     config = {"experiment": "task_weighting", "dataset": dataset, "scheme": scheme, "tasks": list(spec.names),
               "seeds": [int(s) for s in seeds], "fingerprint": expected}
     metric = np.asarray(cell["metric"], float)
-    summary = {"seconds": float(cell["seconds"]), "metric_mean": metric.mean(axis=0), "metric_std": metric.std(axis=0)}
+    summary = {"seconds": float(cell["seconds"]), "metric_mean": metric.mean(axis=0), "metric_std": metric.std(axis=0),
+               "diverged_seeds": [int(s) for s, d in zip(seeds, cell["diverged"]) if d]}
     store.write_run(path, kind="weighting", config=config, summary=summary, started=started,
                     history=store.curve_records(cell["task_losses"], cell["weights"], cell["curve_x"]),
                     arrays={k: cell[k] for k in CELL_ARRAYS})
@@ -255,17 +258,24 @@ def get_cell(out, dataset, setup, data, scheme, seeds, overwrite, log) -> tuple[
 
 
 def summarise(cells: dict[str, dict], spec: deep.TaskSpec) -> dict[str, Any]:
-    """Per-run mean/std of the metric and Delta m against equal weighting and single-task baselines."""
+    """Per-run mean/std of the metric over the seeds that did not diverge, and Delta m against equal
+    weighting and the single-task baselines (:func:`mtl_jax.metrics.summarise_delta_m`: the baseline's
+    mean over its non-diverged seeds is the reference; median, mean and std over the run's non-diverged
+    seeds; ``diverged`` lists the flags, per seed)."""
     metric_names, higher = metric_info(spec.kinds)
-    base = {BASELINE: cells[BASELINE]["metric"].mean(axis=0), SINGLE_TASK: cells[SINGLE_TASK]["metric"].mean(axis=0)}
     rows = {}
     for name, cell in cells.items():
-        metric = cell["metric"]
-        row = dict(mean=metric.mean(axis=0).tolist(), std=metric.std(axis=0).tolist(), per_seed=metric.tolist(),
-                   seconds=float(cell["seconds"]))
+        metric, diverged = np.asarray(cell["metric"], float), np.asarray(cell["diverged"], bool)
+        kept = metric[~diverged] if (~diverged).any() else np.full((1, metric.shape[1]), np.nan)
+        row = dict(mean=kept.mean(axis=0).tolist(), std=kept.std(axis=0).tolist(), per_seed=metric.tolist(),
+                   diverged=diverged.tolist(), n_diverged=int(diverged.sum()), seconds=float(cell["seconds"]))
         for key, ref in (("delta_m_equal", BASELINE), ("delta_m_single_task", SINGLE_TASK)):
-            row[key] = float(delta_m(metric.mean(axis=0), base[ref], higher))
-            row[key + "_std"] = float(np.std(delta_m(metric, base[ref], higher)))
+            summary = summarise_delta_m(metric, cells[ref]["metric"], higher, diverged=diverged,
+                                        baseline_diverged=np.asarray(cells[ref]["diverged"], bool))
+            row[key] = summary.mean
+            row[key + "_std"] = summary.std
+            row[key + "_median"] = summary.median
+            row[key + "_per_seed"] = summary.per_seed.tolist()
         rows[name] = row
     return dict(tasks=list(spec.names), metrics=metric_names, higher_is_better=higher.tolist(), runs=rows)
 
@@ -284,19 +294,21 @@ def markdown_table(dataset: str, summary: dict, setup: Setup, seeds) -> str:
         "",
         f"{model}; Adam lr {c.learning_rate:g}, {c.steps} steps, batch {c.batch_size}"
         f"{' (stratified by task)' if c.stratify else ''}; data {setup.data_kwargs}; {len(seeds)} seeds. "
-        f"Test metric per task, mean ± std over seeds. Δm % (higher is better) against equal weighting "
-        f"and against the single-task baselines (± std over seeds).",
+        f"Test metric per task, mean ± std over the seeds that did not diverge. Δm % (higher is better) "
+        f"against equal weighting and against the single-task baselines (their mean over non-diverged "
+        f"seeds): median; mean ± std over the non-diverged seeds. Diverged: seeds with a non-finite or "
+        f"exploding (10x) training loss, left out.",
         "",
         "| run | " + " | ".join(f"{t} {m} {a}" for t, m, a in zip(summary["tasks"], summary["metrics"], arrows))
-        + " | Δm vs equal % | Δm vs single-task % | seconds |",
-        "|---|" + "---|" * (len(summary["tasks"]) + 3),
+        + " | Δm vs equal % (median; mean ± std) | Δm vs single-task % (median; mean ± std) | diverged | seconds |",
+        "|---|" + "---|" * (len(summary["tasks"]) + 4),
     ]
     for name, row in summary["runs"].items():
         cells = [_fmt(m, s, metric) for m, s, metric in zip(row["mean"], row["std"], summary["metrics"])]
-        lines.append(f"| {name} | " + " | ".join(cells)
-                     + f" | {row['delta_m_equal']:+.2f} ± {row['delta_m_equal_std']:.2f}"
-                     + f" | {row['delta_m_single_task']:+.2f} ± {row['delta_m_single_task_std']:.2f}"
-                     + f" | {row['seconds']:.1f} |")
+        dm = [f"{row[k + '_median']:+.2f}; {row[k]:+.2f} ± {row[k + '_std']:.2f}"
+              for k in ("delta_m_equal", "delta_m_single_task")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {dm[0]} | {dm[1]}"
+                     + f" | {row['n_diverged']}/{len(row['diverged'])} | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

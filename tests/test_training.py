@@ -88,6 +88,16 @@ def test_vmapped_seeds_equal_separate_runs(data, name):
         _assert_trees_close(_seed_slice(together, i), alone, rtol=1e-10, atol=1e-12)
     # different seeds really are different runs
     assert not np.allclose(together.history.task_losses[0], together.history.task_losses[1])
+    # the weights are the scheme's on the recorded inputs (48 rows / batch 16: epochs of 3 steps)
+    h = _seed_slice(together.history, 1)
+    np.testing.assert_array_equal(h.epoch_end, np.arange(1, BASE.steps + 1) % 3 == 0)
+    scheme = config.make_scheme(SPEC)
+    state = scheme.init(3, jax.random.split(jax.random.key(SEEDS[1]), 3)[1])
+    for t in range(BASE.steps):
+        extra = {"grad_norms": h.grad_norms[t] if h.grad_norms is not None else None, "epoch_end": h.epoch_end[t]}
+        w, state = scheme.update(h.task_losses[t], state, present=h.present[t],
+                                 **{n: v for n, v in extra.items() if n in scheme.needs})
+        np.testing.assert_allclose(h.weights[t], w, rtol=1e-10, err_msg=f"step {t}")
 
 
 def test_same_seed_same_numbers_and_total_loss_is_weighted_sum(data):
@@ -96,9 +106,12 @@ def test_same_seed_same_numbers_and_total_loss_is_weighted_sum(data):
     _assert_trees_close(a, b, rtol=0, atol=0)
     h = a.history
     np.testing.assert_allclose(h.total_loss, np.sum(h.weights * h.task_losses, axis=1), rtol=1e-12)
-    # DWA gives weight 1 for the first two updates, then reacts to the losses
-    np.testing.assert_array_equal(h.weights[:2], 1.0)
-    assert not np.allclose(h.weights[2:], 1.0)
+    # DWA per epoch (3 steps here): weight 1 for the first two epochs, then K softmax(r / 2) of the
+    # ratio of the two previous epochs' mean batch losses, the same for every step of an epoch
+    np.testing.assert_array_equal(h.weights[:6], 1.0)
+    means = np.asarray(h.task_losses[:6]).reshape(2, 3, 3).mean(axis=1)
+    e = np.exp((means[1] / means[0]) / 2.0)
+    np.testing.assert_allclose(h.weights[6:8], np.tile(3 * e / e.sum(), (2, 1)), rtol=1e-10)
 
 
 def test_test_metrics_match_numpy(data):
@@ -203,6 +216,56 @@ def test_step_descends_weighted_loss_plus_mtrl_regulariser(stepper):
             np.testing.assert_array_equal(new_state.omega, omega)
         state = new_state
     assert not np.allclose(w, 1.0)  # gradnorm has moved the weights
+
+
+def test_famo_step_takes_the_logit_step_on_the_same_batch_after_the_update(data):
+    # One extra forward pass: losses_after are the batch's losses at the updated parameters, and the
+    # logits follow FAMO's Algorithm 1 on (losses, losses_after), with Adam + L2 as in the official code.
+    model = models.make_model("mlp", SPEC.out_dims, hidden=(5,), param_dtype=jnp.float64)
+    scheme, optimizer = weighting.famo(learning_rate=0.2, weight_decay=0.01), optax.adam(0.05)
+    step = make_train_step(model, scheme, optimizer, SPEC.kinds, batch_size=None)
+    split = to_device(data.train, SPEC, jnp.float64)
+    state = jax.jit(init_state, static_argnums=(0, 1, 2))(model, scheme, optimizer, jax.random.key(0), split.x[:1])
+    losses_of = jax.jit(lambda p: task_losses(model, p, split.x, split.y, split.mask, SPEC.kinds))
+    xi, m, v, gamma = np.zeros(3), np.zeros(3), np.zeros(3), 0.01
+    for t in range(1, 5):
+        state, metrics = step(state, split)
+        after = np.asarray(metrics.losses_after)
+        np.testing.assert_allclose(after, losses_of(state.params), rtol=1e-12)
+        loss = np.asarray(metrics.task_losses)
+        z = np.exp(xi) / np.exp(xi).sum()
+        np.testing.assert_allclose(metrics.weights, 3 * (z / (loss + 1e-8)) / np.sum(z / (loss + 1e-8)), rtol=1e-10)
+        delta = np.log(loss + 1e-8) - np.log(after + 1e-8)
+        g = z * (delta - z @ delta) + gamma * xi
+        m, v = 0.9 * m + 0.1 * g, 0.999 * v + 0.001 * g**2
+        xi = xi - 0.2 * (m / (1 - 0.9**t)) / (np.sqrt(v / (1 - 0.999**t)) + 1e-8)
+        np.testing.assert_allclose(state.scheme_state.logits, xi, rtol=1e-9, atol=1e-12)
+    assert np.all(after < loss) and np.ptp(xi) > 0.05
+
+
+def test_config_gives_uncertainty_the_models_optimizer_and_the_data_kinds_and_clips_gradients():
+    lr = 0.3
+    config = TrainConfig(scheme="uncertainty", optimizer="sgd", learning_rate=lr)
+    scheme = config.make_scheme(SPEC)  # classification, regression, regression
+    c, s, state = np.array([1.0, 0.5, 0.5]), np.zeros(3), scheme.init(3)
+    for loss in ([2.0, 0.5, 4.0], [1.5, 0.4, 3.0], [1.2, 0.3, 2.5]):
+        w, state = scheme.update(jnp.asarray(loss), state)
+        np.testing.assert_allclose(w, c * np.exp(-s), rtol=1e-12)
+        s = s - lr * (0.5 - c * np.exp(-s) * np.asarray(loss))  # plain SGD, the model's optimizer
+    np.testing.assert_allclose(state.log_vars, s, rtol=1e-12)
+    # scheme_kwargs win: Adam with the given rate, Kendall's regression form for every task
+    given = dataclasses.replace(config, scheme_kwargs={"optimizer": optax.adam(0.1), "kinds": ("regression",) * 3})
+    w, _ = given.make_scheme(SPEC).update(jnp.ones(3), given.make_scheme(SPEC).init(3))
+    np.testing.assert_allclose(w, 0.5)
+    # max_grad_norm: clip by the global norm, then the optimizer
+    grads = {"a": jnp.asarray([3.0, 4.0]), "b": jnp.asarray([12.0])}  # norm 13
+    opt = TrainConfig(optimizer="sgd", learning_rate=1.0, max_grad_norm=2.6).make_optimizer()
+    updates, _ = opt.update(grads, opt.init(grads))
+    np.testing.assert_allclose(updates["a"], [-0.6, -0.8], rtol=1e-12)
+    np.testing.assert_allclose(updates["b"], [-2.4], rtol=1e-12)
+    for bad, name in ((dict(max_grad_norm=0.0), "max_grad_norm"), (dict(steps_per_epoch=0), "steps_per_epoch")):
+        with pytest.raises(ValueError, match=name):
+            TrainConfig(**bad)
 
 
 def test_stratified_batches_hold_every_task_equally(data):
