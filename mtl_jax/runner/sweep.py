@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import NamedTuple
 
@@ -398,7 +398,7 @@ def _solve_batched(sites, points, order, batch_size, *, loss, method, tol, max_i
 
 # ----------------------------------------------------------------------------- the sweep
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SweepResult:
     """What :func:`sweep` returns. S seeds, P = len(lam1) * len(lam2) points (ids as in :class:`Grid`).
 
@@ -447,8 +447,19 @@ class SweepResult:
 
     def selected_metric(self, which: str = "test") -> np.ndarray:
         """(S,) the ``"test"`` (or ``"val"``) metric at each seed's selected point."""
+        if which not in ("test", "val"):
+            raise ValueError(f"which: must be 'test' or 'val', got {which!r}")
         values = {"test": self.test, "val": self.val}[which]
         return values[np.arange(len(self.seeds)), self.selected]
+
+    def metric_grid(self, which: str = "val") -> np.ndarray:
+        """The ``"val"`` or ``"test"`` metric (or ``"objective"``, ``"gap"``, ``"iterations"``) as (S, n1, n2):
+        ``[s, i, j]`` is seed s at ``(lam1[i], lam2[j])`` in the grid's order (for heat maps over the grid)."""
+        values = {"val": self.val, "test": self.test, "objective": self.objective, "gap": self.gap,
+                  "iterations": self.iterations}
+        if which not in values:
+            raise ValueError(f"which: must be one of {tuple(values)}, got {which!r}")
+        return values[which].reshape((len(self.seeds),) + self.grid.shape)
 
     def test_summary(self, which: str = "test") -> dict:
         """Mean and spread over seeds of the metric at the selected points: ``{"mean", "std", "min", "max",
@@ -647,7 +658,7 @@ def write_sweep(out, res: SweepResult, *, name=None, started=None) -> SweepResul
               **{f"{k}_mask": v for k, v in res.masks.items()}}
     path = store.write_run(out, kind="solver", config=res.config, history=res.records(), arrays=arrays,
                            summary=res.summary(), name=name, started=started)
-    return SweepResult(**{**res.__dict__, "path": path})
+    return replace(res, path=path)
 
 
 def read_sweep(path) -> dict:

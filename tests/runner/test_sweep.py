@@ -228,6 +228,10 @@ def test_records_and_arrays_in_the_store(path_run):
     assert s["test"]["std"] == pytest.approx(np.std(s["test"]["values"], ddof=1))
     assert [p["point"] for p in s["selected"]] == res.selected.tolist()
     assert read_sweep(res.path)["records"] == recs
+    heat = res.metric_grid("val")
+    assert heat.shape == (2, 3, 3) and heat[1, 2, 0] == res.val[1, 6]     # lam1[2], lam2[0] is point 6
+    with pytest.raises(ValueError, match="which"):
+        res.metric_grid("W")
 
 
 def test_sweep_argument_errors_name_the_argument(data, tmp_path):
