@@ -12,14 +12,18 @@ compiled ahead of time (compile seconds reported apart), timed round-robin, medi
   then their plain sum: the cost of the per-task gradients alone;
 * every method of :data:`mtl_jax.gradient_methods.METHODS` on those (K, P) gradients; the heads keep their
   own gradients (``tg.heads``);
+* ``K grads + sum``: K separate ``jax.grad`` calls (one per task loss; XLA may share their forward passes),
+  summed: what the vmapped backward pass replaces;
 * ``mgda_ub``: MGDA on the gradients w.r.t. the trunk's output (K, B * 256), the direction pulled back
-  through the trunk with one ordinary ``vjp`` (no per-task backward through the trunk).
+  through the trunk with one ordinary ``vjp`` (no per-task backward through the trunk); with ``--features``
+  every other method the same way (rows ``name @z``, docs/gradient_methods.md, section 3).
 
 Target (issue 11): a gradient-based step <= 2x equal weighting with one vmapped backward pass.
 
     python benchmarks/bench_gradient_methods.py            # ~2-4 min on 2 CPU cores
     python benchmarks/bench_gradient_methods.py --quick    # seconds (smoke test)
     python benchmarks/bench_gradient_methods.py --methods pcgrad,mgda
+    python benchmarks/bench_gradient_methods.py --features   # + every method on feature gradients (~5 min)
 """
 from __future__ import annotations
 
@@ -88,6 +92,11 @@ def make_program(kind: str, method: gm.GradientMethod | None, data, batch: int, 
             losses, vjp = jax.vjp(loss_fn, shared, heads)
             g_s, g_h = vjp(jnp.ones_like(losses))
             return (g_s, g_h), mstate, losses
+        if kind == "loop":                                 # K separate gradients, for comparison
+            g_s = [jax.grad(lambda s, k=k: loss_fn(s, heads)[k])(shared) for k in range(len(heads["b"]))]
+            g_s = jax.tree.map(lambda *leaves: sum(leaves), *g_s)
+            g_h = jax.grad(lambda h: jnp.sum(loss_fn(shared, h)))(heads)
+            return (g_s, g_h), mstate, loss_fn(shared, heads)
         if kind == "ub":
             z, trunk_vjp = jax.vjp(lambda s: trunk(s, x), shared)
             tg = gm.task_gradients(lambda z, h: head_losses(z, h, y), z, heads)
@@ -133,6 +142,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(gm.METHODS), help="comma-separated methods (equal is always timed)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (seconds)")
+    parser.add_argument("--features", action="store_true",
+                        help="also time every method on the trunk-output gradients, pulled back like mgda_ub ('@z')")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 2)")
     parser.add_argument("--scan", type=int, default=None, help="steps per lax.scan (default 20; --quick 3)")
     args = parser.parse_args(argv)
@@ -155,9 +166,13 @@ def main(argv=None) -> dict:
     print(f"MLP {in_dim}-{'-'.join(map(str, hidden))} trunk ({n_shared} shared parameters), {K} regression heads "
           f"({out_dim} outputs), batch {batch}, Adam, float32, {scan} steps per lax.scan, median of {reps}")
 
-    contenders = {"equal": ("equal", None), "task grads + sum": ("sum", None)}
+    contenders = {"equal": ("equal", None), "task grads + sum": ("sum", None), "K grads + sum": ("loop", None)}
     for name in methods:
         contenders[name] = ("ub" if name == "mgda_ub" else "method", gm.get(name))
+    if args.features:
+        for name in methods:
+            if name != "mgda_ub":
+                contenders[f"{name} @z"] = ("ub", gm.get(name))
     programs, compile_s = {}, {}
     key = jax.random.key(1)
     for label, (kind, method) in contenders.items():
