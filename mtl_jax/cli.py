@@ -47,6 +47,11 @@ example workflow (synthetic tasks with 3 planted clusters, two solvers compared)
   mtl-jax fit --data runs/synth.npz --lam1 0.1 --lam2 1 --method alternating --out runs/alt
   mtl-jax plot --results runs/apg runs/alt --omega --clusters runs/synth.npz --out runs/convergence.png
 
+the experiments (each a typed config; 'mtl-jax run NAME --help' lists its keys):
+  mtl-jax list
+  mtl-jax run school_convergence --out runs/school
+  mtl-jax run dmtrl_convergence --out runs/conv lam1=0.05 --preset full
+
 the School setting (mlmRev Exam: 4059 pupils, 65 schools, one task per school):
   mtl-jax data school --out runs/exam.csv
   mtl-jax fit --data runs/exam.csv --intercept --lam1 0.1 --lam2 1 --out runs/exam
@@ -106,8 +111,31 @@ def _para(text):
     return textwrap.fill(" ".join(text.split()), width=79)
 
 
+_RUN_DESCRIPTION = _para(
+    "Run one experiment of mtl_jax.experiments (see 'mtl-jax list'). Its config starts from the defaults (about "
+    "a minute on 2 CPU cores), then the preset, then the key=value overrides (in any order with the options). "
+    "'mtl-jax run NAME --help' lists the keys and the presets.")
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    run.add_argument("name", nargs="?", metavar="NAME", help="experiment name")
+    run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config values, e.g. lam1=0.05 seeds=3")
+    run.add_argument("--out", help="output folder (the config's key out; default: the experiment's own)")
+    run.add_argument("--preset", help="named set of values: full (the paper-scale run) or quick (seconds)")
+    run.add_argument("-h", "--help", action="store_true", help="show the keys of NAME (or this help) and exit")
+    run.set_defaults(func=cmd_run, parser=run)
+    return run
+
+
+def _run_parser() -> argparse.ArgumentParser:
+    """``mtl-jax run`` alone: parsed with ``parse_intermixed_args`` so that key=value may follow options."""
+    return _add_run_arguments(argparse.ArgumentParser(
+        prog=f"{PROG} run", add_help=False, description=_RUN_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``argparse`` parser of ``mtl-jax`` (sub-commands fit, data, plot)."""
+    """The ``argparse`` parser of ``mtl-jax`` (sub-commands fit, list, run, launch, data, plot)."""
     from mtl_jax import __version__
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -181,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--no-compile-cache", action="store_true",
                      help="do not use the persistent compilation cache (see mtl_jax.enable_compilation_cache)")
     fit.set_defaults(func=cmd_fit)
+
+    # experiments
+    listing = commands.add_parser("list", help="list the experiments that 'mtl-jax run' knows, one line each")
+    listing.set_defaults(func=cmd_list)
+    _add_run_arguments(commands.add_parser(
+        "run", formatter_class=raw, add_help=False,
+        help="run an experiment from its config: mtl-jax run NAME --out DIR [key=value ...] [--preset full]",
+        description=_RUN_DESCRIPTION))
 
     # launch
     launch = commands.add_parser(
@@ -463,6 +499,31 @@ def _dmtrl_options(args) -> dict:
 
 # ----------------------------------------------------------------------------- launch
 
+def cmd_list(args) -> int:
+    from mtl_jax.runner import configs
+    for name, description in configs.describe():
+        print(f"{name:<20} {description}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from mtl_jax.runner import configs
+    if args.name is None:
+        args.parser.print_help()
+        return 0 if args.help else EXIT_USAGE
+    module = configs.load(args.name)
+    if args.help:
+        print(f"usage: {PROG} run {args.name} --out DIR [key=value ...] [--preset NAME]\n")
+        print(module.DESCRIPTION + "\n")
+        print(configs.config_help(module.Config, getattr(module, "PRESETS", {})))
+        return 0
+    values = configs.parse_overrides(module.Config, args.overrides)
+    if args.out is not None:
+        values["out"] = args.out
+    config = configs.make_config(module.Config, args.preset, getattr(module, "PRESETS", {}), **values)
+    return int(module.run(config) or 0)
+
+
 def cmd_launch(args) -> int:
     from mtl_jax import launch
 
@@ -718,8 +779,12 @@ def main(argv=None) -> int:
         from mtl_jax import launch
         launch.initialize()
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        args = parser.parse_args(_attach_negative_numbers(parser, sys.argv[1:] if argv is None else list(argv)))
+        if argv[:1] == ["run"]:
+            args = _run_parser().parse_intermixed_args(argv[1:])
+        else:
+            args = parser.parse_args(_attach_negative_numbers(parser, argv))
     except SystemExit as e:  # --help, --version (0) and usage errors (2): argparse has printed the message
         return e.code if isinstance(e.code, int) else (0 if e.code is None else EXIT_USAGE)
     try:

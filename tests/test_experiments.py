@@ -156,9 +156,9 @@ def test_dmtrl_accuracy_quick_writes_every_run_the_table_and_the_figures(tmp_pat
 
 
 def test_dmtrl_convergence_quick_writes_runs_tables_and_figures(tmp_path):
-    convergence = load_script("experiments/dmtrl_convergence.py")
+    # through the config runner (mtl-jax run), the same code as the script
     out = tmp_path / "conv"
-    assert convergence.main(["--quick", "--no-compile-cache", "--out", str(out)]) == 0
+    assert cli.main(["run", "dmtrl_convergence", "--preset", "quick", "compile_cache=false", "--out", str(out)]) == 0
     runs = [store.read_run(p) for p in store.find_runs(out)]
     assert runs and all(r.kind == "solver" for r in runs)
     assert any(r.config.get("fit", {}).get("solver") == "dmtrl" for r in runs)
