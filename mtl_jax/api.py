@@ -1,8 +1,10 @@
 """The public entry points ``mtl_jax.fit`` and ``mtl_jax.objective`` (docs/architecture.md, section 5)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from dataclasses import dataclass, field
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -91,7 +93,8 @@ def _relative_gap(gap: float, objective: float) -> float:
 
 
 def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=None, tol=1e-6,
-        max_iter=None, W0=None, alpha0=None, num_tasks=None, eps=DEFAULT_EPS, **solver_options) -> FitResult:
+        max_iter=None, W0=None, alpha0=None, num_tasks=None, eps=DEFAULT_EPS, progress=None,
+        **solver_options) -> FitResult:
     """Learn MTRL task models ``W`` and the task covariance ``Omega`` (Zhang and Yeung 2010; DMTRL 2017).
 
     Minimises ``J(W) = sum_t (1/n_t) sum_i loss(y_ti, <w_t, x_ti>) + (lam1/2)||W||_F^2
@@ -119,6 +122,9 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
       eps: relative eigenvalue floor of the Omega-step, ``0 < eps < 1``: the floor is ``eps`` times the
         mean eigenvalue of ``(W W^T)^{1/2}``, so ``eps >= 1`` would lift every eigenvalue below the
         mean to at least the mean and wash out the task relationships that Omega is for.
+      progress: dmtrl only (the centralized solver is one compiled program): ``True`` draws a progress bar
+        (round, J, gap) on stderr, updated after every chunk of rounds (``MTL_JAX_QUIET=1`` silences it);
+        a callable ``progress(record, max_rounds)`` is called instead; ``None`` (default): nothing.
       **solver_options: centralized: ``inner_tol`` (>= 0), ``inner_max_iter`` (integer >= 1) of the
         alternation's W-step. dmtrl: ``scheme`` ("joint", default, or "alternating"), ``local_passes``,
         ``q``, ``omega_every``, ``omega_tol``, ``omega0``, ``order``, ``seed`` and the systems model
@@ -182,8 +188,9 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
     if alpha0 is not None:
         alpha0 = _dual_start(alpha0, y, task, loss, np.asarray(sites.index))
     if solver == "dmtrl":
-        out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, W0=W0,
-                          alpha0=alpha0, eps=eps, **solver_options)
+        with _progress(progress, "dmtrl rounds") as report:
+            out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, W0=W0,
+                              alpha0=alpha0, eps=eps, progress=report, **solver_options)
     else:
         out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
                                 max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps, data_key=_data_key(X, task, m),
@@ -202,8 +209,27 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
                      alpha=alpha, compile_seconds=out.compile_seconds, solve_seconds=out.solve_seconds)
 
 
+@contextlib.contextmanager
+def _progress(progress, description: str):
+    """``progress`` of :func:`fit` as the solver's per-chunk callback: None/False -> None; True -> a bar
+    (:mod:`mtl_jax.runner.progress`; silent with ``MTL_JAX_QUIET=1``); a callable -> itself."""
+    if progress is None or progress is False:
+        yield None
+    elif callable(progress):
+        yield progress
+    elif progress is True:
+        from mtl_jax.runner.progress import bar
+        with bar(None, description) as update:
+            def report(record, total):
+                rel = record.gap / abs(record.objective) if record.objective else float("nan")
+                update(record.round, total=total, J=f"{record.objective:.6g}", rel_gap=f"{rel:.1e}")
+            yield report
+    else:
+        raise ValueError(f"progress: must be None, a bool or a callable(record, max_rounds), got {progress!r}")
+
+
 def fit_sites(sites, num_tasks: int, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, eps=DEFAULT_EPS,
-              **options) -> FitResult:
+              progress=None, **options) -> FitResult:
     """DMTRL on sites already laid out over the devices (``mtl_jax.distributed.process_sites``): a :class:`FitResult`.
 
     For multi-process runs in which each process read only its own sites' rows (``fit`` needs the whole
@@ -216,7 +242,9 @@ def fit_sites(sites, num_tasks: int, *, lam1, lam2, loss="squared", tol=1e-6, ma
     tol = check_real("tol", tol)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1, high=2**31)
-    out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, eps=eps, **options)
+    with _progress(progress, "dmtrl rounds") as report:
+        out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, eps=eps,
+                          progress=report, **options)
     index = to_host(sites.index)[:out.alpha.shape[0]]
     alpha = np.zeros(int(np.sum(index >= 0)), dtype=out.alpha.dtype)
     alpha[index[index >= 0]] = out.alpha[index >= 0]

@@ -122,6 +122,7 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config values, e.g. lam1=0.05 seeds=3")
     run.add_argument("--out", help="output folder (the config's key out; default: the experiment's own)")
     run.add_argument("--preset", help="named set of values: full (the paper-scale run) or quick (seconds)")
+    run.add_argument("--quiet", action="store_true", help="no progress bars (as MTL_JAX_QUIET=1; for CI and logs)")
     run.add_argument("-h", "--help", action="store_true", help="show the keys of NAME (or this help) and exit")
     run.set_defaults(func=cmd_run, parser=run)
     return run
@@ -208,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     again.add_argument("--overwrite", action="store_true", help="replace a result already in DIR")
     fit.add_argument("--no-compile-cache", action="store_true",
                      help="do not use the persistent compilation cache (see mtl_jax.enable_compilation_cache)")
+    fit.add_argument("--quiet", action="store_true",
+                     help="no progress bar (dmtrl draws one on stderr: round, J, gap; MTL_JAX_QUIET=1 does the same)")
     fit.set_defaults(func=cmd_fit)
 
     # experiments
@@ -392,6 +395,9 @@ def cmd_fit(args) -> int:
 
     loaded = time.perf_counter()
     options = _dmtrl_options(args)
+    if args.solver == "dmtrl":
+        from mtl_jax.distributed import is_writer
+        options["progress"] = not args.quiet and is_writer()
     try:
         if own_rows:  # each process reads only its own sites' rows (mtl_jax.distributed.process_sites)
             from mtl_jax import distributed
@@ -517,6 +523,9 @@ def cmd_run(args) -> int:
         print(module.DESCRIPTION + "\n")
         print(configs.config_help(module.Config, getattr(module, "PRESETS", {})))
         return 0
+    if args.quiet:
+        from mtl_jax.runner.progress import QUIET_ENV
+        os.environ[QUIET_ENV] = "1"
     values = configs.parse_overrides(module.Config, args.overrides)
     if args.out is not None:
         values["out"] = args.out

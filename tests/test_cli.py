@@ -553,3 +553,17 @@ def test_resume_with_another_loss_starts_the_duals_fresh_and_says_so(tmp_path, c
     ref = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, loss="hinge")
     assert resumed.summary["converged"]
     assert abs(resumed.summary["objective"] - ref.objective) <= 1e-6 * abs(ref.objective) + resumed.summary["gap"] + ref.gap
+
+
+def test_fit_dmtrl_draws_a_progress_bar_unless_quiet(tmp_path, capsys, monkeypatch):
+    """mtl-jax fit --solver dmtrl: a bar on stderr (round, J, relative gap) updated per chunk; --quiet: none."""
+    from mtl_jax.runner import progress
+    monkeypatch.delenv(progress.QUIET_ENV, raising=False)
+    data = tmp_path / "s.npz"
+    assert cli.main(["data", "synthetic", "--tasks", "4", "--dim", "3", "--seed", "0", "--out", str(data)]) == 0
+    base = ["fit", "--data", str(data), "--lam1", "0.1", "--lam2", "1", "--solver", "dmtrl", "--max-iter", "60"]
+    assert cli.main(base + ["--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "dmtrl rounds" in err and "rel_gap" in err
+    assert cli.main(base + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
+    assert "dmtrl rounds" not in capsys.readouterr().err

@@ -58,7 +58,7 @@ from mtl_jax import plotting
 from mtl_jax.data.io import atomic_write
 from mtl_jax.data.sites import pack_sites
 from mtl_jax.data.synthetic import cluster_recovery, make_clustered_tasks
-from mtl_jax.runner import configs, store
+from mtl_jax.runner import configs, progress, store
 from mtl_jax.solvers import baselines, centralized, dmtrl
 
 DATASETS = ("synthetic_squared", "synthetic_hinge", "synthetic_logistic", "exam")
@@ -315,15 +315,17 @@ def run(args: Config, log=print) -> int:
     started, env, t0 = store.now(), store.environment(), time.perf_counter()
     seeds = list(range(args.seeds))
     results, omegas = {}, {}
-    for name in names:
-        results[name] = []
-        for seed in seeds:
-            rows, omega, info = one_seed(name, seed, args, grids, env, started)
-            results[name].append(rows)
-            if seed == 0:
-                omegas[name] = (omega, info["order"])
-            log(f"{name} seed {seed}: " + ", ".join(f"{k} {v['error']:.4f}" for k, v in rows.items())
-                + f"  ({time.perf_counter() - t0:.0f} s)")
+    with progress.bar(len(names) * len(seeds), "dmtrl_accuracy cells") as update:
+        for name in names:
+            results[name] = []
+            for seed in seeds:
+                rows, omega, info = one_seed(name, seed, args, grids, env, started)
+                results[name].append(rows)
+                if seed == 0:
+                    omegas[name] = (omega, info["order"])
+                log(f"{name} seed {seed}: " + ", ".join(f"{k} {v['error']:.4f}" for k, v in rows.items())
+                    + f"  ({time.perf_counter() - t0:.0f} s)")
+                update(sum(map(len, results.values())), data=name, seed=seed)
     lines = table_lines(results, seeds)
     text = "\n".join(lines)
     log("\n" + text)

@@ -42,7 +42,7 @@ import mtl_jax
 from mtl_jax import plotting
 from mtl_jax.data.io import atomic_write
 from mtl_jax.data.synthetic import make_clustered_tasks
-from mtl_jax.runner import configs, store
+from mtl_jax.runner import configs, progress, store
 
 Q_RULES = ("lambda_max", "gershgorin", "paper", "factored")
 PASSES = (1, 5, 20)
@@ -173,35 +173,10 @@ PRESETS = {
 }
 
 
-def main(argv=None):
-    """``python experiments/dmtrl_convergence.py [--key value ...] [--preset full|quick]``."""
-    return configs.script_main(sys.modules[__name__], argv)
-
-
-def run(args: Config) -> int:
-    """Run the experiment with ``args`` (a :class:`Config`); everything goes under ``args.out``."""
-    jax.config.update("jax_enable_x64", True)
-    if args.compile_cache:
-        mtl_jax.enable_compilation_cache()
-    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
-    unknown = set(names) - set(DATASETS)
-    if unknown:
-        raise ValueError(f"datasets: unknown {sorted(unknown)}; choose from {DATASETS}")
-    max_rounds = args.max_rounds or (250 if args.quick else 800)
-    alt_rounds = args.alternating_rounds or (100 if args.quick else 300)
-    os.makedirs(args.out, exist_ok=True)
-    fig_dir = os.path.join(args.out, "figures")
-    os.makedirs(fig_dir, exist_ok=True)
-    started, env = store.now(), store.environment()
-    t_start = time.perf_counter()
-
-    lines = [f"# DMTRL convergence ({started})", "",
-             f"lam1 = {args.lam1}, lam2 = {args.lam2}; runs stop at a relative duality gap of {args.tol:g} or after "
-             f"{max_rounds} rounds (alternating scheme: {alt_rounds}). Relative gap = gap / J (the certificate); "
-             "sub-optimality = (J - J*) / J* against the centralized optimum. Seeded variants: the median over seeds (— when a seed never got there). "
-             "'flat from': the first round within 10 % of the final sub-optimality (where a run that does not "
-             "converge stalls).", ""]
-    results = {}
+def _run_datasets(args: Config, names, results: dict, lines: list, started, env, max_rounds, alt_rounds, fig_dir,
+                  update) -> None:
+    """Every dataset's reference and variants: runs written, table rows appended to ``lines``, ``results`` filled."""
+    done_runs = 0
     for name, (X, y, task, loss, description) in datasets(args.quick, names).items():
         m = int(task.max()) + 1
         t0 = time.perf_counter()
@@ -238,6 +213,8 @@ def run(args: Config) -> int:
                                         "data": data_cfg, "fit": res.config},
                                 summary={"reference_objective": J_star, **s}, started=started, environment_info=env)
                 histories.append(h)
+                done_runs += 1
+                update(done_runs, data=name, variant=label)
                 summaries.append(s)
             groups.setdefault(group, {})[label] = histories if len(histories) > 1 else histories[0]
             row = {k: median_or_none([s[k] for s in summaries]) for k in summaries[0]
@@ -272,6 +249,39 @@ def run(args: Config) -> int:
         lines += section + [""]
         results[name] = {"reference_objective": J_star, "data": data_cfg, "variants": table}
 
+
+def main(argv=None):
+    """``python experiments/dmtrl_convergence.py [--key value ...] [--preset full|quick]``."""
+    return configs.script_main(sys.modules[__name__], argv)
+
+
+def run(args: Config) -> int:
+    """Run the experiment with ``args`` (a :class:`Config`); everything goes under ``args.out``."""
+    jax.config.update("jax_enable_x64", True)
+    if args.compile_cache:
+        mtl_jax.enable_compilation_cache()
+    names = [n.strip() for n in args.datasets.split(",") if n.strip()]
+    unknown = set(names) - set(DATASETS)
+    if unknown:
+        raise ValueError(f"datasets: unknown {sorted(unknown)}; choose from {DATASETS}")
+    max_rounds = args.max_rounds or (250 if args.quick else 800)
+    alt_rounds = args.alternating_rounds or (100 if args.quick else 300)
+    os.makedirs(args.out, exist_ok=True)
+    fig_dir = os.path.join(args.out, "figures")
+    os.makedirs(fig_dir, exist_ok=True)
+    started, env = store.now(), store.environment()
+    t_start = time.perf_counter()
+
+    lines = [f"# DMTRL convergence ({started})", "",
+             f"lam1 = {args.lam1}, lam2 = {args.lam2}; runs stop at a relative duality gap of {args.tol:g} or after "
+             f"{max_rounds} rounds (alternating scheme: {alt_rounds}). Relative gap = gap / J (the certificate); "
+             "sub-optimality = (J - J*) / J* against the centralized optimum. Seeded variants: the median over seeds (— when a seed never got there). "
+             "'flat from': the first round within 10 % of the final sub-optimality (where a run that does not "
+             "converge stalls).", ""]
+    results = {}
+    cells = len(names) * sum(len(seeds) for *_, seeds in variants(args.quick))
+    with progress.bar(cells, "dmtrl_convergence runs") as update:
+        _run_datasets(args, names, results, lines, started, env, max_rounds, alt_rounds, fig_dir, update)
     lines.append(f"Total {time.perf_counter() - t_start:.0f} s on {os.cpu_count()} CPUs, jax {jax.__version__}, "
                  f"{jax.default_backend()}.")
     with atomic_write(os.path.join(args.out, "results.md"), "w") as f:

@@ -731,8 +731,12 @@ def _as_omega(omega0, m, dtype):
     return as_spectral(jnp.asarray(M, dtype))
 
 
+#: Rounds per compiled chunk when a progress callback is given (the callback is called after each chunk).
+PROGRESS_EVERY = 50
+
+
 def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, W0=None, alpha0=None,
-          eps=DEFAULT_EPS, **options) -> SolveOutput:
+          eps=DEFAULT_EPS, progress=None, **options) -> SolveOutput:
     """Run DMTRL on ``sites`` (validated) until J's relative gap is at most ``tol`` or ``max_iter`` rounds.
 
     Args:
@@ -752,6 +756,10 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
         ``checkpoint_every`` rounds (default 100), the state and history are saved atomically after each,
         and a run started with an existing checkpoint of the same problem continues from it, ending
         with exactly the numbers of an uninterrupted run).
+      progress: ``None`` or a callable ``progress(record, max_rounds)`` called with the last
+        :class:`~mtl_jax.solvers.base.RoundRecord` after every chunk of rounds (chunks of
+        :data:`PROGRESS_EVERY` rounds, or ``checkpoint_every`` with a checkpoint: the same compiled program,
+        and the same numbers as one chunk; :mod:`mtl_jax.runner.progress` draws a bar from it).
 
     Returns a :class:`~mtl_jax.solvers.base.SolveOutput` whose history holds
     :class:`~mtl_jax.solvers.base.RoundRecord` rows (round 0 is the starting point).
@@ -796,7 +804,9 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
     init_args = (sites, params, alpha0, seed, omega0)
     init, c_init = compiled(init_program, init_args, static)
     state = init(*init_args)
-    chunk = o["checkpoint_every"] if path is not None else max_rounds
+    chunked = path is not None or progress is not None
+    chunk = min(o["checkpoint_every"] if path is not None else max_rounds,
+                PROGRESS_EVERY if progress is not None else max_rounds)
     history = [_start_record(state)]
     if path is not None and os.path.exists(path):
         state, history = load_checkpoint(path, state, fingerprint)
@@ -810,7 +820,7 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
             break
         args = (state, sites, params, systems, jnp.asarray(min(chunk, remaining), jnp.int32), fixed)
         program, c = compiled(run_rounds, args, dict(static, order=o["order"], mesh=mesh,
-                                                     history_size=history_capacity(chunk if path else max_rounds)))
+                                                     history_size=history_capacity(chunk if chunked else max_rounds)))
         c_run += c
         t1 = time.perf_counter()
         out = jax.block_until_ready(program(*args))
@@ -821,6 +831,8 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
         done = bool(out.converged) or int(out.rounds) < int(args[4])
         if path is not None:
             save_checkpoint(path, state, history, fingerprint)
+        if progress is not None:
+            progress(history[-1], max_rounds)
         heartbeat()
     converged_ = bool(converged(state, params, fixed))
     W = distributed.to_host(state.W)[:m]

@@ -32,6 +32,17 @@ def test_chunked_run_equals_one_program_bitwise(sites, tmp_path):
     assert chunked.iterations == whole.iterations
 
 
+def test_progress_is_reported_per_chunk_and_changes_no_number(sites, monkeypatch):
+    whole = dmtrl.solve(sites, max_iter=120, **KW, **SYSTEMS)
+    monkeypatch.setattr(dmtrl, "PROGRESS_EVERY", 25)
+    seen = []
+    reported = dmtrl.solve(sites, max_iter=120, progress=lambda rec, total: seen.append((rec.round, total)), **KW,
+                           **SYSTEMS)
+    _same(whole, reported)
+    n = whole.iterations
+    assert seen == [(min(r, n), 120) for r in range(25, n + 25, 25)]
+
+
 def test_interrupted_run_resumes_to_the_uninterrupted_numbers(sites, tmp_path):
     path = str(tmp_path / "c.npz")
     whole = dmtrl.solve(sites, max_iter=90, **KW, **SYSTEMS)
