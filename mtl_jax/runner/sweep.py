@@ -554,7 +554,7 @@ def sweep(X, y, task, grid, *, loss="squared", method="apg", tol=1e-6, max_iter=
       config: extra entries for the run's config (e.g. the data's path), next to ``"sweep"``.
       progress: None, or a callable ``progress(done, total)`` called after every point (``"path"``) or
         batch (``"batched"``) with the points done so far over all seeds and ``total = S * P`` (for a
-        progress bar; the call happens outside the compiled program).
+        progress bar, e.g. the ``update`` of ``mtl_jax.runner.progress.bar``; called outside the compiled program).
 
     Returns:
       a :class:`SweepResult`.
