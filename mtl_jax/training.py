@@ -31,7 +31,11 @@ every batch. Divergence: a step whose losses or update are non-finite stops the 
 (``TrainResult.diverged_at``, :func:`make_train_step`), and :func:`train` / :func:`train_seeds` warn
 (:class:`DivergenceWarning`) naming the seed and step. Batches are drawn on the device from the state's key
 (:func:`draw_batch`: uniformly with replacement, or stratified by task; ``batch_size=None``: the full
-training set at every step), so the same seed gives the same numbers.
+training set at every step), so the same seed gives the same numbers. Epochs: a scheme that needs
+``epoch_end`` (dwa, gradnorm's first-epoch ``L(0)``) is told at the last step of each epoch of
+``steps_per_epoch`` steps (default ``ceil(N_train / batch_size)``); a scheme with an ``after_step`` (famo)
+gets the same batch's losses at the updated parameters, one more forward pass per step
+(``history.losses_after``).
 """
 from __future__ import annotations
 

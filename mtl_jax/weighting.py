@@ -13,7 +13,8 @@ Contract shared by all schemes:
 - ``update`` is pure, jit-able and vmap-able (map it over a stacked state and stacked losses to run
   several seeds as one program); it never branches in Python on traced values.
 - The returned weights carry no gradient (``jax.lax.stop_gradient``), are positive, and sum to the
-  number of tasks ``K`` -- except ``uncertainty``, which returns its loss multipliers ``exp(-s_k)/2``.
+  number of tasks ``K`` -- except ``uncertainty``, which returns its loss multipliers ``c_k exp(-s_k)``
+  (``c_k = 1/2`` for a regression task, 1 for a classification task).
 - A scheme is fully described by its weights and its own state update: the training loop only ever
   forms ``sum(weights * task_losses)``. A scheme that needs more than the losses lists the extra
   keyword inputs of ``update`` in ``Weighting.needs``: ``"grad_norms"`` (gradnorm) and
