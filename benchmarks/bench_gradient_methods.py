@@ -12,8 +12,10 @@ compiled ahead of time (compile seconds reported apart), timed round-robin, medi
   then their plain sum: the cost of the per-task gradients alone;
 * every method of :data:`mtl_jax.gradient_methods.METHODS` on those (K, P) gradients; the heads keep their
   own gradients (``tg.heads``);
+* ``task grads loop + sum``: the same with ``task_gradients(mode="loop")``: one forward, K ordinary
+  backward passes (``--loop``: every method that way too, rows ``name loop``);
 * ``K grads + sum``: K separate ``jax.grad`` calls (one per task loss; XLA may share their forward passes),
-  summed: what the vmapped backward pass replaces;
+  summed;
 * ``mgda_ub``: MGDA on the gradients w.r.t. the trunk's output (K, B * 256), the direction pulled back
   through the trunk with one ordinary ``vjp`` (no per-task backward through the trunk); with ``--features``
   every other method the same way (rows ``name @z``, docs/gradient_methods.md, section 3).
@@ -72,7 +74,8 @@ def head_losses(z, heads, y):
     return jnp.mean((out - jnp.swapaxes(y, 0, 1)) ** 2, axis=(1, 2))
 
 
-def make_program(kind: str, method: gm.GradientMethod | None, data, batch: int, steps: int, lr: float):
+def make_program(kind: str, method: gm.GradientMethod | None, data, batch: int, steps: int, lr: float,
+                 mode: str = "vmap"):
     """A jitted function ``(params, opt_state, method_state, key) -> (params, opt_state, method_state, loss)``
     running ``steps`` training steps of ``kind`` ("equal", "sum", "method", "ub") in one ``lax.scan``."""
     X, Y = data
@@ -99,11 +102,11 @@ def make_program(kind: str, method: gm.GradientMethod | None, data, batch: int, 
             return (g_s, g_h), mstate, loss_fn(shared, heads)
         if kind == "ub":
             z, trunk_vjp = jax.vjp(lambda s: trunk(s, x), shared)
-            tg = gm.task_gradients(lambda z, h: head_losses(z, h, y), z, heads)
+            tg = gm.task_gradients(lambda z, h: head_losses(z, h, y), z, heads, mode=mode)
             d_z, mstate = method.update(tg.shared, mstate)
             (g_s,) = trunk_vjp(tg.unravel(d_z))
             return (g_s, tg.heads), mstate, tg.losses
-        tg = gm.task_gradients(loss_fn, shared, heads)
+        tg = gm.task_gradients(loss_fn, shared, heads, mode=mode)
         if kind == "sum":
             d = jnp.ones((tg.shared.shape[0],), tg.shared.dtype) @ tg.shared   # (XLA's CPU column sum is slow)
         else:
@@ -142,6 +145,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default=",".join(gm.METHODS), help="comma-separated methods (equal is always timed)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (seconds)")
+    parser.add_argument("--loop", action="store_true",
+                        help="also time every method with task_gradients(mode='loop') (rows 'name loop')")
     parser.add_argument("--features", action="store_true",
                         help="also time every method on the trunk-output gradients, pulled back like mgda_ub ('@z')")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 2)")
@@ -166,17 +171,22 @@ def main(argv=None) -> dict:
     print(f"MLP {in_dim}-{'-'.join(map(str, hidden))} trunk ({n_shared} shared parameters), {K} regression heads "
           f"({out_dim} outputs), batch {batch}, Adam, float32, {scan} steps per lax.scan, median of {reps}")
 
-    contenders = {"equal": ("equal", None), "task grads + sum": ("sum", None), "K grads + sum": ("loop", None)}
+    contenders = {"equal": ("equal", None, "vmap"), "task grads + sum": ("sum", None, "vmap"),
+                  "task grads loop + sum": ("sum", None, "loop"), "K grads + sum": ("loop", None, "vmap")}
     for name in methods:
-        contenders[name] = ("ub" if name == "mgda_ub" else "method", gm.get(name))
+        contenders[name] = ("ub" if name == "mgda_ub" else "method", gm.get(name), "vmap")
+    if args.loop:
+        for name in methods:
+            if name != "mgda_ub":
+                contenders[f"{name} loop"] = ("method", gm.get(name), "loop")
     if args.features:
         for name in methods:
             if name != "mgda_ub":
-                contenders[f"{name} @z"] = ("ub", gm.get(name))
+                contenders[f"{name} @z"] = ("ub", gm.get(name), "vmap")
     programs, compile_s = {}, {}
     key = jax.random.key(1)
-    for label, (kind, method) in contenders.items():
-        program, opt = make_program(kind, method, (X, Y), batch, scan, 1e-3)
+    for label, (kind, method, mode) in contenders.items():
+        program, opt = make_program(kind, method, (X, Y), batch, scan, 1e-3, mode)
         mstate = method.init(K, jax.random.key(2)) if method is not None else ()
         call_args = (params, opt.init(params), mstate, key)
         t0 = time.perf_counter()
@@ -184,12 +194,12 @@ def main(argv=None) -> dict:
         compile_s[label] = time.perf_counter() - t0
         programs[label] = (lambda c=compiled, a=call_args: c(*a))
     med = round_robin(programs, reps)
-    print(f"\n{'step':18s} {'ms/step':>9s} {'ratio':>7s} {'compile s':>10s}  target <= {TARGET}x")
+    print(f"\n{'step':22s} {'ms/step':>9s} {'ratio':>7s} {'compile s':>10s}  target <= {TARGET}x")
     rows = {}
     for label in contenders:
         ratio = med[label] / med["equal"]
         note = "reference" if label == "equal" else ("met" if ratio <= TARGET else "NOT met")
-        print(f"{label:18s} {1e3 * med[label] / scan:9.3f} {ratio:7.3f} {compile_s[label]:10.2f}  {note}")
+        print(f"{label:22s} {1e3 * med[label] / scan:9.3f} {ratio:7.3f} {compile_s[label]:10.2f}  {note}")
         rows[label] = dict(ms_per_step=1e3 * med[label] / scan, ratio=ratio, compile_s=compile_s[label])
     return rows
 

@@ -91,6 +91,9 @@ class GradientMethod(NamedTuple):
 # ----------------------------------------------------------------------------------------------
 
 
+_GRAD_MODES = ("vmap", "loop")
+
+
 class TaskGradients(NamedTuple):
     losses: jax.Array  # (K,) the task losses
     shared: jax.Array  # (K, P) row k: gradient of L_k w.r.t. the shared parameters, flattened
@@ -99,13 +102,18 @@ class TaskGradients(NamedTuple):
     aux: Any           # loss_fn's auxiliary output (has_aux=True), else None
 
 
-def task_gradients(loss_fn: Callable, shared: Any, heads: Any = None, *, has_aux: bool = False) -> TaskGradients:
-    """The per-task gradients of the shared parameters in one forward and one ``vmap``ped backward pass.
+def task_gradients(loss_fn: Callable, shared: Any, heads: Any = None, *, has_aux: bool = False,
+                   mode: str = "vmap") -> TaskGradients:
+    """The per-task gradients of the shared parameters from one forward pass and one ``vmap``ped backward pass.
 
     ``loss_fn(shared, heads) -> (K,)`` task losses (or ``((K,), aux)`` with ``has_aux``); close over the
     batch. With ``(losses, vjp) = jax.vjp(loss_fn, shared, heads)`` the rows of the Jacobian are
-    ``vjp(e_k)`` for the unit vectors ``e_k``; ``jax.vmap(vjp)(eye(K))`` computes all of them as one
-    batched backward pass (what ``jax.jacrev`` does), so the forward pass is shared by the K tasks.
+    ``vjp(e_k)`` for the unit vectors ``e_k``; ``mode="vmap"`` computes them as ``jax.vmap(vjp)(eye(K))``, one
+    batched backward pass (what ``jax.jacrev`` does); ``mode="loop"`` as K calls ``vjp(e_k)`` (K ordinary
+    backward passes, unrolled in the program). Either way the forward pass is done once and shared by the
+    K tasks; the numbers are the same. Which is faster depends on the backend: on this repository's 2-core
+    CPU ``"loop"`` was measured faster (XLA's CPU batched matrix products are slower than K plain ones;
+    ``benchmarks/bench_gradient_methods.py``), on a GPU the batched pass is the usual choice.
 
     Returns :class:`TaskGradients`: ``shared`` (K, P), row k = ``ravel_pytree(grad_shared L_k)``;
     ``heads`` = the gradient of ``sum_k L_k`` w.r.t. ``heads``: a head only affects its own task's loss,
@@ -117,6 +125,7 @@ def task_gradients(loss_fn: Callable, shared: Any, heads: Any = None, *, has_aux
     direction the method returns is pulled back through the trunk with the trunk's own ``vjp``
     (docs/gradient_methods.md, section 3).
     """
+    _check_choice("mode", mode, _GRAD_MODES)
     if has_aux:
         losses, vjp, aux = jax.vjp(loss_fn, shared, heads, has_aux=True)
     else:
@@ -124,7 +133,11 @@ def task_gradients(loss_fn: Callable, shared: Any, heads: Any = None, *, has_aux
     if losses.ndim != 1:
         raise ValueError(f"loss_fn: must return the (K,) task losses, got shape {losses.shape}")
     eye = jnp.eye(losses.shape[0], dtype=losses.dtype)
-    g_shared, g_heads = jax.vmap(vjp)(eye)
+    if mode == "vmap":
+        g_shared, g_heads = jax.vmap(vjp)(eye)
+    else:
+        rows = [vjp(e) for e in eye]
+        g_shared, g_heads = jax.tree.map(lambda *leaves: jnp.stack(leaves), *rows)
     flat = jax.vmap(lambda t: ravel_pytree(t)[0])(g_shared)
     _, unravel = ravel_pytree(shared)
     g_heads = None if heads is None else jax.tree.map(lambda g: jnp.sum(g, axis=0), g_heads)
@@ -134,6 +147,12 @@ def task_gradients(loss_fn: Callable, shared: Any, heads: Any = None, *, has_aux
 # ----------------------------------------------------------------------------------------------
 # Shared helpers
 # ----------------------------------------------------------------------------------------------
+
+
+def _check_choice(name: str, value: Any, choices: tuple) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: must be one of {choices}, got {value!r}")
+    return value
 
 
 def _num_tasks(num_tasks: Any) -> int:
@@ -347,12 +366,6 @@ class MGDAState(NamedTuple):
     weights: jax.Array     # (K,) alpha of the last update, on the simplex: d = sum_k alpha_k g_k
     gap: jax.Array         # () the solver's Frank-Wolfe gap (KKT residual, relative to mean ||g_k||^2)
     iterations: jax.Array  # () int32, the solver's iterations
-
-
-def _check_choice(name: str, value: Any, choices: tuple) -> str:
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{name}: must be one of {choices}, got {value!r}")
-    return value
 
 
 def _check_solver_knobs(max_iter, tol) -> None:
@@ -589,7 +602,7 @@ def imtl_g() -> GradientMethod:
         alpha_{2:K} = g_1 U^T (D U^T)^{-1},    alpha_1 = 1 - sum_{k >= 2} alpha_k .
 
     Computed in Gram space; ``alpha`` may be negative. ``D U^T`` is singular when the gradients are linearly
-    dependent (e.g. K > P + 1), where the solution is not defined (a NaN or huge alpha). The paper applies
+    dependent (e.g. K > P + 1) or one of them is 0, where the solution is not defined (a NaN or huge alpha). The paper applies
     it to the gradients w.r.t. the shared features; pass those as ``task_grads`` for that variant (as with
     :func:`mgda_ub`). ``d`` has the scale of a mean of the gradients. No hyper-parameters.
     """

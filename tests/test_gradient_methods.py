@@ -431,7 +431,7 @@ def test_state_is_a_scan_carry_and_the_direction_takes_the_gradients_dtype(name)
         assert a.shape == b.shape and a.dtype == b.dtype
 
 
-def test_task_gradients_matches_jacrev_and_heads_keep_their_own_gradients(rng):
+def test_task_gradients_matches_jacrev_in_both_modes_and_heads_keep_their_own_gradients(rng):
     x = jnp.asarray(rng.normal(size=(5, 3)))
     shared = {"W": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.zeros(4)}
     heads = jnp.asarray(rng.normal(size=(2, 4)))
@@ -440,8 +440,15 @@ def test_task_gradients_matches_jacrev_and_heads_keep_their_own_gradients(rng):
         h = jnp.tanh(x @ shared["W"] + shared["b"])
         return jnp.mean((h @ heads.T) ** 2, axis=0) + jnp.array([0.0, 1.0])
 
-    tg, unravel = jax.jit(lambda s, h: (lambda t: (t._replace(unravel=None), t.unravel(t.shared[1])))(
-        gm.task_gradients(loss_fn, s, h)))(shared, heads)
+    def both_modes(s, h):
+        out = []
+        for mode in ("vmap", "loop"):
+            t = gm.task_gradients(loss_fn, s, h, mode=mode)
+            out.append((t._replace(unravel=None), t.unravel(t.shared[1])))
+        return out
+
+    (tg, unravel), (tg_loop, _) = jax.jit(both_modes)(shared, heads)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-12), tg, tg_loop)
     jac = jax.jit(jax.jacrev(loss_fn))(shared, heads)
     expected = np.concatenate([np.asarray(jac["W"]).reshape(2, -1), np.asarray(jac["b"])], axis=1)
     flat = np.asarray(tg.shared)
@@ -499,5 +506,7 @@ def test_init_and_get_reject_bad_arguments():
         method.update(jnp.ones((3, 4)), method.init(3))
     with pytest.raises(ValueError, match="^loss_fn"):
         gm.task_gradients(lambda s, h: jnp.sum(s), jnp.ones(3))
+    with pytest.raises(ValueError, match="^mode"):
+        gm.task_gradients(lambda s, h: s, jnp.ones(3), mode="jacfwd")
     assert set(gm.METHODS) == {"mgda", "mgda_ub", "pcgrad", "cagrad", "imtl_g", "gradvac", "graddrop", "nash_mtl",
                                "aligned_mtl"}
