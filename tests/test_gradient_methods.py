@@ -431,6 +431,18 @@ def test_state_is_a_scan_carry_and_the_direction_takes_the_gradients_dtype(name)
         assert a.shape == b.shape and a.dtype == b.dtype
 
 
+def test_solvers_in_float32_reach_the_float64_answer_on_large_gradients(rng):
+    """float32 gradients of norm ~1e3 (the solvers normalise the Gram matrix; a float32 stopping rule
+    that cannot be met, or a badly scaled start, would stall at the iteration cap)."""
+    g = 300.0 * grads(rng, 3)
+    for name, cap in (("mgda", 250), ("cagrad", 500), ("nash_mtl", 50)):
+        d64, _ = run(name, g)
+        d32, state = run(name, g.astype(np.float32))
+        assert d32.dtype == np.float32
+        np.testing.assert_allclose(d32, d64, rtol=1e-3, atol=1e-3 * np.abs(d64).max())
+        assert int(state.iterations) < cap
+
+
 def test_task_gradients_matches_jacrev_in_both_modes_and_heads_keep_their_own_gradients(rng):
     x = jnp.asarray(rng.normal(size=(5, 3)))
     shared = {"W": jnp.asarray(rng.normal(size=(3, 4))), "b": jnp.zeros(4)}
