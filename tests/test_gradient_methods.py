@@ -283,6 +283,13 @@ def test_cagrad_matches_the_slsqp_reference_and_meets_kkt(rng, K, c):
     np.testing.assert_allclose(d, (g.mean(0) + c * np.linalg.norm(g.mean(0)) * gw / np.linalg.norm(gw)) / (1 + c * c),
                                atol=1e-12)
     np.testing.assert_allclose(np.asarray(state.weights) @ g, d, atol=1e-12)
+    # the primal problem: d (before rescaling) is on the sphere ||d - g0|| = c ||g0|| and no point of the
+    # ball improves the worst task more (max_d min_i g_i . d is attained by the dual's d)
+    d0 = d * (1 + c * c)
+    np.testing.assert_allclose(np.linalg.norm(d0 - g.mean(0)), c * np.linalg.norm(g.mean(0)), rtol=1e-8)
+    u = rng.normal(size=(2000, g.shape[1]))
+    ball = g.mean(0) + c * np.linalg.norm(g.mean(0)) * u / np.linalg.norm(u, axis=1, keepdims=True)
+    assert (ball @ g.T).min(axis=1).max() <= (g @ d0).min() + 1e-9
 
 
 def test_cagrad_with_c_zero_is_the_mean_gradient(rng):
@@ -418,13 +425,15 @@ def test_jit_and_vmap_over_seeds_give_the_numbers_of_a_loop(rng, name):
     np.testing.assert_allclose(np.stack(vm, 1), np.array(loop), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("K", [1, 3])
 @pytest.mark.parametrize("name", gm.METHODS)
-def test_state_is_a_scan_carry_and_the_direction_takes_the_gradients_dtype(name):
+def test_state_is_a_scan_carry_and_the_direction_takes_the_gradients_dtype(name, K):
     """The new state has the structure, shapes and dtypes of the old one (what a lax.scan carry needs), also
-    for float32 gradients and a float64 state; the direction has the gradients' dtype (traced only)."""
+    for float32 gradients and a float64 state, and for a single task; the direction has the gradients' dtype
+    (traced only)."""
     method = gm.get(name)
-    state = method.init(3, jax.random.key(0))
-    d, new = jax.eval_shape(method.update, jax.ShapeDtypeStruct((3, 16), jnp.float32), state)
+    state = method.init(K, jax.random.key(0))
+    d, new = jax.eval_shape(method.update, jax.ShapeDtypeStruct((K, 16), jnp.float32), state)
     assert d.shape == (16,) and d.dtype == jnp.float32
     assert jax.tree.structure(new) == jax.tree.structure(state)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
