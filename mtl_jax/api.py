@@ -219,7 +219,9 @@ def _progress(progress, description: str):
         yield progress
     elif progress is True:
         from mtl_jax.runner.progress import bar
-        with bar(None, description) as update:
+        # Every process of a multi-process run gets a callback (the same chunks of rounds, so the same
+        # collectives in every process); only process 0 draws.
+        with bar(None, description, quiet=None if distributed.is_writer() else True) as update:
             def report(record, total):
                 rel = record.gap / abs(record.objective) if record.objective else float("nan")
                 update(record.round, total=total, J=f"{record.objective:.6g}", rel_gap=f"{rel:.1e}")

@@ -61,6 +61,10 @@ the School setting (mlmRev Exam: 4059 pupils, 65 schools, one task per school):
 """
 
 
+#: The DMTRL checkpoint a ``fit --solver dmtrl`` keeps in its result folder (docs/dmtrl.md, "Checkpoints").
+CHECKPOINT = "checkpoint.npz"
+
+
 class CLIError(Exception):
     """A user error: printed as ``error: <message>`` on stderr, exit code 2."""
 
@@ -193,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--omega-every", type=_positive_int, default=None, metavar="K",
                       help="alternating scheme: an Omega-step every K rounds (default: 10)")
     dist.add_argument("--seed", type=_nonneg_int, default=None, metavar="S", help="random seed (default: 0)")
+    dist.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
+                      help=f"save the state to DIR/{CHECKPOINT} every K rounds (default: 100); --resume continues "
+                           "a killed or finished run from it with exactly the numbers of an uninterrupted run")
     dist.add_argument("--straggler-prob", type=_nonneg_float, default=None, metavar="P",
                       help="probability that a site straggles in a round (default: 0)")
     dist.add_argument("--straggler-effort", type=_nonneg_float, default=None, metavar="F",
@@ -339,7 +346,19 @@ def cmd_fit(args) -> int:
         raise CLIError(f"--out {out} already holds a result ({', '.join(existing)}); pass --resume to continue "
                        "from it or --overwrite to replace it")
     W0, resumed_from, saved = None, None, {}
-    if args.resume:
+    checkpoint = os.path.join(out, CHECKPOINT)
+    exact = args.solver == "dmtrl" and os.path.exists(checkpoint)
+    if exact and not (args.resume or args.overwrite):
+        raise CLIError(f"--out {out} holds the checkpoint of a dmtrl run ({CHECKPOINT}); pass --resume to "
+                       "continue it exactly or --overwrite to start afresh")
+    if exact and args.overwrite:
+        from mtl_jax.distributed import is_writer
+        if is_writer():
+            os.remove(checkpoint)
+        exact = False
+    if exact:  # --resume: the checkpoint continues the run exactly (no warm start from the saved W)
+        resumed_from = {"dir": os.path.abspath(out), "checkpoint": CHECKPOINT}
+    elif args.resume:
         if not existing:
             print(f"note: --resume: nothing to resume in {out}; starting from scratch", file=sys.stderr)
         else:
@@ -396,8 +415,9 @@ def cmd_fit(args) -> int:
     loaded = time.perf_counter()
     options = _dmtrl_options(args)
     if args.solver == "dmtrl":
-        from mtl_jax.distributed import is_writer
-        options["progress"] = not args.quiet and is_writer()
+        options["progress"] = not args.quiet  # drawn by process 0 only (mtl_jax.api)
+        os.makedirs(out, exist_ok=True)
+        options["checkpoint"] = checkpoint
     try:
         if own_rows:  # each process reads only its own sites' rows (mtl_jax.distributed.process_sites)
             from mtl_jax import distributed
@@ -487,7 +507,7 @@ class _WithIntercept:
 
 
 _DMTRL_FLAGS = ("scheme", "local_passes", "q", "omega_every", "seed", "straggler_prob", "straggler_effort",
-                "dropout_prob")
+                "dropout_prob", "checkpoint_every")
 
 
 def _dmtrl_options(args) -> dict:
