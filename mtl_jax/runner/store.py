@@ -9,7 +9,8 @@ A *run* is a folder holding three files:
 * ``history.jsonl``: JSON Lines, one record per logged round or step. Solver runs log
   ``{"round", "objective", "gap", "bytes", "seconds"}`` (the distributed solver adds the fields of
   :class:`mtl_jax.solvers.base.RoundRecord`); weighting runs log
-  ``{"step", "seed", "task_losses": [K], "weights": [K]}``.
+  ``{"step", "seed", "task_losses": [K], "weights": [K]}``; sweep runs one record per (seed, grid point)
+  (:meth:`mtl_jax.runner.sweep.SweepResult.records`).
 * ``arrays.npz``: the run's arrays (read with ``allow_pickle=False``), e.g. ``W``, the factored Omega
   ``omega_U``, ``omega_a``, ``omega_b``.
 
@@ -42,8 +43,9 @@ MANIFEST = "manifest.json"
 HISTORY = "history.jsonl"
 ARRAYS = "arrays.npz"
 FILES = (MANIFEST, HISTORY, ARRAYS)
-#: What a run is: a solver's fit (history per round) or a task-weighting training (per step).
-KINDS = ("solver", "weighting")
+#: What a run is: a solver's fit (history per round), a task-weighting training (per step) or a
+#: hyper-parameter sweep (one record per seed and grid point; :mod:`mtl_jax.runner.sweep`).
+KINDS = ("solver", "weighting", "sweep")
 #: The fields of a solver run's history records (:class:`mtl_jax.solvers.base.HistoryRecord`).
 SOLVER_FIELDS = ("round", "objective", "gap", "bytes", "seconds")
 

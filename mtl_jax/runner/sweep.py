@@ -650,13 +650,13 @@ def _batched_order(grid: Grid) -> np.ndarray:
 
 
 def write_sweep(out, res: SweepResult, *, name=None, started=None) -> SweepResult:
-    """Write ``res`` as one run folder of the results store (kind ``"solver"``, ``config["sweep"]``);
+    """Write ``res`` as one run folder of the results store (kind ``"sweep"``, ``config["sweep"]``);
     returns ``res`` with ``path`` set."""
     arrays = {"points": res.points, "seeds": res.seeds, "W": res.W, "val": res.val, "test": res.test,
               "objective": res.objective, "gap": res.gap, "converged": res.converged,
               "iterations": res.iterations, "selected": res.selected, "order": res.order,
               **{f"{k}_mask": v for k, v in res.masks.items()}}
-    path = store.write_run(out, kind="solver", config=res.config, history=res.records(), arrays=arrays,
+    path = store.write_run(out, kind="sweep", config=res.config, history=res.records(), arrays=arrays,
                            summary=res.summary(), name=name, started=started)
     return replace(res, path=path)
 
@@ -664,10 +664,11 @@ def write_sweep(out, res: SweepResult, *, name=None, started=None) -> SweepResul
 def read_sweep(path) -> dict:
     """A sweep run folder read back: ``{"config", "summary", "records" (list of dicts), "arrays"}``.
 
-    ValueError when ``path`` is not a run of the store or not a sweep.
+    ValueError when ``path`` is not a run of the store or not a sweep (kind ``"sweep"``; folders written
+    before that kind existed are kind ``"solver"`` with ``config["sweep"]`` and are read too).
     """
     run = store.read_run(path)
-    if "sweep" not in run.config:
+    if run.kind not in ("sweep", "solver") or "sweep" not in run.config:
         raise ValueError(f"{path}: not a sweep run (its config has no 'sweep' entry)")
     return {"config": run.config, "summary": run.summary, "records": run.history, "arrays": run.arrays}
 

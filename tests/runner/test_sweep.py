@@ -210,7 +210,7 @@ def test_hinge_sweep_warm_starts_the_dual(data):
 def test_records_and_arrays_in_the_store(path_run):
     res = path_run
     run = store.read_run(res.path)
-    assert run.kind == "solver" and run.manifest["files"][store.HISTORY] == 18
+    assert run.kind == "sweep" and run.manifest["files"][store.HISTORY] == 18
     assert parse_grid(run.config["sweep"]["grid"]) == res.grid
     recs = run.history
     assert [(r["seed"], r["point"]) for r in recs] == [(s, p) for s in (0, 1) for p in range(9)]
