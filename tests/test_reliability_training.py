@@ -149,11 +149,22 @@ def np_impute(values, present):
     return np.array(out)
 
 
-@pytest.mark.parametrize("name", ALL_SCHEMES)
+# Per-update variants of the per-epoch defaults: their weights are a function of the imputed losses
+# step by step, which the replay below checks against the documented rule (np_impute).
+PER_UPDATE = {"dwa_step": ("dwa", {"per": "step"}), "gradnorm_batch": ("gradnorm", {"initial": "batch"})}
+# Schemes fed per-epoch means (epoch_end): the replay feeds the raw losses with ``present`` and the
+# recorded epoch ends, so it checks the training step's inputs (the per-epoch mean over the observed
+# batches, absent ones left out, is checked against NumPy in tests/test_weighting.py).
+PER_EPOCH = ("dwa", "gradnorm")
+
+
+@pytest.mark.parametrize("name", ALL_SCHEMES + list(PER_UPDATE))
 def test_every_scheme_trains_through_batches_missing_a_task(name):
     data = _dataset(6)  # the rare task is in 8 of 48 samples: a batch of 4 misses it about half the time
     split, test = to_device(data.train, SPEC, jnp.float64), to_device(data.test, SPEC, jnp.float64)
-    config = dataclasses.replace(ABSENT, scheme="equal" if name == "fixed" else name)
+    scheme_name, kwargs = PER_UPDATE.get(name, ("equal" if name == "fixed" else name, {}))
+    # 3 steps per epoch: 4 epochs in the 12 steps, so the per-epoch schemes move their weights
+    config = dataclasses.replace(ABSENT, scheme=scheme_name, scheme_kwargs=kwargs, steps_per_epoch=3)
     scheme = weighting.fixed((1.0, 0.5, 2.0)) if name == "fixed" else config.make_scheme()
     run = jax.jit(jax.vmap(make_run(config, SPEC, scheme), in_axes=(0, None, None, None)))
     seeds = np.arange(6)
@@ -163,24 +174,37 @@ def test_every_scheme_trains_through_batches_missing_a_task(name):
     assert _finite((h.weights, h.total_loss, results.state.params, results.test.task_loss))
     assert (~np.asarray(h.present[:, :, 2])).sum() >= 10  # the rare task really was absent
     assert np.asarray(h.present[:, :, :2]).all()
+    np.testing.assert_array_equal(np.asarray(h.epoch_end), np.tile(np.arange(1, 13) % 3 == 0, (6, 1)))
     # an absent task's loss is 0 and its term in the total is 0
     absent = ~np.asarray(h.present)
     np.testing.assert_array_equal(np.asarray(h.task_losses)[absent], 0.0)
     np.testing.assert_allclose(h.total_loss, np.sum(h.weights * h.task_losses, axis=-1), rtol=1e-12)
+    if name in ("dwa", "gradnorm"):  # the per-epoch weights do move (not all 1)
+        assert np.ptp(np.asarray(h.weights)[:, 6:]) > 1e-3
     # the weights are the scheme's on the losses with each absent one replaced by its last observed one
+    uses_norms = "grad_norms" in scheme.needs
     checked = 0
     for i, seed in enumerate(seeds):
         present = np.asarray(h.present[i])
         if not present[0].all():
             continue  # the never-observed rule is checked in tests/test_weighting.py
-        losses = np_impute(np.asarray(h.task_losses[i]), present)
-        norms = np_impute(np.asarray(h.grad_norms[i]), present) if scheme.needs else None
+        raw = np.asarray(h.task_losses[i])
+        losses = np_impute(raw, present)
+        norms = np_impute(np.asarray(h.grad_norms[i]), present) if uses_norms else None
         _, k_scheme, _ = jax.random.split(jax.random.key(int(seed)), 3)
         state = scheme.init(3, k_scheme)
         for t in range(config.steps):
-            extra = {"grad_norms": jnp.asarray(norms[t])} if scheme.needs else {}
-            w, state = scheme.update(jnp.asarray(losses[t]), state, **extra)
+            extra = {"grad_norms": jnp.asarray(norms[t])} if uses_norms else {}
+            if "epoch_end" in scheme.needs:
+                extra["epoch_end"] = jnp.asarray(bool(h.epoch_end[i, t]))
+            if name in PER_EPOCH:
+                w, state = scheme.update(jnp.asarray(raw[t]), state, present=jnp.asarray(present[t]), **extra)
+            else:
+                w, state = scheme.update(jnp.asarray(losses[t]), state, **extra)
             np.testing.assert_allclose(h.weights[i, t], w, rtol=1e-10, err_msg=f"seed {seed} step {t}")
+            if scheme.after_step is not None:  # famo: the same batch after the step, absent ones imputed
+                after = np.where(present[t], np.asarray(h.losses_after[i, t]), losses[t])
+                state = scheme.after_step(jnp.asarray(after), state)
         checked += 1
     assert checked >= 2
 
