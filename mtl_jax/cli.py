@@ -340,15 +340,27 @@ def build_parser() -> argparse.ArgumentParser:
                     "if given, else the best certified lower bound over all runs, max_k (J_k - gap_k), which "
                     "assumes the runs solve the same problem. With --omega, also a heat map of the first "
                     "run's Omega. Task-weighting runs give one figure per data set: task losses and task "
-                    "weights over training, one column per scheme. With several figures, each is written "
-                    "next to --out with a suffix (FILE_solver.png, FILE_<dataset>.png)."),
-        epilog="example:\n  mtl-jax plot --results runs/apg runs/alt --labels APG alternating --out runs/conv.png")
+                    "weights over training, one column per scheme. Sweep runs (mtl-jax sweep) give one figure "
+                    "each: heat maps of the validation and test metric over the lam1 x lam2 grid (log axes, mean "
+                    "over seeds, each seed's selected point circled). Solver runs that are seeds of one setting "
+                    "(folders that differ only in a trailing seedN, e.g. a_seed0 a_seed1, or the same --labels "
+                    "label given several times) are drawn as their geometric mean with a band from the best to "
+                    "the worst seed. With several figures, each is written next to --out with a suffix "
+                    "(FILE_solver.png, FILE_<dataset>.png, FILE_<sweep folder>.png). Figures use one style "
+                    "(mtl_jax.plotting.STYLE), sized for a paper's columns (3.4 or 7 inches wide)."),
+        epilog="examples:\n  mtl-jax plot --results runs/apg runs/alt --labels APG alternating --out runs/conv.png\n"
+               "  mtl-jax plot --results runs/sweep --out runs/sweep.png --formats png,pdf\n"
+               "  mtl-jax plot --results runs/a_seed0 runs/a_seed1 runs/b_seed0 runs/b_seed1 --x bytes --out c.png")
     plot.add_argument("--results", required=True, nargs="+", metavar="DIR",
                       help="run folders, or folders holding runs (every run below is plotted)")
     plot.add_argument("--out", required=True, metavar="FILE", help="image file (.png; .pdf and .svg work too)")
     plot.add_argument("--x", choices=("round", "seconds", "sim_seconds", "bytes"), default="round",
                       help="horizontal axis (default: round); sim_seconds and bytes (log axis) for distributed runs")
-    plot.add_argument("--labels", nargs="+", metavar="LABEL", help="one legend label per result directory")
+    plot.add_argument("--formats", metavar="LIST", type=_image_formats, default=(),
+                      help="comma-separated image formats written next to --out with its stem, e.g. png,pdf "
+                           "(default: --out's format only)")
+    plot.add_argument("--labels", nargs="+", metavar="LABEL",
+                      help="one legend label per result directory (a label given several times: seeds of one setting)")
     plot.add_argument("--optimum", type=float, metavar="F", help="reference optimum J* (default: certified lower bound)")
     plot.add_argument("--omega", action="store_true", help="add a heat map of the first run's Omega")
     plot.add_argument("--clusters", metavar="FILE",
@@ -799,13 +811,43 @@ def _read_runs(folders):
     return runs
 
 
+def _image_formats(text):
+    """``--formats png,pdf`` -> ("png", "pdf"), each a format matplotlib writes."""
+    from matplotlib.figure import Figure
+
+    formats = tuple(f.strip().lower().lstrip(".") for f in text.split(",") if f.strip())
+    supported = Figure().canvas.get_supported_filetypes()
+    bad = [f for f in formats if f not in supported]
+    if not formats or bad:
+        raise argparse.ArgumentTypeError(f"unsupported image format(s) {bad or text!r}; use e.g. png,pdf,svg")
+    return formats
+
+
+#: A run label ending in a seed: ``a_seed0``, ``exam/dmtrl/seed3`` (the setting is what comes before).
+_SEED_LABEL = re.compile(r"^(?P<setting>.+?)[_\-/. ]?seed\d+$")
+
+
+def _seed_groups(labels):
+    """Labels -> ``{setting: [indices]}``: repeated labels, and labels that differ only in a trailing seedN,
+    are the seeds of one setting (a setting's seeds keep their order)."""
+    settings = []
+    for label in labels:
+        match = _SEED_LABEL.match(label)
+        settings.append(match.group("setting") if match else label)
+    # A trailing seedN groups only when another run shares the setting; alone it keeps its full label.
+    keyed = [s if settings.count(s) > 1 or labels.count(lab) > 1 else lab for s, lab in zip(settings, labels)]
+    groups = {}
+    for i, key in enumerate(keyed):
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
 def _run_labels(runs, labels):
-    """Legend labels: ``labels`` if given, else folder names (longer paths where names repeat)."""
+    """Legend labels: ``labels`` if given (a repeated label: seeds of one setting), else folder names (longer
+    paths where names repeat)."""
     if labels is not None:
         if len(labels) != len(runs):
             raise CLIError(f"--labels: {len(labels)} label(s) for {len(runs)} run(s)")
-        if len(set(labels)) != len(labels):
-            raise CLIError("--labels: labels must be different")
         return list(labels)
     names_ = [os.path.basename(os.path.normpath(r.path)) for r in runs]
     if len(set(names_)) != len(names_):
@@ -843,11 +885,18 @@ def _solver_figure(runs, labels, args):
                 raise CLIError(f"--clusters {args.clusters}: needs an array clusters of shape ({Omega.shape[0]},)")
             order = np.argsort(clusters, kind="stable")
     panels = 3 if show_omega else 2
-    fig = Figure(figsize=(5.4 * panels, 4.3), layout="constrained")
-    axes = fig.subplots(1, panels)
+    groups = _seed_groups(labels)
+    with plotting.paper_style():
+        fig = Figure(figsize=(plotting.PAGE, 2.6), layout="constrained")
+        axes = fig.subplots(1, panels, width_ratios=[1, 1, 0.9][:panels])
     try:
-        plotting.plot_convergence({label: r.columns() for label, r in zip(labels, runs)}, x=args.x,
-                                  optimum=args.optimum, ax=(axes[0], axes[1]))
+        if all(len(i) == 1 for i in groups.values()):
+            plotting.plot_convergence({label: r.columns() for label, r in zip(labels, runs)}, x=args.x,
+                                      optimum=args.optimum, ax=(axes[0], axes[1]))
+        else:  # seeds of a setting: the mean over seeds with a band from the best to the worst seed
+            plotting.plot_runs({key: [runs[i].columns() for i in idx] if len(idx) > 1 else runs[idx[0]].columns()
+                                for key, idx in groups.items()}, x=args.x, optimum=args.optimum,
+                               ax=(axes[0], axes[1]))
     except ValueError as e:
         # sim_seconds and bytes > 0 come from distributed (dmtrl) runs only: say which option asked for them
         where = f"--x {args.x}" if f"missing column(s) ['{args.x}']" in str(e) else "--results"
@@ -880,13 +929,35 @@ def _weighting_figure(runs, labels):
     return axes[0, 0].figure
 
 
+def _is_sweep(run):
+    """A sweep run: kind "sweep", or an older sweep written as kind "solver" with config["sweep"]."""
+    return run.kind == "sweep" or (run.kind == "solver" and "sweep" in run.config)
+
+
 def _figure_groups(runs):
-    """Runs grouped into figures: all solver runs together; weighting runs per data set."""
+    """Runs grouped into figures: all solver runs together; weighting runs per data set; each sweep alone."""
     groups = {}
     for run in runs:
-        key = "solver" if run.kind == "solver" else f"weighting:{run.config.get('dataset', 'runs')}"
+        if _is_sweep(run):
+            name = os.path.basename(os.path.normpath(run.path))
+            key, n = f"sweep:{name}", 2
+            while key in groups:
+                key, n = f"sweep:{name}{n}", n + 1
+        elif run.kind == "solver":
+            key = "solver"
+        else:
+            key = f"weighting:{run.config.get('dataset', 'runs')}"
         groups.setdefault(key, []).append(run)
     return groups
+
+
+def _sweep_figure(run):
+    from mtl_jax import plotting
+
+    try:
+        return plotting.plot_sweep_run(run)
+    except ValueError as e:
+        raise CLIError(f"--results: {run.path}: {e}") from None
 
 
 def cmd_plot(args) -> int:
@@ -905,13 +976,17 @@ def cmd_plot(args) -> int:
     for key, group in groups.items():
         if key == "solver":
             fig = _solver_figure(group, _run_labels(group, args.labels), args)
+        elif key.startswith("sweep:"):
+            fig = _sweep_figure(group[0])
         else:
             fig = _weighting_figure(group, _run_labels(group, None))
         # One figure per group; with several groups each gets its own file next to --out.
         path = args.out if len(groups) == 1 else f"{stem}_{key.split(':')[-1]}{ext}"
         _make_parent(path)
-        plotting.save_figure(fig, path)
-        written.append(f"{path} ({len(group)} {key.split(':')[0]} run(s))")
+        plotting.save_figure(fig, path, also=args.formats)
+        others = [f for f in args.formats if f != ext.lower().lstrip(".")]
+        also = f" (+ {', '.join(others)})" if others else ""
+        written.append(f"{path}{also} ({len(group)} {key.split(':')[0]} run(s))")
     print("wrote " + ", ".join(written))
     return 0
 

@@ -1,4 +1,4 @@
-"""Figures of fits: convergence curves and task-covariance heat maps (matplotlib, no display needed).
+"""Figures of fits: convergence curves, task-covariance and sweep heat maps, task weights (matplotlib, no display).
 
 Figures are built as ``matplotlib.figure.Figure`` objects rendered by the Agg canvas, without
 ``pyplot``: nothing here selects a global backend, opens a window or needs a display, so the
@@ -15,14 +15,26 @@ A convergence plot shows, per labelled history, on log y axes:
   optimum if given, else a *certified lower bound* on it, so the curve never touches zero and
   an upper bound on the true sub-optimality is shown), and
 * the relative duality gap ``gap_k / |J_k|``, the solver's own certificate.
+
+**Style.** Every figure of this module is built and saved inside :func:`paper_style`, the one place that sets
+the look (:data:`STYLE`: 8 pt text, 7 pt ticks and legends, thin lines, 200 dpi PNG, embedded TrueType fonts in
+PDF), and is sized for a paper: :data:`COLUMN` (3.4 in, one column) or :data:`PAGE` (7 in, both columns) wide,
+so that it is printed at about its own size and the fonts stay 7 to 9 pt. Use it for your own figures too::
+
+    with plotting.paper_style():
+        fig = Figure(figsize=(plotting.COLUMN, 2.4), layout="constrained")
+        ...
+        plotting.save_figure(fig, "fig.png", formats=("png", "pdf"))
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 from collections.abc import Mapping, Sequence
 
+import matplotlib
 import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -30,6 +42,38 @@ from matplotlib.ticker import MaxNLocator
 
 from mtl_jax.data.io import atomic_write
 from mtl_jax.validation import check_square_matrix
+
+#: Figure widths in inches: one column and the full page (two columns) of a typical two-column paper.
+COLUMN = 3.4
+PAGE = 7.0
+#: The one figure style (matplotlib rcParams) of every figure here: sizes readable at :data:`COLUMN` or
+#: :data:`PAGE` width. :func:`paper_style` applies it.
+STYLE = {
+    "font.size": 8, "axes.titlesize": 8, "axes.labelsize": 8, "xtick.labelsize": 7, "ytick.labelsize": 7,
+    "legend.fontsize": 7, "legend.title_fontsize": 7, "figure.titlesize": 9, "font.family": "sans-serif",
+    "axes.linewidth": 0.6, "lines.linewidth": 1.1, "lines.markersize": 4, "grid.linewidth": 0.4,
+    "xtick.major.width": 0.6, "ytick.major.width": 0.6, "xtick.minor.width": 0.4, "ytick.minor.width": 0.4,
+    "xtick.major.size": 3, "ytick.major.size": 3, "xtick.minor.size": 1.5, "ytick.minor.size": 1.5,
+    "legend.frameon": False, "legend.handlelength": 1.6, "axes.titlepad": 4,
+    "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight", "savefig.pad_inches": 0.02,
+    "pdf.fonttype": 42, "ps.fonttype": 42, "image.cmap": "viridis",
+}
+
+
+def paper_style():
+    """A context in which :data:`STYLE` is in force (``matplotlib.rc_context``); every figure of this module is
+    made and saved inside it. Nesting is harmless; leaving restores the caller's settings."""
+    return matplotlib.rc_context(STYLE)
+
+
+def styled(function):
+    """Decorator: run ``function`` inside :func:`paper_style` (the plotting functions of this module)."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with paper_style():
+            return function(*args, **kwargs)
+    return wrapper
+
 
 #: The horizontal axes a convergence plot can use (history columns) and their labels. ``round``,
 #: ``seconds`` are in every solver history; ``bytes`` (communicated, cumulative) and ``sim_seconds``
@@ -90,6 +134,7 @@ def certified_lower_bound(histories) -> float:
     raise ValueError("histories: no finite objective value to take as the optimum")
 
 
+@styled
 def plot_convergence(histories, *, x="round", optimum=None, ax=None):
     """Convergence curves of several runs on log y axes.
 
@@ -144,7 +189,7 @@ def _reference(optimum, columns):
     """``(J*, how it was obtained)``: the given optimum (checked finite) or the certified lower bound."""
     if optimum is None:
         optimum = certified_lower_bound({i: {"objective": c[1], "gap": c[2]} for i, c in enumerate(columns)})
-        return optimum, "certified lower bound on J*"
+        return optimum, "certified bound"
     try:
         optimum = float(optimum)
     except (TypeError, ValueError):
@@ -156,7 +201,7 @@ def _reference(optimum, columns):
 
 def _two_axes(ax):
     if ax is None:
-        fig = Figure(figsize=(11, 4.2), layout="constrained")
+        fig = Figure(figsize=(PAGE, 2.8), layout="constrained")
         ax_sub, ax_gap = fig.subplots(1, 2)
         return ax_sub, ax_gap
     if isinstance(ax, Axes):
@@ -186,21 +231,21 @@ def _finish_axes(ax_sub, ax_gap, x, optimum, reference, legend_loc="best"):
     ax_gap.set_xlabel(X_AXES[x])
     if shared:
         ax_sub.set_ylabel("relative sub-optimality (solid), relative gap (dashed)")
-        ax_sub.set_title(f"convergence (J* = {optimum:.10g}, {reference})", fontsize="medium")
-        ax_sub.legend(fontsize="small", loc=legend_loc)
+        ax_sub.set_title(f"convergence, J* = {optimum:.8g} ({reference})")
+        ax_sub.legend(loc=legend_loc)
     else:
         ax_sub.set_ylabel("(J - J*) / |J*|" if optimum != 0 else "J - J*")
-        ax_sub.set_title(f"sub-optimality (J* = {optimum:.10g}, {reference})", fontsize="medium")
+        ax_sub.set_title(f"sub-optimality, J* = {optimum:.8g} ({reference})")
         ax_gap.set_ylabel("duality gap / J")
-        ax_gap.set_title("relative duality gap (certificate)", fontsize="medium")
-        ax_sub.legend(fontsize="small", loc=legend_loc)
-        ax_gap.legend(fontsize="small", loc=legend_loc)
+        ax_gap.set_title("relative duality gap (certificate)")
+        ax_sub.legend(loc=legend_loc)
+        ax_gap.legend(loc=legend_loc)
     for a in {id(ax_sub): ax_sub, id(ax_gap): ax_gap}.values():
         a.grid(True, which="major", alpha=0.3)
         if x in LOG_X_AXES:
             a.set_xscale("log")
         if x == "round":
-            a.xaxis.set_major_locator(MaxNLocator(integer=True))
+            a.xaxis.set_major_locator(MaxNLocator(nbins=5, integer=True))
 
 
 def _seed_histories(label, value, x):
@@ -276,6 +321,7 @@ def seed_band(histories, x, *, optimum, grid=None):
     return out
 
 
+@styled
 def plot_runs(runs, *, x="round", optimum=None, ax=None):
     """Sub-optimality and duality gap of several labelled runs, each one history or several seeds.
 
@@ -327,6 +373,7 @@ def plot_runs(runs, *, x="round", optimum=None, ax=None):
     return ax_sub, ax_gap
 
 
+@styled
 def plot_runs_grid(runs, *, xs=("round", "bytes", "sim_seconds"), optimum=None, title=None):
     """A figure of :func:`plot_runs`, one row per horizontal axis in ``xs`` (sub-optimality left, gap right).
 
@@ -338,7 +385,7 @@ def plot_runs_grid(runs, *, xs=("round", "bytes", "sim_seconds"), optimum=None, 
         raise ValueError("xs: need at least one horizontal axis")
     for x in xs:
         _check_x(x)
-    fig = Figure(figsize=(11, 3.9 * len(xs) + (0.4 if title else 0.0)), layout="constrained")
+    fig = Figure(figsize=(PAGE, 2.5 * len(xs) + (0.25 if title else 0.0)), layout="constrained")
     axes = fig.subplots(len(xs), 2, squeeze=False)
     for row, x in zip(axes, xs):
         plot_runs(runs, x=x, optimum=optimum, ax=(row[0], row[1]))
@@ -347,6 +394,7 @@ def plot_runs_grid(runs, *, xs=("round", "bytes", "sim_seconds"), optimum=None, 
     return fig
 
 
+@styled
 def plot_omega(Omega, *, ax=None, order=None, title=None):
     """Heat map of a task covariance ``Omega`` (m, m), optionally with the tasks reordered.
 
@@ -374,21 +422,21 @@ def plot_omega(Omega, *, ax=None, order=None, title=None):
             raise ValueError(f"order: must be a permutation of 0..{m - 1} (integer array of shape ({m},))")
         Omega = Omega[np.ix_(order, order)]
     if ax is None:
-        fig = Figure(figsize=(5.6, 4.8), layout="constrained")
+        fig = Figure(figsize=(COLUMN, 2.9), layout="constrained")
         ax = fig.subplots()
     elif not isinstance(ax, Axes):
         raise ValueError("ax: must be None or a matplotlib Axes")
     vmax = float(np.max(np.abs(Omega))) or 1.0
     image = ax.imshow(Omega, cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest")
     ax.figure.colorbar(image, ax=ax, shrink=0.85)
-    ax.set_title(f"Omega ({m} x {m})" if title is None else title, fontsize="medium")
+    ax.set_title(f"Omega ({m} x {m})" if title is None else title)
     ax.set_xlabel("task" + (" (reordered)" if order is not None else ""))
     ax.set_ylabel("task" + (" (reordered)" if order is not None else ""))
     return ax
 
 
-def save_figure(fig, path, *, dpi=120):
-    """Write ``fig`` to ``path`` atomically and close it.
+def save_figure(fig, path, *, dpi=None, also=()):
+    """Write ``fig`` to ``path`` atomically (in :func:`paper_style`) and close it.
 
     The image goes to a temporary file next to ``path`` which is renamed over ``path``
     (``os.replace``) only once complete, so a reader never sees a partial image; on failure no
@@ -398,7 +446,9 @@ def save_figure(fig, path, *, dpi=120):
     Args:
       fig: a matplotlib ``Figure`` (an ``Axes`` is accepted too: its figure is saved).
       path: the output file.
-      dpi: resolution of raster formats.
+      dpi: resolution of raster formats (default: :data:`STYLE`'s ``savefig.dpi``, 200).
+      also: more formats written next to ``path`` with the same stem, e.g. ``("pdf",)`` for a PNG's vector
+        twin (``fig.png`` and ``fig.pdf``).
 
     Returns:
       ``path`` as a string.
@@ -408,15 +458,24 @@ def save_figure(fig, path, *, dpi=120):
     if not isinstance(fig, Figure):
         raise ValueError(f"fig: must be a matplotlib Figure, got {type(fig).__name__}")
     path = os.fspath(path)
-    ext = os.path.splitext(path)[1].lower().lstrip(".")
+    stem, ext = os.path.splitext(path)
+    ext = ext.lower().lstrip(".")
     if not ext:
         raise ValueError(f"path: {path!r} needs an extension naming the image format (e.g. .png)")
     supported = fig.canvas.get_supported_filetypes()
     if ext not in supported:
         raise ValueError(f"path: unsupported image format {ext!r}; expected one of {', '.join(sorted(supported))}")
+    if isinstance(also, str):
+        also = (also,)
+    extra = [str(e).lower().lstrip(".") for e in also]
+    for e in extra:
+        if e not in supported:
+            raise ValueError(f"also: unsupported image format {e!r}; expected one of {', '.join(sorted(supported))}")
     try:
-        with atomic_write(path, "wb") as f:
-            fig.savefig(f, format=ext, dpi=dpi)
+        with paper_style():
+            for target, fmt in [(path, ext)] + [(f"{stem}.{e}", e) for e in extra if e != ext]:
+                with atomic_write(target, "wb") as f:
+                    fig.savefig(f, format=fmt, dpi=dpi)  # None: rcParams savefig.dpi
     finally:
         if "matplotlib.pyplot" in sys.modules:
             with contextlib.suppress(Exception):
@@ -434,6 +493,7 @@ def _seed_band(a, name):
     return a.mean(axis=0), a.std(axis=0)
 
 
+@styled
 def plot_task_curves(curves, *, x=None, task_names=None, log_loss=True, axes=None):
     """Task losses (top row) and task weights (bottom row) over training, one column per run label.
 
@@ -479,7 +539,7 @@ def plot_task_curves(curves, *, x=None, task_names=None, log_loss=True, axes=Non
         raise ValueError(f"task_names: need {k} names, got {len(names)}")
     n = len(bands)
     if axes is None:
-        fig = Figure(figsize=(2.6 * n + 1.0, 5.2), layout="constrained")
+        fig = Figure(figsize=(min(PAGE, max(COLUMN, 1.6 * n + 0.6)), 3.6), layout="constrained")
         axes = fig.subplots(2, n, sharex=True, sharey="row", squeeze=False)
     else:
         axes = np.asarray(axes, dtype=object)
@@ -501,9 +561,173 @@ def plot_task_curves(curves, *, x=None, task_names=None, log_loss=True, axes=Non
             if log:
                 ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
-        axes[0, j].set_title(label, fontsize="medium")
+        axes[0, j].set_title(label)
         axes[1, j].set_xlabel("step")
     axes[0, 0].set_ylabel("task loss (batch)" + (", log" if log_loss else ""))
     axes[1, 0].set_ylabel("task weight")
-    axes[0, 0].legend(fontsize="x-small", ncol=1 if k <= 5 else 2)
+    axes[0, 0].legend(ncol=1 if k <= 5 else 2)
     return axes
+
+
+# --- sweep heat maps ------------------------------------------------------------------------------------
+
+def _grid_axis(values):
+    """``(order, edges, log)`` of one swept hyper-parameter: the permutation sorting ``values``, the cell edges
+    of the sorted values (geometric midpoints on a log axis when all are > 0, else cell indices), log or not."""
+    values = np.asarray(values, dtype=float)
+    order = np.argsort(values, kind="stable")
+    v = values[order]
+    if np.all(v > 0):
+        logs = np.log10(v)
+        if len(v) == 1:
+            return order, 10.0 ** (logs[0] + np.array([-0.5, 0.5])), True
+        mids = (logs[:-1] + logs[1:]) / 2
+        edges = np.concatenate([[2 * logs[0] - mids[0]], mids, [2 * logs[-1] - mids[-1]]])
+        return order, 10.0 ** edges, True
+    return order, np.arange(len(v) + 1) - 0.5, False
+
+
+def _label_index_axis(axis, values):
+    """Categorical axis: one tick per cell, labelled with its value."""
+    axis.set_ticks(np.arange(len(values)))
+    axis.set_ticklabels([f"{v:.3g}" for v in values])
+
+
+@styled
+def plot_sweep(values, lam1, lam2, *, selected=None, ax=None, title=None, label=None, log_color=None):
+    """Heat map of a metric over a (lam1, lam2) sweep grid: lam1 across, lam2 up, log axes (when > 0).
+
+    Args:
+      values: (n1, n2) or (S, n1, n2), ``[s, i, j]`` the metric of seed s at ``(lam1[i], lam2[j])``
+        (``SweepResult.metric_grid``); with seeds the mean over seeds is drawn (NaN ignored).
+      lam1, lam2: (n1,), (n2,) the grid's values in the order of ``values`` (any order; drawn sorted). A
+        hyper-parameter with a value <= 0 (e.g. lam2 = 0) is drawn on an index axis labelled with its values.
+      selected: None or (k, 2) the selected ``(lam1, lam2)`` of each seed: circled in red, with the number of
+        seeds that chose a point next to it when k > 1.
+      ax: an ``Axes`` to draw into; None makes a new :data:`COLUMN`-wide figure.
+      title: the Axes title. label: the colour bar's label.
+      log_color: a log colour scale; default when every value is > 0 and they span more than a factor 20.
+
+    Returns:
+      the ``Axes`` (its figure is ``ax.figure``; a colour bar is attached).
+
+    Raises:
+      ValueError: ``values`` not of shape (n1, n2) / (S, n1, n2), ``selected`` not (k, 2) grid values, bad ``ax``.
+    """
+    from matplotlib.colors import LogNorm, Normalize
+
+    lam1, lam2 = np.asarray(lam1, float).ravel(), np.asarray(lam2, float).ravel()
+    values = np.asarray(values, dtype=float)
+    if values.ndim == 3:
+        with np.errstate(invalid="ignore"), _quiet_nan_warnings():
+            values = np.nanmean(values, axis=0)
+    if values.ndim != 2 or values.shape != (len(lam1), len(lam2)) or 0 in values.shape:
+        raise ValueError(f"values: must have shape (n1, n2) = ({len(lam1)}, {len(lam2)}) or (S, n1, n2), "
+                         f"got {np.shape(values)}")
+    o1, e1, log1 = _grid_axis(lam1)
+    o2, e2, log2 = _grid_axis(lam2)
+    Z = values[np.ix_(o1, o2)]
+    finite = Z[np.isfinite(Z)]
+    if log_color is None:
+        log_color = finite.size > 0 and finite.min() > 0 and finite.max() > 20 * finite.min()
+    norm = (LogNorm(finite.min(), finite.max()) if log_color and finite.size and finite.min() > 0
+            else Normalize(*(finite.min(), finite.max()) if finite.size else (0, 1)))
+    if ax is None:
+        fig = Figure(figsize=(COLUMN, 2.7), layout="constrained")
+        ax = fig.subplots()
+    elif not isinstance(ax, Axes):
+        raise ValueError("ax: must be None or a matplotlib Axes")
+    mesh = ax.pcolormesh(e1, e2, np.ma.masked_invalid(Z.T), norm=norm, cmap="viridis", shading="flat")
+    ax.figure.colorbar(mesh, ax=ax, label=label)
+    if log1:
+        ax.set_xscale("log")
+    else:
+        _label_index_axis(ax.xaxis, lam1[o1])
+    if log2:
+        ax.set_yscale("log")
+    else:
+        _label_index_axis(ax.yaxis, lam2[o2])
+    ax.set_xlim(e1[0], e1[-1])
+    ax.set_ylim(e2[0], e2[-1])
+    ax.set_xlabel("lam1 (Frobenius)")
+    ax.set_ylabel("lam2 (task coupling)")
+    if selected is not None:
+        chosen = np.asarray(selected, dtype=float).reshape(-1, 2) if np.size(selected) else np.zeros((0, 2))
+        pos1 = {v: k for k, v in enumerate(lam1[o1])}
+        pos2 = {v: k for k, v in enumerate(lam2[o2])}
+        counts = {}
+        for a, b in chosen:
+            if a not in pos1 or b not in pos2:
+                raise ValueError(f"selected: ({a:g}, {b:g}) is not a point of the grid")
+            counts[(a, b)] = counts.get((a, b), 0) + 1
+        for (a, b), c in counts.items():
+            xa = a if log1 else pos1[a]
+            yb = b if log2 else pos2[b]
+            ax.scatter([xa], [yb], s=28 + 10 * c, facecolors="none", edgecolors="red", linewidths=1.2, zorder=3)
+            if len(chosen) > 1:
+                ax.annotate(str(c), (xa, yb), xytext=(4, 3), textcoords="offset points", color="red", fontsize=7,
+                            zorder=4)
+    if title is not None:
+        ax.set_title(title)
+    return ax
+
+
+@contextlib.contextmanager
+def _quiet_nan_warnings():
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        yield
+
+
+def _sweep_parts(sweep):
+    """``(lam1, lam2, val (S, P), test (S, P), selected (S,), points (P, 2), metric)`` of a
+    :class:`mtl_jax.runner.sweep.SweepResult`, or of a sweep run (``store.read_run``/``read_sweep``'s dict)."""
+    if hasattr(sweep, "grid") and hasattr(sweep, "val"):
+        return (np.asarray(sweep.grid.lam1), np.asarray(sweep.grid.lam2), np.asarray(sweep.val),
+                np.asarray(sweep.test), np.asarray(sweep.selected), np.asarray(sweep.points), sweep.metric)
+    if hasattr(sweep, "manifest"):   # a store.Run
+        sweep = {"config": sweep.config, "arrays": sweep.arrays}
+    try:
+        cfg, arrays = sweep["config"]["sweep"], sweep["arrays"]
+        return (np.asarray(cfg["lam1"], float), np.asarray(cfg["lam2"], float), arrays["val"], arrays["test"],
+                arrays["selected"], arrays["points"], cfg.get("metric", "mse"))
+    except (KeyError, TypeError):
+        raise ValueError("sweep: must be a SweepResult or a sweep run (config['sweep'] with lam1, lam2; arrays "
+                         "val, test, selected, points)") from None
+
+
+@styled
+def plot_sweep_run(sweep, *, which=("val", "test"), title=None):
+    """The figure of a sweep: one :func:`plot_sweep` heat map per metric in ``which`` (``"val"``: validation,
+    ``"test"``), mean over seeds, each seed's selected point circled; the title gives the test metric at the
+    selected points, mean +- standard deviation over seeds.
+
+    Args:
+      sweep: a :class:`mtl_jax.runner.sweep.SweepResult`, a sweep run (``store.read_run``) or
+        ``read_sweep``'s dict.
+      which: the panels, left to right. title: the figure's title (default: the test summary).
+
+    Returns:
+      the ``Figure`` (:data:`COLUMN` wide for one panel, :data:`PAGE` for two).
+    """
+    lam1, lam2, val, test, selected, points, metric = _sweep_parts(sweep)
+    which = (which,) if isinstance(which, str) else tuple(which)
+    if not which or any(w not in ("val", "test") for w in which):
+        raise ValueError(f"which: panels from ('val', 'test'), got {which!r}")
+    S, n1, n2 = len(selected), len(lam1), len(lam2)
+    grids = {"val": np.asarray(val, float).reshape(S, n1, n2), "test": np.asarray(test, float).reshape(S, n1, n2)}
+    chosen = np.asarray(points)[np.asarray(selected, int)]
+    name = "MSE" if metric == "mse" else "error rate" if metric == "error" else metric
+    fig = Figure(figsize=(COLUMN if len(which) == 1 else PAGE, 2.7), layout="constrained")
+    axes = fig.subplots(1, len(which), squeeze=False)[0]
+    seeds = f"mean over {S} seeds" if S > 1 else "one seed"
+    for ax, w in zip(axes, which):
+        what = {"val": "validation", "test": "test"}[w]
+        plot_sweep(grids[w], lam1, lam2, selected=chosen, ax=ax, title=f"{what} {name} ({seeds})",
+                   label=f"{what} {name}")
+    at = np.asarray(test, float)[np.arange(S), np.asarray(selected, int)]
+    spread = f" +- {np.std(at, ddof=1):.3g} (std over {S} seeds)" if S > 1 else ""
+    fig.suptitle(title if title is not None else
+                 f"test {name} at the selected points (circled): {np.mean(at):.4g}{spread}")
+    return fig
