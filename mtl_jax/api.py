@@ -12,7 +12,7 @@ from mtl_jax import distributed, names
 from mtl_jax.data.sites import pack_sites, to_sites
 from mtl_jax.mtrl import DEFAULT_EPS, SpectralMatrix, objective_J
 from mtl_jax.solvers import centralized, dmtrl
-from mtl_jax.solvers.base import check_options, history_columns
+from mtl_jax.solvers.base import check_checkpoint, check_options, history_columns
 from mtl_jax.validation import check_array, check_int, check_real, check_scale, validate_dataset, validate_lams
 
 SOLVERS = names.SOLVERS
@@ -122,12 +122,15 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
       eps: relative eigenvalue floor of the Omega-step, ``0 < eps < 1``: the floor is ``eps`` times the
         mean eigenvalue of ``(W W^T)^{1/2}``, so ``eps >= 1`` would lift every eigenvalue below the
         mean to at least the mean and wash out the task relationships that Omega is for.
-      progress: dmtrl only (the centralized solver is one compiled program): ``True`` draws a progress bar
-        (round, J, gap) on stderr, updated after every chunk of rounds (``MTL_JAX_QUIET=1`` silences it);
-        a callable ``progress(record, max_rounds)`` is called instead; ``None`` (default): nothing.
+      progress: ``True`` draws a progress bar (round, J, gap) on stderr, updated after every chunk of
+        rounds or iterations (``MTL_JAX_QUIET=1`` silences it); a callable ``progress(record, max_iter)``
+        is called instead; ``None`` (default): nothing (the centralized solver is then one compiled program).
       **solver_options: centralized: ``inner_tol`` (>= 0), ``inner_max_iter`` (integer >= 1) of the
-        alternation's W-step. dmtrl: ``scheme`` ("joint", default, or "alternating"), ``local_passes``,
-        ``q``, ``omega_every``, ``omega_tol``, ``omega0``, ``order``, ``seed`` and the systems model
+        alternation's W-step; ``checkpoint`` (a .npz path) and ``checkpoint_every`` (iterations or
+        alternations per chunk): save the state after every chunk and continue from an existing
+        checkpoint of the same problem, exactly (:func:`mtl_jax.solvers.centralized.solve`).
+        dmtrl: ``scheme`` ("joint", default, or "alternating"), ``local_passes``, ``q``, ``omega_every``,
+        ``omega_tol``, ``omega0``, ``order``, ``seed``, ``checkpoint``, ``checkpoint_every`` and the systems model
         ``min_effort``, ``straggler_prob``, ``straggler_effort``, ``dropout_prob``, ``speed``, ``latency``,
         ``bandwidth`` (:func:`mtl_jax.solvers.dmtrl.solve`; docs/dmtrl.md).
 
@@ -178,6 +181,7 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
         dmtrl.check_dmtrl_options(solver_options, m)  # validated before the data are packed
     else:
         check_options(solver_options, centralized.OPTIONS, "solver_options")
+        check_checkpoint(solver_options.get("checkpoint"), solver_options.get("checkpoint_every"), default=1)
     if "inner_tol" in solver_options:
         solver_options["inner_tol"] = check_real("inner_tol", solver_options["inner_tol"])
     if "inner_max_iter" in solver_options:
@@ -192,9 +196,10 @@ def fit(X, y, task, *, lam1, lam2, loss="squared", solver="centralized", method=
             out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, W0=W0,
                               alpha0=alpha0, eps=eps, progress=report, **solver_options)
     else:
-        out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
-                                max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps, data_key=_data_key(X, task, m),
-                                **solver_options)
+        with _progress(progress, f"{method} iterations" if method != "alternating" else "alternations") as report:
+            out = centralized.solve(sites, lam1=lam1, lam2=lam2, loss=loss, method=method, tol=tol,
+                                    max_iter=max_iter, W0=W0, alpha0=alpha0, eps=eps,
+                                    data_key=_data_key(X, task, m), progress=report, **solver_options)
     alpha = np.zeros(len(y), dtype=out.alpha.dtype)
     index = np.asarray(sites.index)
     alpha[index[index >= 0]] = out.alpha[index >= 0]

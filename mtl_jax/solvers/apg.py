@@ -190,11 +190,12 @@ def _primal_certificate(W, a, grad, sites, loss: Loss, reg, reg_at_W):
     return primal, primal - dual, alpha
 
 
-def _loop(step, state, max_iter, tol, history_size):
+def _loop(step, state, max_iter, tol, history_size, offset=None):
     """Iterate ``step`` until the relative gap is at most ``tol`` or ``max_iter`` steps (both traced).
 
     ``history_size`` (static) is the length of the per-iteration history; iterations past it are run
-    but not recorded (callers size it to at least ``max_iter``).
+    but not recorded (callers size it to at least ``max_iter``). ``offset`` (traced, for a loop that
+    continues a state: :func:`run_chunk`): the iteration count of ``state``, recorded at history entry 0.
     """
     n = history_size
     dtype = state.objective.dtype
@@ -207,7 +208,7 @@ def _loop(step, state, max_iter, tol, history_size):
     def body(carry):
         s, (objs, gaps) = carry
         s = step(s)
-        i = s.iteration - 1
+        i = s.iteration - 1 if offset is None else s.iteration - 1 - offset
         return s, (objs.at[i].set(s.objective, mode="drop"), gaps.at[i].set(s.gap, mode="drop"))
 
     state, (objs, gaps) = jax.lax.while_loop(cond, body, (state, hist))
@@ -272,6 +273,24 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000, hist
       max_iter: iteration cap (may be traced).
       history_size: length of the recorded history (static); default ``max_iter``, which must then be an int.
     """
+    parts = primal_parts(sites, loss, reg, lipschitz=lipschitz)
+    res = _loop(parts.step, parts.init(W0), max_iter, tol, max_iter if history_size is None else history_size)
+    return res._replace(state=parts.finish(res.state))
+
+
+class APGParts(NamedTuple):
+    """One APG method cut at its loop: ``init(start) -> loop state``, ``step(loop state) -> loop state``,
+    ``finish(loop state) -> APGState``. The loop state is everything the ``while_loop`` carries (a
+    :class:`_PrimalLoop` for the primal method, an :class:`APGState` for the dual), so a run cut into
+    chunks (:func:`run_chunk`) and continued from a saved loop state computes exactly the same numbers."""
+
+    init: object
+    step: object
+    finish: object
+
+
+def primal_parts(sites, loss, reg, *, lipschitz) -> APGParts:
+    """:func:`primal_apg` cut at its loop (:class:`APGParts`; ``init`` takes ``W0`` (m, d))."""
     loss = get_loss(loss)
     if loss.curvature is None:
         raise ValueError(f"loss {loss.name!r} is not smooth: use the dual method")
@@ -282,16 +301,18 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000, hist
     def gradient(a):
         return feature_sums(c * loss.derivative(sites.y, a), X)
 
-    # The starting point is certified by the first step rather than here: the certificate is the
-    # costliest code to compile, and an infinite value makes that first step always accepted.
-    a0 = margins(W0, X)
-    g0 = gradient(a0)
-    inf = jnp.asarray(jnp.inf, W0.dtype)
-    zero = jnp.zeros((), W0.dtype)
-    init = _PrimalLoop(W0, jnp.ones((), W0.dtype), inf, inf, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32),
-                       PrimalCarry(a0, g0, W0, a0, g0, zero))
+    def init(W0):
+        # The starting point is certified by the first step rather than here: the certificate is the
+        # costliest code to compile, and an infinite value makes that first step always accepted.
+        a0 = margins(W0, X)
+        g0 = gradient(a0)
+        inf = jnp.asarray(jnp.inf, W0.dtype)
+        zero = jnp.zeros((), W0.dtype)
+        return _PrimalLoop(W0, jnp.ones((), W0.dtype), inf, inf, jnp.zeros((), jnp.int32),
+                           jnp.zeros((), jnp.int32), PrimalCarry(a0, g0, W0, a0, g0, zero))
 
     def step(s: _PrimalLoop) -> _PrimalLoop:
+        zero = jnp.zeros((), s.x.dtype)
         aW, gW, prev, a_prev, g_prev, beta = s.carry
         z = s.x + beta * (s.x - prev)
         if loss.linear_derivative:
@@ -318,13 +339,13 @@ def primal_apg(sites, loss, reg, W0, *, lipschitz, tol=1e-6, max_iter=1000, hist
             carry=PrimalCarry(keep(a_new, aW), keep(g_new, gW), s.x, aW, gW, jnp.where(worse, zero, beta_next)),
         )
 
-    res = _loop(step, init, max_iter, tol, max_iter if history_size is None else history_size)
-    s = res.state
-    aW, _, prev, _, _, beta = s.carry
-    alpha = loss.primal_to_dual(sites.y, aW, c) * sites.mask  # the certificate's dual point of x
-    state = APGState(s.x, s.x + beta * (s.x - prev), s.t, s.objective, s.x, alpha, s.objective, s.gap,
-                     s.iteration, s.restarts, s.carry)
-    return res._replace(state=state)
+    def finish(s: _PrimalLoop) -> APGState:
+        aW, _, prev, _, _, beta = s.carry
+        alpha = loss.primal_to_dual(sites.y, aW, c) * sites.mask  # the certificate's dual point of x
+        return APGState(s.x, s.x + beta * (s.x - prev), s.t, s.objective, s.x, alpha, s.objective, s.gap,
+                        s.iteration, s.restarts, s.carry)
+
+    return APGParts(init, step, finish)
 
 
 def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, history_size=None) -> APGResult:
@@ -333,6 +354,13 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, hi
     ``alpha0`` (m, n_max) must be dual feasible (zeros are, for every loss) and zero at padding.
     ``max_iter`` and ``history_size`` as in :func:`primal_apg`.
     """
+    parts = dual_parts(sites, loss, reg, lipschitz=lipschitz)
+    return _loop(parts.step, parts.init(alpha0), max_iter, tol, max_iter if history_size is None else history_size)
+
+
+def dual_parts(sites, loss, reg, *, lipschitz) -> APGParts:
+    """:func:`dual_apg` cut at its loop (:class:`APGParts`; ``init`` takes ``alpha0``; the loop state is the
+    :class:`APGState` itself, ``finish`` the identity)."""
     loss = get_loss(loss)
     c = jnp.where(sites.mask > 0, sample_weights(sites), 1.0)
     step_size = 1.0 / lipschitz
@@ -343,10 +371,11 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, hi
         primal = empirical_loss(W, sites, loss) + reg_at_W
         return dual, W, primal
 
-    inf = jnp.asarray(jnp.inf, alpha0.dtype)
-    W0 = jnp.zeros((sites.num_sites, sites.dim), alpha0.dtype)
-    init = APGState(alpha0, alpha0, jnp.ones((), alpha0.dtype), inf, W0, alpha0, inf, inf,
-                    jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    def init(alpha0):
+        inf = jnp.asarray(jnp.inf, alpha0.dtype)
+        W0 = jnp.zeros((sites.num_sites, sites.dim), alpha0.dtype)
+        return APGState(alpha0, alpha0, jnp.ones((), alpha0.dtype), inf, W0, alpha0, inf, inf,
+                        jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
     def step(s: APGState) -> APGState:
         W_z, _, _ = reg.conjugate(feature_sums(s.z, X))
@@ -355,4 +384,12 @@ def dual_apg(sites, loss, reg, alpha0, *, lipschitz, tol=1e-6, max_iter=1000, hi
         dual_new, W_new, primal_new = certify(alpha_new)
         return _advance(s, alpha_new, -dual_new, W_new, alpha_new, primal_new, primal_new - dual_new)[0]
 
-    return _loop(step, init, max_iter, tol, max_iter if history_size is None else history_size)
+    return APGParts(init, step, lambda s: s)
+
+
+def run_chunk(parts: APGParts, state, stop, tol, history_size) -> APGResult:
+    """Continue the loop state ``state`` (of ``parts``) until the relative gap is at most ``tol`` or the
+    iteration count reaches ``stop`` (both traced). The history's entry 0 is iteration ``state.iteration + 1``.
+    Chunks of any lengths give exactly the numbers of one loop (the same ``step``, the same carried state).
+    Returns an :class:`APGResult` whose ``state`` is the loop state (not finished)."""
+    return _loop(parts.step, state, stop, tol, history_size, offset=state.iteration)

@@ -265,3 +265,98 @@ def clear_cache() -> None:
     """Forget every compiled program (the next solve compiles again)."""
     _COMPILED.clear()
     _stats.update(compiled=0, hits=0, loaded=0)
+
+
+# --- checkpoints -------------------------------------------------------------------------------------
+
+def check_checkpoint(path, every, *, default: int) -> tuple:
+    """``(path, every)`` of a solver's ``checkpoint``/``checkpoint_every`` options, checked; ``every`` None -> ``default``.
+
+    ValueError naming ``checkpoint`` (not a path, or its folder missing) or ``checkpoint_every`` (not an int >= 1).
+    """
+    from mtl_jax.validation import check_int
+    if path is not None:
+        if not isinstance(path, (str, os.PathLike)):
+            raise ValueError(f"checkpoint: must be a file path (str or os.PathLike), got {path!r}")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"checkpoint: the folder {folder} does not exist")
+    every = default if every is None else check_int("checkpoint_every", every, low=1, high=2**31 - 1)
+    return path, every
+
+
+def fingerprint(leaves, extra) -> str:
+    """A sha256 of arrays (shape, dtype and bytes of each of ``leaves``) and of ``repr(extra)``: what must
+    match for a checkpoint to continue a run. Arrays spread over processes contribute their shapes only."""
+    h = hashlib.sha256()
+    for leaf in leaves:
+        h.update(repr((np.shape(leaf), str(getattr(leaf, "dtype", np.asarray(leaf).dtype)))).encode())
+        if getattr(leaf, "is_fully_addressable", True):
+            h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    h.update(repr(extra).encode())
+    return h.hexdigest()
+
+
+def named_arrays(tree, prefix: str) -> dict:
+    """The leaves of a (nested) NamedTuple as ``{prefix_field[_subfield]: array}`` (None fields left out)."""
+    out = {}
+    for name, value in tree._asdict().items():
+        key = f"{prefix}_{name}"
+        if value is None:
+            continue
+        if hasattr(value, "_asdict"):
+            out.update(named_arrays(value, key))
+        else:
+            out[key] = value
+    return out
+
+
+def write_checkpoint(path, arrays: dict, history, *, format: str, fingerprint: str) -> None:
+    """Write ``arrays`` (host arrays), the ``history`` rows (float64) and the ``format`` tag and ``fingerprint``
+    to the .npz ``path`` atomically: a kill at any moment leaves the previous checkpoint or the new one, never
+    a torn file (:func:`mtl_jax.data.io.atomic_write`). Arrays only: read back without pickle."""
+    arrays = dict(arrays)
+    rows = np.array([tuple(r) for r in history], dtype=np.float64)
+    arrays.update(history=rows, format=np.array(format), fingerprint=np.array(fingerprint))
+    with atomic_write(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def read_checkpoint(path, *, format: str, fingerprint: str, what: str, differs: str) -> dict:
+    """The arrays of the checkpoint at ``path``, after checking that it is one (``format``) of this problem.
+
+    ValueError naming ``checkpoint`` and saying why: not a valid .npz (torn, foreign), not ``what``
+    (another format tag), or another problem (``fingerprint`` differs; ``differs`` lists what may).
+    """
+    from mtl_jax.data.io import read_npz
+    try:
+        saved = read_npz(path)
+    except ValueError as e:
+        raise ValueError(f"checkpoint: {e}; delete it to start afresh") from None
+    if str(saved.get("format", "")) != format:
+        raise ValueError(f"checkpoint: {path} is not {what} ({format})")
+    if str(saved.get("fingerprint", "")) != fingerprint:
+        raise ValueError(f"checkpoint: {path} belongs to another problem or other options ({differs} differ); "
+                         "delete it or choose another path")
+    return saved
+
+
+def restored(saved: dict, like, prefix: str, path, place=None):
+    """``like`` (a nested NamedTuple of arrays) with every leaf replaced by ``saved[prefix_field...]``, after
+    checking its shape and dtype (ValueError naming ``checkpoint``); ``place(array, like_leaf)`` puts it on
+    the device (default: ``jax.device_put`` with the leaf's sharding)."""
+    def one(key, leaf):
+        if key not in saved:
+            raise ValueError(f"checkpoint: {path}: missing array {key}")
+        a = saved[key]
+        if a.shape != leaf.shape or a.dtype != leaf.dtype:
+            raise ValueError(f"checkpoint: {path}: {key} has shape {a.shape} {a.dtype}, expected {leaf.shape} "
+                             f"{leaf.dtype}")
+        return place(a, leaf) if place is not None else jax.device_put(a, leaf.sharding)
+
+    fields = {}
+    for name, value in like._asdict().items():
+        key = f"{prefix}_{name}"
+        fields[name] = None if value is None else (restored(saved, value, key, path, place)
+                                                   if hasattr(value, "_asdict") else one(key, value))
+    return type(like)(**fields)
