@@ -567,3 +567,107 @@ def test_fit_dmtrl_draws_a_progress_bar_unless_quiet(tmp_path, capsys, monkeypat
     assert "dmtrl rounds" in err and "rel_gap" in err
     assert cli.main(base + ["--out", str(tmp_path / "b"), "--quiet"]) == 0
     assert "dmtrl rounds" not in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- sweep (and its plot)
+
+SWEEP_GRID = ["lam1=0.05,1", "lam2=0.1,2", "seeds=2"]   # a 2 x 2 grid x 2 seeds
+
+
+def _sweep(data, out, *extra):
+    return cli.main(["sweep", "--data", data, "--grid", *SWEEP_GRID, "--out", str(out), "--quiet", *extra])
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory, dataset):
+    """``(data file, sweep run folder, what the command printed)``: one CLI sweep shared by the tests below."""
+    import contextlib
+    import io
+    root = tmp_path_factory.mktemp("swept")
+    X, y, task, _ = dataset
+    data = str(root / "data.npz")
+    save_npz(data, X=X, y=y, task=task)
+    printed = io.StringIO()
+    with pytest.MonkeyPatch.context() as mp, contextlib.redirect_stdout(printed):
+        mp.setenv("MTL_JAX_NO_COMPILE_CACHE", "1")
+        assert _sweep(data, root / "sweep") == 0
+    return data, root / "sweep", printed.getvalue()
+
+
+def test_sweep_writes_the_records_of_the_library_sweep_and_prints_the_selection(swept, dataset):
+    from mtl_jax.runner import sweep as sweeps
+    data_file, out, printed = swept
+    run = store.read_run(out)
+    assert run.kind == "sweep" and sorted(os.listdir(out)) == RUN_FILES
+    X, y, task, _ = dataset
+    direct = sweeps.sweep(X, y, task, " ".join(SWEEP_GRID))
+    drop = lambda records: [{k: v for k, v in r.items() if k != "seconds"} for r in records]  # noqa: E731
+    assert drop(run.history) == drop(direct.records())
+    np.testing.assert_array_equal(run.arrays["selected"], direct.selected)
+    np.testing.assert_array_equal(run.arrays["W"], direct.W)
+    assert run.config["data"]["path"] == os.path.abspath(data_file) and run.config["command"] == "sweep"
+    t = direct.test_summary()
+    for p in direct.selected_params:
+        assert f"seed {p['seed']}: lam1 = {p['lam1']:.4g}, lam2 = {p['lam2']:.4g} (point {p['point']})" in printed
+    assert f"{t['mean']:.6g} +- {t['std']:.4g} (mean +- std over 2 seeds" in printed
+
+
+def test_sweep_plot_writes_png_and_pdf_in_the_paper_style(tmp_path, swept, monkeypatch, capsys):
+    out = swept[1]
+    calls = _spy(monkeypatch, "plot_sweep_run")
+    sizes = []
+    real_save = plotting.save_figure
+    monkeypatch.setattr(plotting, "save_figure",
+                        lambda fig, path, **kw: (sizes.append(tuple(fig.get_size_inches())), real_save(fig, path, **kw))[1])
+    png = tmp_path / "figs" / "sweep.png"
+    assert cli.main(["plot", "--results", str(out), "--out", str(png), "--formats", "png,pdf"]) == 0
+    assert len(calls) == 1 and calls[0][0].kind == "sweep"
+    assert png.read_bytes().startswith(PNG_MAGIC) and png.stat().st_size > 1000
+    pdf = png.with_suffix(".pdf")
+    assert pdf.read_bytes().startswith(b"%PDF") and pdf.stat().st_size > 1000
+    assert sizes == [(plotting.PAGE, pytest.approx(sizes[0][1]))]      # the style's page width
+    assert "sweep.png (+ pdf) (1 sweep run(s))" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("grid, words", [
+    (["lam1=0.1", "lam3=1"], ["--grid", "lam3"]),
+    (["lam1=0.1"], ["--grid", "lam2"]),
+    (["lam1=0:1:4:log", "lam2=1"], ["--grid", "lam1"]),
+    (["lam1=0.1", "lam2=1", "seeds=x"], ["--grid", "seeds"]),
+])
+def test_sweep_bad_grid_exits_2_naming_it(tmp_path, data_file, capsys, grid, words):
+    assert cli.main(["sweep", "--data", data_file, "--grid", *grid, "--out", str(tmp_path / "s"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --grid: ") and all(w in err for w in words) and "Traceback" not in err
+    assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("extra, word", [
+    (["--val-fraction", "0.6", "--test-fraction", "0.5"], "--val-fraction"),
+    (["--strategy", "path", "--batch-size", "2"], "--batch-size"),
+])
+def test_sweep_bad_options_exit_2_naming_them(tmp_path, data_file, capsys, extra, word):
+    assert _sweep(data_file, tmp_path / "s", *extra) == 2
+    assert capsys.readouterr().err.startswith(f"error: {word}: ")
+
+
+def test_sweep_refuses_a_missing_file_and_an_existing_result(tmp_path, data_file, capsys):
+    assert _sweep(str(tmp_path / "none.npz"), tmp_path / "s") == 2
+    assert capsys.readouterr().err.startswith("error: --data ")
+    out = store.write_run(tmp_path / "s", kind="solver", config={})
+    assert _sweep(data_file, out) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+def test_plot_draws_seeds_of_one_setting_as_mean_and_band(tmp_path, monkeypatch):
+    for folder, rate in (("a_seed0", 0.5), ("a_seed1", 0.6), ("b", 0.3)):
+        rounds = np.arange(8)
+        store.write_run(tmp_path / "runs" / folder, kind="solver", config={},
+                        history={"round": rounds, "objective": 1.0 + rate ** rounds, "gap": 2 * rate ** rounds,
+                                 "bytes": 100 * rounds, "seconds": 0.01 * rounds})
+    calls = _spy(monkeypatch, "plot_runs")
+    png = tmp_path / "seeds.png"
+    assert cli.main(["plot", "--results", str(tmp_path / "runs"), "--out", str(png)]) == 0
+    runs = calls[0][0]
+    assert list(runs) == ["a", "b"] and len(runs["a"]) == 2 and isinstance(runs["b"], dict)
+    assert png.read_bytes().startswith(PNG_MAGIC)

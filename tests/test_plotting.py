@@ -227,3 +227,98 @@ def test_plot_runs_grid_has_a_row_per_axis(rounds):
 def test_plot_runs_rejects_bad_input(runs, match):
     with pytest.raises(ValueError, match=match):
         plotting.plot_runs(runs)
+
+
+# ----------------------------------------------------------------------------- style, sweep heat maps
+
+def test_every_figure_is_made_in_the_paper_style_and_the_callers_settings_come_back(histories):
+    import matplotlib
+    before = dict(matplotlib.rcParams)
+    ax_sub, _ = plotting.plot_convergence(histories)
+    assert tuple(ax_sub.figure.get_size_inches()) == pytest.approx((plotting.PAGE, 2.8))
+    assert ax_sub.title.get_fontsize() == plotting.STYLE["axes.titlesize"]
+    assert ax_sub.xaxis.label.get_fontsize() == plotting.STYLE["axes.labelsize"]
+    omega = plotting.plot_omega(np.eye(3))
+    assert omega.figure.get_size_inches()[0] == plotting.COLUMN
+    heat = plotting.plot_sweep(np.ones((2, 2)), [0.1, 1], [0.1, 1])
+    assert heat.figure.get_size_inches()[0] == plotting.COLUMN
+    fonts = [v for k, v in plotting.STYLE.items() if k.endswith(("fontsize", "labelsize", "titlesize", "font.size"))]
+    assert len(fonts) == 8 and all(7 <= v <= 9 for v in fonts)      # readable at 3.4 / 7 in
+    assert dict(matplotlib.rcParams) == before
+    with plotting.paper_style():
+        assert matplotlib.rcParams["font.size"] == plotting.STYLE["font.size"]
+
+
+def test_plot_sweep_draws_the_mean_over_seeds_sorted_on_log_axes():
+    lam1, lam2 = [1.0, 0.01, 0.1], [0.5, 5.0]           # unsorted, as a grid may be written
+    values = np.arange(2 * 3 * 2, dtype=float).reshape(2, 3, 2) + 1
+    ax = plotting.plot_sweep(values, lam1, lam2, selected=[(0.1, 5.0), (0.1, 5.0)], title="val")
+    assert ax.get_xscale() == ax.get_yscale() == "log" and ax.get_title() == "val"
+    mesh = ax.collections[0]
+    order1 = np.argsort(lam1)
+    expected = values.mean(axis=0)[order1].T            # rows: lam2 ascending; columns: lam1 ascending
+    np.testing.assert_allclose(np.asarray(mesh.get_array()).reshape(2, 3), expected)
+    edges = mesh.get_coordinates()[0, :, 0]
+    assert edges[0] < 0.01 < edges[1] < 0.1 < edges[2] < 1.0 < edges[3]
+    np.testing.assert_allclose(edges[1], np.sqrt(0.01 * 0.1))   # geometric midpoints
+    marks = ax.collections[1]
+    np.testing.assert_allclose(marks.get_offsets(), [[0.1, 5.0]])
+    assert [t.get_text() for t in ax.texts] == ["2"]     # two seeds chose that point
+
+
+def test_plot_sweep_with_a_zero_value_uses_an_index_axis():
+    ax = plotting.plot_sweep(np.ones((2, 3)), [0.1, 1.0], [0.0, 1.0, 10.0], selected=[(1.0, 0.0)])
+    assert ax.get_xscale() == "log" and ax.get_yscale() == "linear"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0", "1", "10"]
+    np.testing.assert_allclose(ax.collections[1].get_offsets(), [[1.0, 0.0]])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(values=np.ones((3, 2))), "values"),
+    (dict(values=np.ones((2, 2)), selected=[(0.5, 1.0)]), "selected"),
+    (dict(values=np.ones((2, 2)), ax="x"), "ax"),
+])
+def test_plot_sweep_rejects_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plotting.plot_sweep(lam1=[0.1, 1.0], lam2=[0.1, 1.0], **kwargs)
+
+
+def test_plot_sweep_run_of_a_sweep_result_a_run_and_read_sweep():
+    from types import SimpleNamespace
+
+    from mtl_jax.runner import store
+    lam1, lam2 = [1.0, 0.1], [0.1, 1.0]
+    points = np.array([(a, b) for a in lam1 for b in lam2])
+    rng = np.random.default_rng(0)
+    val, test, selected = rng.random((2, 4)) + 0.5, rng.random((2, 4)) + 0.5, np.array([1, 3])
+    config = {"sweep": {"lam1": lam1, "lam2": lam2, "metric": "mse"}}
+    arrays = {"val": val, "test": test, "selected": selected, "points": points}
+    result = SimpleNamespace(grid=SimpleNamespace(lam1=lam1, lam2=lam2), val=val, test=test, selected=selected,
+                             points=points, metric="mse")
+    run = store.Run("mem", {"kind": "sweep", "config": config}, [], arrays)
+    for source in (result, run, {"config": config, "arrays": arrays}):
+        fig = plotting.plot_sweep_run(source)
+        assert len(fig.axes) == 4 and fig.get_size_inches()[0] == plotting.PAGE   # 2 heat maps + colour bars
+        mean = val.reshape(2, 2, 2).mean(axis=0)[::-1]                               # lam1 drawn ascending
+        np.testing.assert_allclose(np.asarray(fig.axes[0].collections[0].get_array()).reshape(2, 2), mean.T)
+        np.testing.assert_allclose(fig.axes[0].collections[1].get_offsets(), [[1.0, 1.0]])
+        np.testing.assert_allclose(fig.axes[0].collections[2].get_offsets(), [[0.1, 1.0]])
+        at = test[[0, 1], selected]
+        assert f"{at.mean():.4g} +- {np.std(at, ddof=1):.3g}" in fig._suptitle.get_text()
+    one = plotting.plot_sweep_run(result, which="test")
+    assert len(one.axes) == 2 and one.get_size_inches()[0] == plotting.COLUMN
+    with pytest.raises(ValueError, match="which"):
+        plotting.plot_sweep_run(result, which=("W",))
+    with pytest.raises(ValueError, match="sweep"):
+        plotting.plot_sweep_run({"config": {}})
+
+
+def test_save_figure_also_writes_a_pdf_twin(tmp_path):
+    ax = plotting.plot_omega(np.eye(2))
+    path = plotting.save_figure(ax.figure, tmp_path / "o.png", also=("pdf",))
+    assert path == str(tmp_path / "o.png")
+    assert (tmp_path / "o.png").read_bytes().startswith(PNG_MAGIC)
+    assert (tmp_path / "o.pdf").read_bytes().startswith(b"%PDF")
+    with pytest.raises(ValueError, match="also"):
+        plotting.save_figure(ax.figure, tmp_path / "p.png", also=("bmpx",))
+    assert sorted(os.listdir(tmp_path)) == ["o.pdf", "o.png"]

@@ -386,3 +386,10 @@ def test_write_run_records_the_environment_and_times_by_default(tmp_path):
     env = run.manifest["environment"]
     assert env["versions"]["jax"] == jax.__version__ and env["backend"] == jax.default_backend()
     assert run.manifest["started"] <= run.manifest["ended"]
+
+
+def test_a_sweep_is_a_kind_of_run(tmp_path):
+    assert "sweep" in store.KINDS
+    run = store.read_run(store.write_run(tmp_path / "s", kind="sweep", config={"sweep": {"lam1": [1.0]}},
+                                         history=[{"seed": 0, "point": 0, "val_mse": 0.5}]))
+    assert run.kind == "sweep" and run.history == [{"seed": 0, "point": 0, "val_mse": 0.5}]
