@@ -166,3 +166,14 @@ def test_dmtrl_convergence_quick_writes_runs_tables_and_figures(tmp_path):
     figures = list((out / "figures").glob("*.png"))
     assert figures and all(f.stat().st_size > 0 for f in figures)
     assert all(f.with_suffix(".pdf").exists() for f in figures)
+    # resume at cell granularity: finished runs are read back, a missing one is recomputed; same numbers
+    first = json.loads((out / "results.json").read_text())["results"]
+    folders = sorted(p for p in store.find_runs(out) if "reference" not in str(p))
+    kept = pathlib.Path(folders[0]) / "manifest.json"
+    kept_text = kept.read_text()
+    import shutil
+    shutil.rmtree(folders[-1])
+    assert cli.main(["run", "dmtrl_convergence", "--preset", "quick", "compile_cache=false", "--out", str(out),
+                     "--quiet"]) == 0
+    assert json.loads((out / "results.json").read_text())["results"] == first
+    assert kept.read_text() == kept_text and store.is_run(folders[-1])

@@ -58,7 +58,7 @@ from mtl_jax import plotting
 from mtl_jax.data.io import atomic_write
 from mtl_jax.data.sites import pack_sites
 from mtl_jax.data.synthetic import cluster_recovery, make_clustered_tasks
-from mtl_jax.runner import configs, progress, store
+from mtl_jax.runner import cells, configs, progress, store
 from mtl_jax.solvers import baselines, centralized, dmtrl
 
 DATASETS = ("synthetic_squared", "synthetic_hinge", "synthetic_logistic", "exam")
@@ -154,6 +154,15 @@ def communication(name, out, sites):
 
 def one_seed(name, seed, args, grids, env, started):
     X, y, task, loss, test, val, info = load(name, seed, args)
+    # A finished (data set, seed) cell -- every method's run folder with this key -- is read back.
+    settings = {k: v for k, v in configs.to_dict(args).items() if k not in ("out", "compile_cache", "seeds",
+                                                                            "datasets")}
+    key = cells.cell_key(dataset=name, seed=seed, grids=grids, settings=settings)
+    runs = {method: cells.finished(os.path.join(args.out, name, method, f"seed{seed}"), key) for method in METHODS}
+    if all(run is not None for run in runs.values()):
+        rows = {method: {k: (np.nan if v is None else v) for k, v in run.summary.items()}
+                for method, run in runs.items()}
+        return rows, runs["dmtrl"].arrays["Omega"], info
     m = int(task.max()) + 1
     train = ~test
     n_max = int(np.bincount(task[train], minlength=m).max())  # selection fits share the final fits' program
@@ -181,7 +190,7 @@ def one_seed(name, seed, args, grids, env, started):
                   "lam1": lams[0], "lam2": lams[1], "tol": args.tol, "max_rounds": args.max_rounds,
                   "num_tasks": m, "dim": int(X.shape[1]), "train": int(train.sum()), "test": int(test.sum()),
                   "validation": {"lam1_grid": list(grids[0]), "lam2_grid": list(grids[1]),
-                                 "errors": [[k[0], k[1], v] for k, v in table.items()]}}
+                                 "errors": [[k[0], k[1], v] for k, v in table.items()]}, "cell": key}
         if method == "minibatch_sgd":
             config.update(rounds=args.sgd_rounds, batch=args.sgd_batch, sgd_seed=args.sgd_seed)
         arrays = {"W": out.W, "test_mask": test}

@@ -42,7 +42,7 @@ import mtl_jax
 from mtl_jax import plotting
 from mtl_jax.data.io import atomic_write
 from mtl_jax.data.synthetic import make_clustered_tasks
-from mtl_jax.runner import configs, progress, store
+from mtl_jax.runner import cells, configs, progress, store
 
 Q_RULES = ("lambda_max", "gershgorin", "paper", "factored")
 PASSES = (1, 5, 20)
@@ -180,15 +180,20 @@ def _run_datasets(args: Config, names, results: dict, lines: list, started, env,
     for name, (X, y, task, loss, description) in datasets(args.quick, names).items():
         m = int(task.max()) + 1
         t0 = time.perf_counter()
-        ref = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=loss, solver="centralized", tol=1e-12,
-                          max_iter=50000)
+        data_cfg = {"name": name, "description": description, "loss": loss, "num_tasks": m, "dim": int(X.shape[1]),
+                    "num_samples": int(len(y)), "quick": args.quick}
+        # A finished cell (same data and settings) is read back: a stopped run resumes where it was.
+        ref_dir = os.path.join(args.out, name, "reference_centralized")
+        ref_key = cells.cell_key(data=data_cfg, lam1=args.lam1, lam2=args.lam2, reference=True)
+        ref = cells.load_fit(ref_dir, ref_key)
+        if ref is None:
+            ref = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=loss, solver="centralized",
+                              tol=1e-12, max_iter=50000)
+            store.write_fit(ref_dir, ref, config={"experiment": "dmtrl_convergence", "data": data_cfg,
+                                                  "fit": ref.config, "cell": ref_key},
+                            started=started, environment_info=env)
         J_star = ref.objective
         t_ref = time.perf_counter() - t0
-        data_cfg = {"name": name, "description": description, "loss": loss, "num_tasks": m, "dim": int(X.shape[1]),
-                    "num_samples": int(len(y))}
-        store.write_fit(os.path.join(args.out, name, "reference_centralized"), ref,
-                        config={"experiment": "dmtrl_convergence", "data": data_cfg, "fit": ref.config},
-                        started=started, environment_info=env)
         print(f"\n## {name}: {description}; {loss} loss, m = {m}, N = {len(y)}, d = {X.shape[1]}\n"
               f"J* = {J_star:.12g} (centralized, relative gap {ref.relative_gap:.1e}, {ref.iterations} iterations)",
               flush=True)
@@ -200,18 +205,25 @@ def _run_datasets(args: Config, names, results: dict, lines: list, started, env,
                 cap = alt_rounds if opts["scheme"] == "alternating" else max_rounds
                 defaults = dict(q="auto", local_passes=1)  # the same fit under several labels runs once
                 key = (json.dumps({**defaults, **opts}, sort_keys=True), seed)
+                folder = slug(label) + (f"_seed{seed}" if len(seeds) > 1 else "")
+                run_dir = os.path.join(args.out, name, folder)
+                cell = cells.cell_key(data=data_cfg, lam1=args.lam1, lam2=args.lam2, tol=args.tol, max_iter=cap,
+                                      seed=seed, options={**defaults, **opts}, reference=J_star)
                 if key not in done:
+                    done[key] = cells.load_fit(run_dir, cell)
+                if done[key] is None:
                     done[key] = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=loss, solver="dmtrl",
                                             tol=args.tol, max_iter=cap, seed=seed, **opts)
                     compile_s += done[key].compile_seconds
                 res = done[key]
                 h = res.history_arrays()
                 s = run_summary(h, J_star)
-                folder = slug(label) + (f"_seed{seed}" if len(seeds) > 1 else "")
-                store.write_fit(os.path.join(args.out, name, folder), res,
-                                config={"experiment": "dmtrl_convergence", "group": group, "variant": label,
-                                        "data": data_cfg, "fit": res.config},
-                                summary={"reference_objective": J_star, **s}, started=started, environment_info=env)
+                if cells.finished(run_dir, cell) is None:
+                    store.write_fit(run_dir, res,
+                                    config={"experiment": "dmtrl_convergence", "group": group, "variant": label,
+                                            "data": data_cfg, "fit": res.config, "cell": cell},
+                                    summary={"reference_objective": J_star, **s}, started=started,
+                                    environment_info=env)
                 histories.append(h)
                 done_runs += 1
                 update(done_runs, data=name, variant=label)
