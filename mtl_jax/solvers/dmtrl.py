@@ -900,17 +900,13 @@ def save_checkpoint(path, state: DMTRLState, history, fingerprint: str) -> None:
     """Write the state after a chunk of rounds and the history so far to ``path`` (.npz), atomically.
 
     A kill at any moment leaves the previous checkpoint or the new one, never a torn file
-    (:func:`mtl_jax.data.io.atomic_write`). Arrays only: read back without pickle.
+    (:func:`mtl_jax.solvers.base.write_checkpoint`). Arrays only: read back without pickle.
     """
-    from mtl_jax.data.io import atomic_write
-    arrays = {f"state_{k}": distributed.to_host(v) for k, v in state._asdict().items() if k != "omega"}
-    arrays.update({f"state_omega_{k}": distributed.to_host(v) for k, v in state.omega._asdict().items()})
+    from mtl_jax.solvers.base import named_arrays, write_checkpoint
+    arrays = {k: distributed.to_host(v) for k, v in named_arrays(state, "state").items()}
     if not distributed.is_writer():  # every process gathers (a collective); process 0 writes
         return
-    rows = np.array([tuple(r) for r in history], dtype=np.float64)
-    arrays.update(history=rows, format=np.array(CHECKPOINT_FORMAT), fingerprint=np.array(fingerprint))
-    with atomic_write(path, "wb") as f:
-        np.savez(f, **arrays)
+    write_checkpoint(path, arrays, history, format=CHECKPOINT_FORMAT, fingerprint=fingerprint)
 
 
 def load_checkpoint(path, like: DMTRLState, fingerprint: str):
@@ -919,27 +915,10 @@ def load_checkpoint(path, like: DMTRLState, fingerprint: str):
     Raises ValueError naming ``checkpoint`` and saying why when the file is not a DMTRL checkpoint of
     this problem (another format, other data, other hyper-parameters or options, other shapes).
     """
-    from mtl_jax.data.io import read_npz
-    try:
-        saved = read_npz(path)
-    except ValueError as e:
-        raise ValueError(f"checkpoint: {e}; delete it to start afresh") from None
-    if str(saved.get("format", "")) != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint: {path} is not a DMTRL checkpoint ({CHECKPOINT_FORMAT})")
-    if str(saved["fingerprint"]) != fingerprint:
-        raise ValueError(f"checkpoint: {path} belongs to another problem or other options (data, lam1, lam2, "
-                         "loss, scheme or systems model differ); delete it or choose another path")
-
-    def placed(name, leaf):
-        a = saved[name]
-        if a.shape != leaf.shape or a.dtype != leaf.dtype:
-            raise ValueError(f"checkpoint: {path}: {name} has shape {a.shape} {a.dtype}, expected {leaf.shape} "
-                             f"{leaf.dtype}")
-        return jax.device_put(a, leaf.sharding)
-
-    fields = {k: placed(f"state_{k}", v) for k, v in like._asdict().items() if k != "omega"}
-    omega = SpectralMatrix(*(placed(f"state_omega_{k}", v) for k, v in like.omega._asdict().items()))
-    state = DMTRLState(**fields, omega=omega)
+    from mtl_jax.solvers.base import read_checkpoint, restored
+    saved = read_checkpoint(path, format=CHECKPOINT_FORMAT, fingerprint=fingerprint, what="a DMTRL checkpoint",
+                            differs="data, lam1, lam2, loss, scheme or systems model")
+    state = restored(saved, like, "state", path)
     rows = saved["history"]
     types = [type(x) for x in RoundRecord(0, 0.0, 0.0, 0, 0.0, 0.0, 0.0, 0.0, 0, 0, 0.0, 0, 0.0)]
     history = [RoundRecord(*(t(v) for t, v in zip(types, row))) for row in rows]
