@@ -25,7 +25,7 @@ import mtl_jax
 from mtl_jax import plotting
 from mtl_jax.data.io import atomic_write
 from mtl_jax.data.school import load_exam
-from mtl_jax.runner import configs, store
+from mtl_jax.runner import cells, configs, store
 
 
 def held_out_r2(W, X, y, task, test):
@@ -87,14 +87,20 @@ def run(args: Config) -> int:
     }
     results = {}
     for label, kw in runs.items():
-        res = mtl_jax.fit(X[train], y[train], task[train], lam1=args.lam1, lam2=args.lam2, **kw)
+        path = os.path.join(args.out, kw.get("method", kw.get("solver")))
+        key = cells.cell_key(split_seed=args.seed, lam1=args.lam1, lam2=args.lam2, fit=kw)
+        res = cells.load_fit(path, key)  # a finished fit of the same settings is read back (resume)
+        fresh = res is None
+        if fresh:
+            res = mtl_jax.fit(X[train], y[train], task[train], lam1=args.lam1, lam2=args.lam2, **kw)
         results[label] = res
         r2 = held_out_r2(res.W, X, y, task, test)
         config = {"experiment": "school_convergence", "label": label, "data": {"name": "Exam", "split_seed": args.seed,
                   "features": list(info["feature_names"]), "train": int(train.sum()), "test": int(test.sum())},
-                  "fit": res.config}
-        store.write_fit(os.path.join(args.out, kw.get("method", kw.get("solver"))), res, config=config, summary={"held_out_r2": r2},
-                        arrays={"test_mask": test}, started=started, environment_info=env)
+                  "fit": res.config, "cell": key}
+        if fresh:
+            store.write_fit(path, res, config=config, summary={"held_out_r2": r2}, arrays={"test_mask": test},
+                            started=started, environment_info=env)
 
     best = max(r.objective - r.gap for r in results.values())  # the best certified lower bound on min J
     lines = [
