@@ -1,4 +1,5 @@
-"""The command line, ``mtl-jax`` (or ``python -m mtl_jax``): ``fit``, ``data``, ``plot``.
+"""The command line, ``mtl-jax`` (or ``python -m mtl_jax``): ``fit``, ``data``, ``sweep``, ``plot`` (and ``list``,
+``run``, ``launch``).
 
 ``fit`` writes a run folder through the results store (:mod:`mtl_jax.runner.store`, docs/results.md):
 ``manifest.json`` (the arguments, the data file and problem size, the result, package versions,
@@ -9,8 +10,12 @@ round, objective, gap, bytes, seconds) and ``arrays.npz`` (``W`` (m, d); the fac
 order; with ``--center`` the removed task means ``center_X`` (m, d) and ``center_y`` (m,)). All three
 are staged before the first is renamed into place, the manifest last.
 
+``sweep`` tunes lam1 and lam2 on a grid x seeds (:mod:`mtl_jax.runner.sweep`, docs/sweeps.md) and writes one
+run folder of kind ``sweep``.
+
 ``plot`` renders every run folder under the given folders: solver runs as convergence curves (and
-Omega), task-weighting runs as task losses and weights over training.
+Omega; seeds of one setting as mean and band), task-weighting runs as task losses and weights over
+training, sweep runs as heat maps over the grid; all in :data:`mtl_jax.plotting.STYLE` (docs/results.md).
 
 The persistent compilation cache (:func:`mtl_jax.enable_compilation_cache`) is on unless
 ``--no-compile-cache`` is given.
@@ -51,6 +56,10 @@ the experiments (each a typed config; 'mtl-jax run NAME --help' lists its keys):
   mtl-jax list
   mtl-jax run school_convergence --out runs/school
   mtl-jax run dmtrl_convergence --out runs/conv lam1=0.05 --preset full
+
+a sweep: lam1 x lam2 grid x seeds, selected on validation, test metric mean +- std, and its heat maps:
+  mtl-jax sweep --data exam --grid lam1=1e-3:1e1:8:log lam2=1e-3:1e1:8:log seeds=5 --out runs/sweep
+  mtl-jax plot --results runs/sweep --out runs/sweep.png --formats png,pdf
 
 the School setting (mlmRev Exam: 4059 pupils, 65 schools, one task per school):
   mtl-jax data school --out runs/exam.csv
@@ -333,7 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     # plot
     plot = commands.add_parser(
-        "plot", formatter_class=raw, help="plot convergence curves of result directories (and Omega) to an image",
+        "plot", formatter_class=raw,
+        help="plot run folders to PNG/PDF: convergence (and Omega), task weights, sweep heat maps",
         description=_para("Plot every run folder found under --results (what 'fit' and the experiments write). "
                     "Solver runs go into one figure: the relative sub-optimality (J - J*)/|J*| and the relative "
                     "duality gap against iterations or seconds, on log axes. J* is --optimum "
