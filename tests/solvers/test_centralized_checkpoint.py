@@ -142,8 +142,8 @@ def test_checkpoint_options_are_checked(data, tmp_path):
 
 def test_fit_passes_checkpoint_and_progress_to_the_centralized_solver(tmp_path):
     import mtl_jax
-    X, y, task, _ = make_clustered_tasks(5, 3, samples_per_task=(6, 10), loss="hinge", seed=1)
-    kw = dict(lam1=0.1, lam2=1.0, loss="hinge", tol=1e-9, max_iter=60)
+    X, y, task, _ = make_clustered_tasks(9, DIM["dual"], samples_per_task=(8, 20), loss="hinge", seed=2)
+    kw = dict(CASES["dual"], max_iter=CAPS["dual"][0])  # the programs compiled above: no compilation here
     one = mtl_jax.fit(X, y, task, **kw)
     path = str(tmp_path / "c.npz")
     seen = []
@@ -152,6 +152,10 @@ def test_fit_passes_checkpoint_and_progress_to_the_centralized_solver(tmp_path):
     assert seen == [10, 20, 30]
     resumed = mtl_jax.fit(X, y, task, **kw, checkpoint=path, checkpoint_every=10)
     np.testing.assert_array_equal(one.W, resumed.W)
+    np.testing.assert_array_equal(one.alpha, resumed.alpha)
     assert (one.objective, one.gap, one.iterations) == (resumed.objective, resumed.gap, resumed.iterations)
+    assert resumed.config["checkpoint"] == path
     with pytest.raises(ValueError, match="^checkpoint_every"):
         mtl_jax.fit(X, y, task, **kw, checkpoint=path, checkpoint_every=0)
+    with pytest.raises(ValueError, match="^checkpoint: the folder"):
+        mtl_jax.fit(X, y, task, **kw, checkpoint=str(tmp_path / "missing" / "c.npz"))
