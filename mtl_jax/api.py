@@ -266,9 +266,12 @@ def fit_sites(sites, num_tasks: int, *, lam1, lam2, loss="squared", tol=1e-6, ma
 
 
 def _recordable(options: dict) -> dict:
-    """Solver options for ``FitResult.config``: per-site arrays as lists, a given Omega as its shape only."""
+    """Solver options for ``FitResult.config``: per-site arrays as lists, a given Omega as its shape only;
+    where checkpoints go is not part of the problem and is left out (the same fit, saved or not)."""
     out = {}
     for k, v in options.items():
+        if k in ("checkpoint", "checkpoint_every"):
+            continue
         if k == "omega0" and v is not None:
             out[k] = "given"
         elif isinstance(v, (np.ndarray, list, tuple)):

@@ -196,6 +196,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="stop at duality gap <= tol * J (default: 1e-6)")
     model.add_argument("--max-iter", type=_positive_int, default=None, metavar="N",
                        help="iteration cap (default: 5000 for APG, 100 alternations, 2000 rounds for dmtrl)")
+    model.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
+                       help=f"save the solver state to DIR/{CHECKPOINT} every K iterations or rounds (default: "
+                            "500 APG iterations, 10 alternations, 100 dmtrl rounds); --resume continues a killed or "
+                            "finished run from it with exactly the numbers of an uninterrupted run")
     dist = fit.add_argument_group("distributed solver (--solver dmtrl)")
     dist.add_argument("--scheme", choices=names.DMTRL_SCHEMES, default=None,
                       help="joint: rounds on the dual of J, Omega implicit every round (default); alternating: "
@@ -206,9 +210,6 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--omega-every", type=_positive_int, default=None, metavar="K",
                       help="alternating scheme: an Omega-step every K rounds (default: 10)")
     dist.add_argument("--seed", type=_nonneg_int, default=None, metavar="S", help="random seed (default: 0)")
-    dist.add_argument("--checkpoint-every", type=_positive_int, default=None, metavar="K",
-                      help=f"save the state to DIR/{CHECKPOINT} every K rounds (default: 100); --resume continues "
-                           "a killed or finished run from it with exactly the numbers of an uninterrupted run")
     dist.add_argument("--straggler-prob", type=_nonneg_float, default=None, metavar="P",
                       help="probability that a site straggles in a round (default: 0)")
     dist.add_argument("--straggler-effort", type=_nonneg_float, default=None, metavar="F",
@@ -220,13 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", required=True, metavar="DIR", help="result directory (created if missing)")
     again = out.add_mutually_exclusive_group()
     again.add_argument("--resume", action="store_true",
-                       help="warm-start from the W in DIR/arrays.npz and continue (the history restarts); "
-                            "starts from scratch when DIR holds no result")
+                       help=f"continue the run in DIR exactly from DIR/{CHECKPOINT} (same problem, a larger "
+                            "--max-iter allowed); for another problem (other lam, loss, ...) or an older result "
+                            "without checkpoint, warm-start from its W (the history restarts); starts from scratch "
+                            "when DIR holds nothing")
     again.add_argument("--overwrite", action="store_true", help="replace a result already in DIR")
     fit.add_argument("--no-compile-cache", action="store_true",
                      help="do not use the persistent compilation cache (see mtl_jax.enable_compilation_cache)")
     fit.add_argument("--quiet", action="store_true",
-                     help="no progress bar (dmtrl draws one on stderr: round, J, gap; MTL_JAX_QUIET=1 does the same)")
+                     help="no progress bar (one is drawn on stderr: iteration or round, J, gap; MTL_JAX_QUIET=1 "
+                          "does the same)")
     fit.set_defaults(func=cmd_fit)
 
     # experiments
@@ -394,6 +398,53 @@ def _read_npz(path, what):
         raise CLIError(f"{what}: {e}") from None
 
 
+def _fit_and_write(args, X, y, task, *, W0, alpha0, own_rows, options, means, preprocessing, resumed_from,
+                   times):
+    """The fit of ``cmd_fit`` and its run folder; returns the FitResult (None in a worker process, which does
+    not write)."""
+    import mtl_jax
+
+    started, loaded, started_at = times
+    out = args.out
+    m, d, n = int(task.max()) + 1, X.shape[1], X.shape[0]
+    try:
+        if own_rows:  # each process reads only its own sites' rows (mtl_jax.distributed.process_sites)
+            from mtl_jax import distributed
+            sites, _ = distributed.process_sites(X, y, task, distributed.site_mesh(), loss=args.loss,
+                                                 dtype=np.float32 if args.float32 else np.float64)
+            res = mtl_jax.api.fit_sites(sites, m, lam1=args.lam1, lam2=args.lam2, loss=args.loss, tol=args.tol,
+                                        max_iter=args.max_iter, **options)
+        else:
+            res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, solver=args.solver,
+                              method=args.method, tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0,
+                              **options)
+    except ValueError as e:
+        name = str(e).split(":", 1)[0]
+        if name in _DMTRL_FLAGS or name in ("method", "solver"):
+            raise CLIError(f"--{name.replace('_', '-')}: {str(e).split(':', 1)[1].strip()}") from None
+        raise
+    fitted = time.perf_counter()
+
+    arrays = {}
+    if means is not None:
+        arrays["center_X"], arrays["center_y"] = means.X, means.y
+    config = {
+        "command": "fit",
+        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
+        "data": {"path": os.path.abspath(args.data), "num_tasks": m, "dim": d, "num_samples": n,
+                 "preprocessing": preprocessing, "dtype": "float32" if args.float32 else "float64",
+                 **({"rows_read": "own sites per process"} if own_rows else {})},
+        "fit": res.config,
+        "resumed_from": resumed_from,
+    }
+    summary = {"load_seconds": loaded - started, "fit_seconds": fitted - loaded}
+    from mtl_jax.distributed import is_writer
+    if not is_writer():  # a worker of a multi-process run (mtl-jax launch): process 0 writes and reports
+        return None
+    store.write_fit(out, res, config=config, arrays=arrays, summary=summary, started=started_at)
+    return res
+
+
 def cmd_fit(args) -> int:
     import jax
 
@@ -421,15 +472,19 @@ def cmd_fit(args) -> int:
                        "from it or --overwrite to replace it")
     W0, resumed_from, saved = None, None, {}
     checkpoint = os.path.join(out, CHECKPOINT)
-    exact = args.solver == "dmtrl" and os.path.exists(checkpoint)
+    exact = os.path.exists(checkpoint)
     if exact and not (args.resume or args.overwrite):
-        raise CLIError(f"--out {out} holds the checkpoint of a dmtrl run ({CHECKPOINT}); pass --resume to "
+        raise CLIError(f"--out {out} holds the checkpoint of a run ({CHECKPOINT}); pass --resume to "
                        "continue it exactly or --overwrite to start afresh")
-    if exact and args.overwrite:
-        from mtl_jax.distributed import is_writer
-        if is_writer():
-            os.remove(checkpoint)
-        exact = False
+    if exact and args.resume and existing and _changed_problem(out, args):
+        # the result and its checkpoint are of another problem (lam, loss, data, ...): warm-start from its W
+        print(f"note: --resume: {out} holds a run of another problem; warm-starting from its W (the history "
+              "restarts)", file=sys.stderr)
+        args.overwrite = True
+    # --overwrite: the new run checkpoints beside the old one, which it replaces only with its result (a failed
+    # or killed overwrite leaves the previous run, checkpoint included, as it was)
+    replacing = exact and args.overwrite
+    exact = exact and not args.overwrite
     if exact:  # --resume: the checkpoint continues the run exactly (no warm start from the saved W)
         resumed_from = {"dir": os.path.abspath(out), "checkpoint": CHECKPOINT}
     elif args.resume:
@@ -488,46 +543,23 @@ def cmd_fit(args) -> int:
 
     loaded = time.perf_counter()
     options = _dmtrl_options(args)
-    if args.solver == "dmtrl":
-        options["progress"] = not args.quiet  # drawn by process 0 only (mtl_jax.api)
-        os.makedirs(out, exist_ok=True)
-        options["checkpoint"] = checkpoint
+    options["progress"] = not args.quiet  # drawn by process 0 only (mtl_jax.api)
+    os.makedirs(out, exist_ok=True)
+    options["checkpoint"] = checkpoint + ".new" if replacing else checkpoint
+    if args.checkpoint_every is not None:
+        options["checkpoint_every"] = args.checkpoint_every
     try:
-        if own_rows:  # each process reads only its own sites' rows (mtl_jax.distributed.process_sites)
-            from mtl_jax import distributed
-            sites, _ = distributed.process_sites(X, y, task, distributed.site_mesh(), loss=args.loss,
-                                                 dtype=np.float32 if args.float32 else np.float64)
-            res = mtl_jax.api.fit_sites(sites, m, lam1=args.lam1, lam2=args.lam2, loss=args.loss, tol=args.tol,
-                                        max_iter=args.max_iter, **options)
-        else:
-            res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, solver=args.solver,
-                              method=args.method, tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0,
-                              **options)
-    except ValueError as e:
-        name = str(e).split(":", 1)[0]
-        if name in _DMTRL_FLAGS or name in ("method", "solver"):
-            raise CLIError(f"--{name.replace('_', '-')}: {str(e).split(':', 1)[1].strip()}") from None
+        res = _fit_and_write(args, X, y, task, W0=W0, alpha0=alpha0, own_rows=own_rows, options=options,
+                             means=means, preprocessing=preprocessing, resumed_from=resumed_from,
+                             times=(started, loaded, started_at))
+    except BaseException:
+        if replacing and os.path.exists(options["checkpoint"]):
+            os.remove(options["checkpoint"])
         raise
-    fitted = time.perf_counter()
-
-    arrays = {}
-    if means is not None:
-        arrays["center_X"], arrays["center_y"] = means.X, means.y
-    config = {
-        "command": "fit",
-        "arguments": {k: v for k, v in vars(args).items() if k != "func"},
-        "data": {"path": os.path.abspath(args.data), "num_tasks": m, "dim": d, "num_samples": n,
-                 "preprocessing": preprocessing, "dtype": "float32" if args.float32 else "float64",
-                 **({"rows_read": "own sites per process"} if own_rows else {})},
-        "fit": res.config,
-        "resumed_from": resumed_from,
-    }
-    summary = {"load_seconds": loaded - started, "fit_seconds": fitted - loaded}
-    from mtl_jax.distributed import is_writer
-    if not is_writer():  # a worker of a multi-process run (mtl-jax launch): process 0 writes and reports
+    if replacing and os.path.exists(options["checkpoint"]):
+        os.replace(options["checkpoint"], checkpoint)
+    if res is None:  # a worker of a multi-process run: process 0 wrote and reports
         return 0
-    store.write_fit(out, res, config=config, arrays=arrays, summary=summary, started=started_at)
-
     how = f"dmtrl ({res.config.get('scheme', 'joint')} scheme)" if args.solver == "dmtrl" \
         else f"method {args.method}"
     print(f"mtl_jax fit: m = {m} tasks, d = {d} features, N = {n} samples; loss {args.loss}, {how}, "
@@ -540,6 +572,24 @@ def cmd_fit(args) -> int:
         print(f"note: not converged to --tol {args.tol:g} within the iteration cap; continue with --resume "
               "(or raise --max-iter)", file=sys.stderr)
     return 0
+
+
+#: The fit arguments that define the problem (with the dmtrl flags): a --resume with any of them changed
+#: warm-starts instead of continuing the checkpoint (max_iter, the output and the display flags may change).
+_PROBLEM_ARGUMENTS = ("data", "task_column", "target_column", "intercept", "center", "lam1", "lam2", "loss",
+                      "solver", "method", "tol", "float32")
+
+
+def _changed_problem(out, args) -> bool:
+    """Whether the run in ``out`` was made with other problem-defining arguments than ``args``."""
+    try:
+        before = store.read_run(out).config.get("arguments", {})
+    except ValueError:
+        return False
+    now = vars(args)
+    same = lambda k: (os.path.abspath(before.get(k)) == os.path.abspath(now[k])) if k == "data" and before.get(k) \
+        else before.get(k) == now.get(k)
+    return not all(same(k) for k in _PROBLEM_ARGUMENTS + _DMTRL_FLAGS)
 
 
 def _reads_own_rows(args, W0) -> bool:
@@ -581,7 +631,7 @@ class _WithIntercept:
 
 
 _DMTRL_FLAGS = ("scheme", "local_passes", "q", "omega_every", "seed", "straggler_prob", "straggler_effort",
-                "dropout_prob", "checkpoint_every")
+                "dropout_prob")
 
 
 def _dmtrl_options(args) -> dict:

@@ -22,6 +22,7 @@ SYNTH = dict(num_clusters=2, samples_per_task=20, seed=0)   # 6 tasks, 4 feature
 LAMS = ["--lam1", "0.1", "--lam2", "1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 RUN_FILES = sorted(store.FILES)
+FIT_FILES = sorted([*store.FILES, cli.CHECKPOINT])   # a fit keeps its checkpoint (exact --resume)
 
 
 @pytest.fixture(autouse=True)
@@ -83,7 +84,7 @@ def _spy(monkeypatch, name):
 def test_fit_writes_a_run_folder_and_no_temp_files(tmp_path, data_file):
     out = tmp_path / "run"
     assert _fit(data_file, out) == 0
-    assert sorted(os.listdir(out)) == RUN_FILES
+    assert sorted(os.listdir(out)) == FIT_FILES
     assert sorted(os.listdir(tmp_path)) == ["data.npz", "run"]
 
 
@@ -185,7 +186,7 @@ def test_resume_warm_starts_from_the_saved_W_and_restarts_the_history(tmp_path, 
     np.testing.assert_allclose(resumed.arrays["W"], full.arrays["W"], atol=1e-5)
     rounds = resumed.columns()["round"]       # the history restarts at round 1
     np.testing.assert_array_equal(rounds, np.arange(1, resumed.summary["iterations"] + 1))
-    assert sorted(os.listdir(out)) == RUN_FILES
+    assert sorted(os.listdir(out)) == FIT_FILES
 
 
 def test_resume_without_a_previous_run_starts_from_scratch(tmp_path, data_file, expected, capsys):
@@ -241,7 +242,7 @@ def test_overwrite_replaces_the_existing_run(tmp_path, data_file):
     assert cli.main(["fit", "--data", data_file, "--lam1", "0.1", "--lam2", "2", "--out", str(out), "--overwrite"]) == 0
     run = store.read_run(out)
     assert run.config["fit"]["lam2"] == 2.0 and run.config["arguments"]["overwrite"] is True
-    assert sorted(os.listdir(out)) == RUN_FILES
+    assert sorted(os.listdir(out)) == FIT_FILES
 
 
 def test_failed_write_exits_2_and_keeps_the_previous_run(tmp_path, data_file, monkeypatch, capsys):

@@ -6,6 +6,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from mtl_jax import cli
 from mtl_jax.runner import store
@@ -17,13 +18,15 @@ def _records(path):
     return [[r[c] for c in cols] for r in run.history], run
 
 
-def test_dmtrl_fit_killed_half_way_resumes_to_the_uninterrupted_numbers(tmp_path):
+@pytest.mark.parametrize("solver", [["--solver", "dmtrl", "--dropout-prob", "0.2", "--seed", "3"],
+                                    ["--solver", "centralized", "--max-iter", "3000"]], ids=["dmtrl", "centralized"])
+def test_fit_killed_half_way_resumes_to_the_uninterrupted_numbers(tmp_path, solver):
     data = str(tmp_path / "s.npz")
     assert cli.main(["data", "synthetic", "--tasks", "6", "--dim", "4", "--seed", "1", "--loss", "hinge",
                      "--out", data]) == 0
     # hundreds of rounds saved after every 2 (a checkpoint per chunk keeps the run busy for seconds)
-    args = ["fit", "--data", data, "--loss", "hinge", "--lam1", "0.1", "--lam2", "1", "--solver", "dmtrl", "--tol", "0",
-            "--max-iter", "2000", "--checkpoint-every", "2", "--dropout-prob", "0.2", "--seed", "3", "--quiet"]
+    args = ["fit", "--data", data, "--loss", "hinge", "--lam1", "0.1", "--lam2", "1", "--tol", "0", "--max-iter", "2000",
+            "--checkpoint-every", "2", "--quiet", *solver]
     whole = str(tmp_path / "whole")
     assert cli.main(args + ["--out", whole]) == 0
 
