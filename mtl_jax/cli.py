@@ -586,7 +586,9 @@ def _changed_problem(out, args) -> bool:
         before = store.read_run(out).config.get("arguments", {})
     except ValueError:
         return False
-    now = vars(args)
+    now = dict(vars(args))
+    if now.get("solver") == "centralized" and now.get("method") is None:
+        now["method"] = "apg"  # recorded as used
     same = lambda k: (os.path.abspath(before.get(k)) == os.path.abspath(now[k])) if k == "data" and before.get(k) \
         else before.get(k) == now.get(k)
     return not all(same(k) for k in _PROBLEM_ARGUMENTS + _DMTRL_FLAGS)

@@ -6,7 +6,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from mtl_jax import cli
 from mtl_jax.runner import store
@@ -18,15 +17,13 @@ def _records(path):
     return [[r[c] for c in cols] for r in run.history], run
 
 
-@pytest.mark.parametrize("solver", [["--solver", "dmtrl", "--dropout-prob", "0.2", "--seed", "3"],
-                                    ["--solver", "centralized", "--max-iter", "3000"]], ids=["dmtrl", "centralized"])
-def test_fit_killed_half_way_resumes_to_the_uninterrupted_numbers(tmp_path, solver):
+def test_dmtrl_fit_killed_half_way_resumes_to_the_uninterrupted_numbers(tmp_path):
     data = str(tmp_path / "s.npz")
     assert cli.main(["data", "synthetic", "--tasks", "6", "--dim", "4", "--seed", "1", "--loss", "hinge",
                      "--out", data]) == 0
     # hundreds of rounds saved after every 2 (a checkpoint per chunk keeps the run busy for seconds)
     args = ["fit", "--data", data, "--loss", "hinge", "--lam1", "0.1", "--lam2", "1", "--tol", "0", "--max-iter", "2000",
-            "--checkpoint-every", "2", "--quiet", *solver]
+            "--checkpoint-every", "2", "--quiet", "--solver", "dmtrl", "--dropout-prob", "0.2", "--seed", "3"]
     whole = str(tmp_path / "whole")
     assert cli.main(args + ["--out", whole]) == 0
 
@@ -53,3 +50,19 @@ def test_fit_killed_half_way_resumes_to_the_uninterrupted_numbers(tmp_path, solv
     np.testing.assert_array_equal(np.array(got, float), np.array(want, float))   # bitwise, NaN == NaN
     np.testing.assert_array_equal(run.arrays["W"], ref.arrays["W"])
     assert run.manifest["config"]["resumed_from"]["checkpoint"] == cli.CHECKPOINT
+
+
+def test_centralized_fit_stopped_at_its_cap_continues_exactly(tmp_path):
+    """A fit stopped by --max-iter and continued with --resume and a larger cap ends with the numbers of one run."""
+    data = str(tmp_path / "s.npz")
+    assert cli.main(["data", "synthetic", "--tasks", "6", "--dim", "4", "--seed", "2", "--out", data]) == 0
+    args = ["fit", "--data", data, "--lam1", "0.01", "--lam2", "1", "--tol", "0", "--checkpoint-every", "7", "--quiet"]
+    assert cli.main(args + ["--max-iter", "20", "--out", str(tmp_path / "whole")]) == 0
+    part = str(tmp_path / "part")
+    assert cli.main(args + ["--max-iter", "9", "--out", part]) == 0
+    assert cli.main(args + ["--max-iter", "20", "--out", part, "--resume"]) == 0
+    got, run = _records(part)
+    want, ref = _records(tmp_path / "whole")
+    assert len(got) == len(want) == 20
+    np.testing.assert_array_equal(np.array(got, float), np.array(want, float))
+    np.testing.assert_array_equal(run.arrays["W"], ref.arrays["W"])
