@@ -236,9 +236,10 @@ def table_lines(results, seeds):
     return lines
 
 
+@plotting.styled
 def error_figure(results):
     names = list(results)
-    fig = Figure(figsize=(3.4 * len(names) + 0.6, 3.8), layout="constrained")
+    fig = Figure(figsize=(min(plotting.PAGE, plotting.COLUMN * len(names)), 2.6), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(names)))
     for ax, name in zip(axes, names):
         errs = np.array([[s[mth]["error"] for mth in METHODS] for s in results[name]])  # (seeds, methods)
@@ -265,8 +266,9 @@ def error_figure(results):
     return fig
 
 
+@plotting.styled
 def omega_figure(omegas):
-    fig = Figure(figsize=(4.6 * len(omegas), 4.0), layout="constrained")
+    fig = Figure(figsize=(min(plotting.PAGE, plotting.COLUMN * len(omegas)), 2.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(omegas)))
     for ax, (name, (Omega, order)) in zip(axes, omegas.items()):
         if order is None:  # no planted clusters: the leading eigenvector orders the tasks
