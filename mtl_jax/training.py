@@ -49,10 +49,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from mtl_jax import gradient_methods as gradient_lib
 from mtl_jax import weighting as weighting_lib
 from mtl_jax.data.deep import CLASSIFICATION, MultiTaskDataset, Split, TaskSpec, validate_split, validate_spec
 from mtl_jax.models import (
+    HEADS,
+    MODEL_KINDS,
     MTRLCoupling,
+    TaskHeads,
+    _task_out_dims,
     head_matrix,
     initial_omega,
     last_shared_kernel,
@@ -67,6 +72,9 @@ from mtl_jax.validation import check_int, check_real
 _SUPPORTED_EXTRAS = ("grad_norms", "epoch_end")
 _OPTIMIZERS = ("adam", "sgd")
 _DTYPES = ("float32", "float64")
+#: ``TrainConfig.gradient_level``: where a gradient method sees the per-task gradients.
+GRADIENT_LEVELS = ("params", "features")
+_GRADIENT_MODES = ("vmap", "loop")
 _SEED_LIMIT = 2**31  # seeds go through int32 arrays (vmapped over seeds)
 
 
@@ -85,6 +93,7 @@ class TrainState(NamedTuple):
     diverged_at: () int32, -1 while every step has been finite; else the index of the first step whose
         losses or new state were non-finite (:func:`make_train_step`). The state is frozen from then on,
         so ``step == diverged_at`` at the end of a diverged run.
+    method_state: the gradient method's state (:mod:`mtl_jax.gradient_methods`), or None without one
     """
 
     params: Any
@@ -94,6 +103,7 @@ class TrainState(NamedTuple):
     step: jax.Array
     key: jax.Array
     diverged_at: jax.Array
+    method_state: Any = None
 
 
 class StepMetrics(NamedTuple):
@@ -111,6 +121,9 @@ class StepMetrics(NamedTuple):
         that needs ``epoch_end``)
     losses_after: (K,) the same batch's task losses at the updated parameters, passed to the scheme's
         ``after_step`` (famo), or None when the scheme has none
+    method_weights: (K,) the gradient method's coefficients of the shared direction,
+        ``d = sum_k method_weights_k (w_k g_k)`` (its ``state.weights``), or None without a gradient
+        method (or with graddrop, which has none)
 
     After a run has diverged (:class:`TrainState` ``diverged_at``), the steps after the diverged one
     record NaN in every float field and False in ``present``: no step was taken.
@@ -124,6 +137,7 @@ class StepMetrics(NamedTuple):
     present: jax.Array
     epoch_end: jax.Array | None = None
     losses_after: jax.Array | None = None
+    method_weights: jax.Array | None = None
 
 
 class TestMetrics(NamedTuple):
@@ -230,12 +244,15 @@ def init_state(
     *,
     mtrl: MTRLCoupling | None = None,
     params: Any = None,
+    method: gradient_lib.GradientMethod | None = None,
 ) -> TrainState:
     """The initial :class:`TrainState`. ``key`` is split three ways: model init, scheme init (rlw's key),
     and the batch key carried in the state. ``sample_x`` (B, ...) fixes the input shape and dtype.
     ``params``: the result of :func:`init_params` for the same key, when already computed (so the
     model init can be compiled once and shared by many schemes); None computes it here.
-    With ``mtrl``, Omega starts at I / K (it is first recomputed after ``mtrl.every`` steps)."""
+    With ``mtrl``, Omega starts at I / K (it is first recomputed after ``mtrl.every`` steps).
+    ``method``: a gradient method (:mod:`mtl_jax.gradient_methods`), initialised with
+    ``jax.random.fold_in(scheme key, 1)`` (so the other draws do not change), or None."""
     _, k_scheme, k_loop = jax.random.split(key, 3)
     if params is None:
         params = init_params(model, key, sample_x)
@@ -251,6 +268,7 @@ def init_state(
         step=jnp.zeros((), jnp.int32),
         key=k_loop,
         diverged_at=jnp.full((), -1, jnp.int32),
+        method_state=None if method is None else method.init(num_tasks, jax.random.fold_in(k_scheme, 1)),
     )
 
 
@@ -290,6 +308,9 @@ def make_train_step(
     mtrl: MTRLCoupling | None = None,
     freeze_on_divergence: bool = True,
     steps_per_epoch: int | None = None,
+    gradient_method: gradient_lib.GradientMethod | None = None,
+    gradient_level: str = "params",
+    gradient_mode: str = "vmap",
 ) -> Callable[[TrainState, Split], tuple[TrainState, StepMetrics]]:
     """A pure, jitted ``step(state, data) -> (state, StepMetrics)``.
 
@@ -321,6 +342,26 @@ def make_train_step(
          under vmap, where each seed freezes on its own). This step's metrics are recorded as computed;
          every later step records NaN (``present`` False). ``freeze_on_divergence=False`` applies every
          update regardless (the plain loop, e.g. as a reference), still recording ``diverged_at``.
+
+    With a ``gradient_method`` (:mod:`mtl_jax.gradient_methods`; the state must come from
+    :func:`init_state` with ``method=``), steps 2 and 5 change: the parameters are split into the shared
+    ones ``theta`` (everything but the heads) and the heads ``H``, and
+
+      2'. ``gradient_methods.task_gradients`` gives the losses L (K,) and the per-task gradients
+          ``g_k = dL_k / dtheta`` (K, P) from one forward pass and one vmapped backward pass
+          (``gradient_mode="loop"``: K unrolled backward passes, same numbers);
+      5'. the scheme's weights scale the rows, ``G = w[:, None] * g`` (with ``equal``, w = 1: the plain
+          per-task gradients), the method turns them into the shared direction
+          ``d, method_state = method.update(G, method_state)`` (P,) (``losses=L`` too for mgda's
+          loss-based normalisations), and the gradient is ``{theta: d, H: dH}`` with ``dH`` the
+          gradient of ``sum_k w_k L_k`` w.r.t. the heads: each head keeps its own task's gradient
+          (head k only affects L_k). MTRL's regulariser gradient is added as before.
+
+    ``gradient_level="features"`` (MGDA-UB, Sener and Koltun 2018, section 3.3, and the other methods
+    on the same bound): ``g_k = dL_k / dz`` w.r.t. the trunk's output ``z`` (B, F) of the batch (P = B F),
+    and the direction is pulled back through the trunk with one more backward pass, ``dtheta = J_z^T d``.
+    A task with no sample in the batch has ``g_k = 0``. Schemes that need ``grad_norms`` (gradnorm) are
+    not combined with a gradient method (ValueError).
     """
     kinds = tuple(task_kinds)
     needs = tuple(getattr(scheme, "needs", ()))
@@ -339,12 +380,48 @@ def make_train_step(
         steps_per_epoch = check_int("steps_per_epoch", steps_per_epoch, low=1)
     wants_grad_norms = "grad_norms" in needs
     after_step = getattr(scheme, "after_step", None)
+    method = gradient_method
+    if method is not None:
+        if not isinstance(method, gradient_lib.GradientMethod):
+            raise ValueError(f"gradient_method: must be a gradient_methods.GradientMethod or None, got {method!r}")
+        if wants_grad_norms:
+            raise ValueError("gradient_method: cannot be combined with a scheme that needs grad_norms (gradnorm)")
+        unknown = [n for n in method.needs if n != "losses"]
+        if unknown:
+            raise ValueError(f"gradient_method: needs inputs {unknown} that the training step cannot supply")
+    if gradient_level not in GRADIENT_LEVELS:
+        raise ValueError(f"gradient_level: must be one of {GRADIENT_LEVELS}, got {gradient_level!r}")
+    if gradient_mode not in _GRADIENT_MODES:
+        raise ValueError(f"gradient_mode: must be one of {_GRADIENT_MODES}, got {gradient_mode!r}")
+    trunk, heads_apply = _split_model(model) if method is not None and gradient_level == "features" else (None, None)
+
+    def method_gradients(params, x, ys, mask):
+        """(losses (K,), per-task shared gradients (K, P), head gradients of sum_k L_k, pull-back of a (P,) direction)."""
+        shared = {name: value for name, value in params.items() if name != HEADS}
+        heads = params[HEADS]
+        if gradient_level == "params":
+            def loss_fn(sh, hd):
+                return task_losses(model, {**sh, HEADS: hd}, x, ys, mask, kinds)
+
+            tg = gradient_lib.task_gradients(loss_fn, shared, heads, mode=gradient_mode)
+            return tg.losses, tg.shared, tg.heads, tg.unravel
+
+        z, trunk_vjp = jax.vjp(lambda sh: trunk(sh, x), shared)
+
+        def head_loss(features, hd):
+            return masked_task_mean(per_sample_losses(heads_apply(hd, features), ys, kinds), mask)
+
+        tg = gradient_lib.task_gradients(head_loss, z, heads, mode=gradient_mode)
+        return tg.losses, tg.shared, tg.heads, lambda d: trunk_vjp(tg.unravel(d))[0]
 
     @jax.jit
     def step(state: TrainState, data: Split) -> tuple[TrainState, StepMetrics]:
         key, batch_key = jax.random.split(state.key)
         x, ys, mask = draw_batch(data, batch_key, batch_size, stratify)
-        losses, vjp_fn = jax.vjp(lambda p: task_losses(model, p, x, ys, mask, kinds), state.params)
+        if method is None:
+            losses, vjp_fn = jax.vjp(lambda p: task_losses(model, p, x, ys, mask, kinds), state.params)
+        else:
+            losses, shared_grads, head_grads, pull_back = method_gradients(state.params, x, ys, mask)
         num_tasks = losses.shape[0]
         # A task with no sample in the batch has loss 0/1 = 0 (no gradient); the scheme must not take
         # that 0 for a loss (dwa's ratios would become 0/0), so it is told which tasks are present.
@@ -365,7 +442,17 @@ def make_train_step(
 
         weights, scheme_state = scheme.update(losses, state.scheme_state, present=present, **extra)
         weights = jax.lax.stop_gradient(weights).astype(losses.dtype)
-        (grads,) = vjp_fn(weights)
+        method_state, method_weights = state.method_state, None
+        if method is None:
+            (grads,) = vjp_fn(weights)
+        else:
+            method_extra = {"losses": losses} if "losses" in method.needs else {}
+            direction, method_state = method.update(weights[:, None] * shared_grads, state.method_state,
+                                                    **method_extra)
+            # Every head leaf has the task axis first (TaskHeads): row k is head k's, scaled by w_k.
+            scaled_heads = jax.tree.map(lambda g: g * weights.reshape((-1,) + (1,) * (g.ndim - 1)), head_grads)
+            grads = {**pull_back(direction.astype(losses.dtype)), HEADS: scaled_heads}
+            method_weights = getattr(method_state, "weights", None)
         total = jnp.dot(weights, losses)
 
         regulariser = jnp.zeros((), losses.dtype)
@@ -390,8 +477,10 @@ def make_train_step(
         if mtrl is not None:
             omega = refresh_omega(params, state.omega, step_count, mtrl.every, mtrl.eps)
 
-        metrics = StepMetrics(losses, weights, total, regulariser, grad_norms, present, epoch_end, losses_after)
-        new_state = TrainState(params, opt_state, scheme_state, omega, step_count, key, state.diverged_at)
+        metrics = StepMetrics(losses, weights, total, regulariser, grad_norms, present, epoch_end, losses_after,
+                              method_weights)
+        new_state = TrainState(params, opt_state, scheme_state, omega, step_count, key, state.diverged_at,
+                               method_state)
 
         finite = _all_finite((losses, weights, total, losses_after, new_state))
         was_diverged = state.diverged_at >= 0
@@ -406,6 +495,35 @@ def make_train_step(
         return new_state, metrics
 
     return step
+
+
+def _split_model(model):
+    """(trunk, heads_apply) of a model whose heads are a :class:`~mtl_jax.models.TaskHeads` named ``heads``.
+
+    ``trunk(shared_params, x) -> z`` (B, F), the input of the heads (the model run with the heads'
+    call intercepted); ``heads_apply(head_params, z)`` -> the K outputs."""
+    import flax.linen as nn
+
+    heads_module = TaskHeads(_task_out_dims(model.num_tasks, model.out_dims), model.head_hidden,
+                             model.activation, model.param_dtype)
+
+    def trunk(shared, x):
+        captured = []
+
+        def intercept(next_fun, args, kwargs, context):
+            if isinstance(context.module, TaskHeads) and context.method_name == "__call__":
+                captured.append(args[0])
+                return ()
+            return next_fun(*args, **kwargs)
+
+        with nn.intercept_methods(intercept):
+            model.apply({"params": shared}, x)
+        return captured[0]
+
+    def heads_apply(head_params, z):
+        return heads_module.apply({"params": head_params}, z)
+
+    return trunk, heads_apply
 
 
 def _float_leaves(tree) -> list:
@@ -442,6 +560,20 @@ def _after_divergence(was_diverged: jax.Array, metric: jax.Array) -> jax.Array:
 
 def _as_tuple(value) -> tuple:
     return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+
+
+def _as_pairs(name: str, kwargs) -> tuple:
+    """A dict or (name, value) pairs as sorted, hashable pairs (ValueError naming ``name``)."""
+    items = kwargs.items() if isinstance(kwargs, dict) else kwargs
+    try:
+        items = tuple(sorted((str(k), v) for k, v in items))
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: must be a dict or (name, value) pairs, got {kwargs!r}") from None
+    try:
+        hash(items)
+    except TypeError:
+        raise ValueError(f"{name}: values must be hashable (numbers, strings, tuples), got {kwargs!r}") from None
+    return items
 
 
 def _as_coupling(value) -> MTRLCoupling | None:
@@ -488,6 +620,16 @@ class TrainConfig:
         relative eigenvalue floor ``eps`` (``docs/weighting.md``, section 3). Needs tasks with equal
         output sizes.
     dtype: ``"float32"`` or ``"float64"`` (parameters and inputs; float64 needs ``jax_enable_x64``).
+    vocab_size, embed_dim: the ``"embedding_bag"`` model's token ids (the tokenizer's ``num_buckets``)
+        and embedding width (:func:`mtl_jax.models.make_model`; unused by the other models).
+    gradient_method: None (the scheme's weighted sum is backpropagated), or a name of
+        :data:`mtl_jax.gradient_methods.METHODS`: the shared parameters then descend along the method's
+        combination of the per-task gradients (rows scaled by the scheme's weights), the heads along their
+        own gradients (:func:`make_train_step`); gradient_kwargs: the method's keyword arguments (dict or
+        pairs, stored sorted); gradient_level: ``"params"`` (gradients of the shared parameters) or
+        ``"features"`` (of the trunk's output, pulled back through the trunk: MGDA-UB's bound);
+        gradient_mode: ``"vmap"`` (one batched backward pass) or ``"loop"`` (K unrolled passes, the
+        same numbers; measured faster on a small CPU, docs/gradient_methods.md).
 
     A config is hashable (the compiled programs are cached on it): containers are normalised to
     tuples, ``scheme_kwargs`` to sorted pairs and ``mtrl`` to an ``MTRLCoupling`` of Python numbers.
@@ -509,30 +651,28 @@ class TrainConfig:
     seed: int = 0
     mtrl: MTRLCoupling | None = None
     dtype: str = "float32"
+    vocab_size: int = 2**14
+    embed_dim: int = 64
+    gradient_method: str | None = None
+    gradient_kwargs: tuple[tuple[str, Any], ...] = ()
+    gradient_level: str = "params"
+    gradient_mode: str = "vmap"
 
     def __post_init__(self):
         # Normalise containers so that equal configs hash equal (the compiled program is cached on it).
         for name in ("hidden", "features", "head_hidden"):
             widths = tuple(check_int(name, v, low=1) for v in _as_tuple(getattr(self, name)))
             object.__setattr__(self, name, widths)
-        kwargs = self.scheme_kwargs
-        items = kwargs.items() if isinstance(kwargs, dict) else kwargs
-        try:
-            items = tuple(sorted((str(k), v) for k, v in items))
-        except (TypeError, ValueError):
-            raise ValueError(f"scheme_kwargs: must be a dict or (name, value) pairs, got {kwargs!r}") from None
-        try:
-            hash(items)
-        except TypeError:
-            raise ValueError(f"scheme_kwargs: values must be hashable (numbers, strings, tuples), "
-                             f"got {kwargs!r}") from None
-        object.__setattr__(self, "scheme_kwargs", items)
+        for field in ("scheme_kwargs", "gradient_kwargs"):
+            object.__setattr__(self, field, _as_pairs(field, getattr(self, field)))
         object.__setattr__(self, "mtrl", _as_coupling(self.mtrl))
         self._validate()
 
     def _validate(self):
-        if self.model not in ("mlp", "cnn"):
-            raise ValueError(f"model: must be 'mlp' or 'cnn', got {self.model!r}")
+        if self.model not in MODEL_KINDS:
+            raise ValueError(f"model: must be one of {MODEL_KINDS}, got {self.model!r}")
+        check_int("vocab_size", self.vocab_size, low=1, high=2**24)
+        check_int("embed_dim", self.embed_dim, low=1)
         # The widths themselves were checked (integers >= 1) when normalised in __post_init__.
         if not self.hidden:
             raise ValueError(f"hidden: need at least one width, got {self.hidden}")
@@ -556,6 +696,30 @@ class TrainConfig:
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype: must be one of {_DTYPES}, got {self.dtype!r}")
         self.make_scheme()  # the factory checks scheme_kwargs (ValueError naming the argument)
+        if self.gradient_level not in GRADIENT_LEVELS:
+            raise ValueError(f"gradient_level: must be one of {GRADIENT_LEVELS}, got {self.gradient_level!r}")
+        if self.gradient_mode not in _GRADIENT_MODES:
+            raise ValueError(f"gradient_mode: must be one of {_GRADIENT_MODES}, got {self.gradient_mode!r}")
+        if self.gradient_method is None:
+            if self.gradient_kwargs:
+                raise ValueError(f"gradient_kwargs: given without a gradient_method, got {dict(self.gradient_kwargs)}")
+            return
+        if self.gradient_method not in gradient_lib.METHODS:
+            raise ValueError(f"gradient_method: must be None or one of {gradient_lib.METHODS}, "
+                             f"got {self.gradient_method!r}")
+        if "grad_norms" in self.make_scheme().needs:
+            raise ValueError(f"gradient_method: cannot be combined with scheme {self.scheme!r}, which needs "
+                             "grad_norms")
+        self.make_gradient_method()  # checks gradient_kwargs
+
+    def make_gradient_method(self) -> gradient_lib.GradientMethod | None:
+        """The config's gradient method (:mod:`mtl_jax.gradient_methods`), or None."""
+        if self.gradient_method is None:
+            return None
+        try:
+            return gradient_lib.get(self.gradient_method, **dict(self.gradient_kwargs))
+        except TypeError as e:
+            raise ValueError(f"gradient_kwargs: {e}") from None
 
     def coupling(self) -> MTRLCoupling | None:
         """The :class:`~mtl_jax.models.MTRLCoupling` of this config (``self.mtrl``), or None without MTRL heads."""
@@ -601,6 +765,7 @@ class Components(NamedTuple):
     optimizer: optax.GradientTransformation
     mtrl: MTRLCoupling | None
     step: Callable[[TrainState, Split], tuple[TrainState, StepMetrics]]
+    method: gradient_lib.GradientMethod | None = None
 
 
 def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None) -> Components:
@@ -615,13 +780,16 @@ def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.W
         raise ValueError(f"config: must be a TrainConfig, got {type(config).__name__}")
     spec = validate_spec(spec)
     model = make_model(config.model, spec.out_dims, hidden=config.hidden, features=config.features,
-                       head_hidden=config.head_hidden, param_dtype=jnp.dtype(config.dtype))
+                       head_hidden=config.head_hidden, param_dtype=jnp.dtype(config.dtype),
+                       vocab_size=config.vocab_size, embed_dim=config.embed_dim)
     if scheme is None:
         scheme = config.make_scheme(spec)
-    optimizer, mtrl = config.make_optimizer(), config.coupling()
+    optimizer, mtrl, method = config.make_optimizer(), config.coupling(), config.make_gradient_method()
     step = make_train_step(model, scheme, optimizer, spec.kinds, batch_size=config.batch_size,
-                           stratify=config.stratify, mtrl=mtrl, steps_per_epoch=config.steps_per_epoch)
-    return Components(model, scheme, optimizer, mtrl, step)
+                           stratify=config.stratify, mtrl=mtrl, steps_per_epoch=config.steps_per_epoch,
+                           gradient_method=method, gradient_level=config.gradient_level,
+                           gradient_mode=config.gradient_mode)
+    return Components(model, scheme, optimizer, mtrl, step, method)
 
 
 def make_run(
@@ -645,11 +813,12 @@ def make_run(
     traced arrays inside works too, e.g. ``make_run(config, spec, weighting.fixed(w))(seed, None, tr, te)``
     inside a ``vmap`` over weight rows ``w``. Inputs are not checked here (:func:`train` does that)."""
     spec = validate_spec(spec)
-    model, scheme, optimizer, mtrl, step = make_components(config, spec, scheme)
+    model, scheme, optimizer, mtrl, step, method = make_components(config, spec, scheme)
 
     def run(seed, params, train_split: Split, test_split: Split) -> TrainResult:
         key = jax.random.key(seed)
-        state = init_state(model, scheme, optimizer, key, train_split.x[:1], mtrl=mtrl, params=params)
+        state = init_state(model, scheme, optimizer, key, train_split.x[:1], mtrl=mtrl, params=params,
+                           method=method)
         state, history = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=config.steps)
         return TrainResult(state, history, evaluate(model, state.params, test_split, spec.kinds), state.diverged_at)
 
@@ -692,6 +861,9 @@ def _prepare(config: TrainConfig, data: MultiTaskDataset):
         raise ValueError(f"config: mtrl (coupled heads) needs tasks with equal output sizes, got {spec.out_dims}")
     if config.model == "cnn" and np.asarray(data.train.x).ndim not in (3, 4):
         raise ValueError(f"config: model 'cnn' needs images (N, H, W[, C]), "
+                         f"got inputs of shape {np.shape(data.train.x)}")
+    if config.model == "embedding_bag" and np.asarray(data.train.x).ndim != 2:
+        raise ValueError(f"config: model 'embedding_bag' needs token ids (N, L), "
                          f"got inputs of shape {np.shape(data.train.x)}")
     dtype = jnp.dtype(config.dtype)
     init_fns = _compiled_init(make_components(config, spec).model)

@@ -398,3 +398,134 @@ def test_make_run_with_fixed_one_hot_weights_is_the_single_task_baseline(data):
     equal = train(dataclasses.replace(config, scheme="equal"), data)
     _assert_trees_close((ones.state.params, ones.history, ones.test), (equal.state.params, equal.history, equal.test),
                         rtol=1e-12, atol=1e-14)  # (the schemes' states differ in kind)
+
+
+# ----------------------------------------------------------------------------- gradient methods in the step
+
+GM_SPEC = TaskSpec(kinds=("regression", "classification"), out_dims=(1, 2), names=("reg", "cls"))
+GM_BASE = TrainConfig(model="mlp", hidden=(5,), steps=1, batch_size=None, optimizer="sgd", learning_rate=0.1,
+                      dtype="float64")
+
+
+@pytest.fixture(scope="module")
+def gm_data():
+    rng = np.random.default_rng(4)  # a draw whose two task gradients conflict at the seed-0 init (cos -0.22)
+
+    def split(n):
+        x = rng.normal(size=(n, 3))
+        return Split(x=x, y=(np.sin(x[:, :1]) * 3.0, (x[:, 1] > 0).astype(np.int64)), mask=np.ones((n, 2), bool))
+
+    return MultiTaskDataset(train=split(12), test=split(6), spec=GM_SPEC)
+
+
+def _one_step(config, data):
+    """Params before and after one step of ``config``'s training step (seed 0), and the step's metrics."""
+    c = make_components(config, data.spec)
+    split = to_device(data.train, data.spec, jnp.float64)
+    state = init_state(c.model, c.scheme, c.optimizer, jax.random.key(0), split.x[:1], method=c.method)
+    new, metrics = c.step(state, split)
+    return c.model, state.params, new.params, metrics, split
+
+
+def _reference_task_grads(model, params, split):
+    """Per-task gradients of the shared params (each task's own jax.grad, flattened) and of the heads' sum."""
+    shared = {k: v for k, v in params.items() if k != "heads"}
+    flat, unravel = jax.flatten_util.ravel_pytree(shared)
+
+    def loss(k, flat_shared, heads):
+        return task_losses(model, {**unravel(flat_shared), "heads": heads}, split.x, split.y, split.mask,
+                           GM_SPEC.kinds)[k]
+
+    g = np.stack([np.asarray(jax.grad(loss, argnums=1)(k, flat, params["heads"])) for k in range(2)])
+    head_grads = jax.grad(lambda h: loss(0, flat, h) + loss(1, flat, h))(params["heads"])
+    return g, flat, unravel, head_grads
+
+
+def test_pcgrad_step_is_the_hand_computed_projection(gm_data):
+    # Yu et al. 2020, two tasks: g1' = g1 - min(0, g1.g2) g2 / |g2|^2 (and symmetrically), d = g1' + g2'
+    # (the same for either order); the shared params take an SGD step along d, the heads along their own
+    # gradients.
+    config = dataclasses.replace(GM_BASE, gradient_method="pcgrad")
+    model, before, after, metrics, split = _one_step(config, gm_data)
+    g, flat, unravel, head_grads = _reference_task_grads(model, before, split)
+    dot = g[0] @ g[1]
+    assert dot < 0, "the data are chosen so that the two task gradients conflict"
+    d = (g[0] - dot / (g[1] @ g[1]) * g[1]) + (g[1] - dot / (g[0] @ g[0]) * g[0])
+    expected = {**unravel(flat - 0.1 * d), "heads": jax.tree.map(lambda p, q: p - 0.1 * q, before["heads"], head_grads)}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), after, expected)
+    # coefficients of d in the task gradients
+    np.testing.assert_allclose(metrics.method_weights, [1 - dot / (g[0] @ g[0]), 1 - dot / (g[1] @ g[1])], rtol=1e-10)
+
+
+def test_aligned_gradients_make_pcgrad_plain_equal_weighting(gm_data):
+    # Without a conflict PCGrad projects nothing and is equal weighting: with K = 1 there is no other
+    # task to conflict with, so three steps equal the plain run's (vmap and loop modes alike).
+    one = TaskSpec(kinds=("regression",), out_dims=(1,), names=("reg",))
+    d = MultiTaskDataset(train=Split(gm_data.train.x, gm_data.train.y[:1], gm_data.train.mask[:, :1]),
+                         test=Split(gm_data.test.x, gm_data.test.y[:1], gm_data.test.mask[:, :1]), spec=one)
+    cfg = dataclasses.replace(GM_BASE, steps=3)
+    plain = train(cfg, d)
+    with_pcgrad = train(dataclasses.replace(cfg, gradient_method="pcgrad", gradient_mode="loop"), d)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14),
+                 plain.state.params, with_pcgrad.state.params)
+
+
+def test_mgda_ub_on_features_is_the_closed_form_on_the_trunk_output(gm_data):
+    # Sener & Koltun 2018, sec. 3.3 with two tasks: z-gradients G_k = dL_k/dz (B, F), alpha_1 =
+    # clip((G_2 - G_1).G_2 / |G_1 - G_2|^2, 0, 1); the shared params descend along the trunk's pull-back of
+    # sum_k alpha_k G_k, i.e. the gradient of sum_k alpha_k L_k w.r.t. the shared params.
+    config = dataclasses.replace(GM_BASE, gradient_method="mgda_ub", gradient_level="features")
+    model, before, after, metrics, split = _one_step(config, gm_data)
+
+    def z_of(p):  # the trunk by hand: Dense + ReLU (hidden=(5,))
+        layer = p["shared_last"]
+        return jax.nn.relu(split.x @ layer["kernel"] + layer["bias"])
+
+    def head_losses(z, heads):
+        outs = models.TaskHeads((1, 2)).apply({"params": heads}, z)
+        return jnp.stack([jnp.mean((outs[0] - split.y[0]) ** 2),
+                          jnp.mean(optax.softmax_cross_entropy_with_integer_labels(outs[1], split.y[1]))])
+
+    z = z_of(before)
+    G = np.stack([np.asarray(jax.grad(lambda zz: head_losses(zz, before["heads"])[k])(z)).ravel() for k in range(2)])
+    a1 = np.clip((G[1] - G[0]) @ G[1] / np.sum((G[0] - G[1]) ** 2), 0.0, 1.0)
+    alpha = np.array([a1, 1 - a1])
+    np.testing.assert_allclose(metrics.method_weights, alpha, atol=1e-8)
+    shared = {k: v for k, v in before.items() if k != "heads"}
+    g_shared = jax.grad(lambda sh: jnp.dot(alpha, head_losses(z_of(sh), before["heads"])))(shared)
+    g_heads = jax.grad(lambda h: jnp.sum(head_losses(z, h)))(before["heads"])
+    expected = jax.tree.map(lambda p, q: p - 0.1 * q, before, {**g_shared, "heads": g_heads})
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-7, atol=1e-10), after, expected)
+
+
+@pytest.mark.parametrize("level", ["params", "features"])
+def test_gradient_method_seeds_vmapped_equal_separate_runs(gm_data, level):
+    # PCGrad draws its task order from its key: the key must travel with each seed.
+    config = dataclasses.replace(GM_BASE, steps=4, batch_size=6, optimizer="adam", learning_rate=1e-2,
+                                 gradient_method="pcgrad", gradient_level=level, scheme="dwa")
+    many = train_seeds(config, gm_data, seeds=[3, 1])
+    for i, seed in enumerate([3, 1]):
+        one = train(dataclasses.replace(config, seed=seed), gm_data)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a[i], b, rtol=1e-9, atol=1e-12),
+                     (many.history, many.state.params, many.test), (one.history, one.state.params, one.test))
+    assert np.isfinite(np.asarray(many.history.task_losses)).all()
+
+
+def test_gradient_method_config_errors():
+    with pytest.raises(ValueError, match="gradient_method"):
+        TrainConfig(gradient_method="nope")
+    with pytest.raises(ValueError, match="gradient_level"):
+        TrainConfig(gradient_method="pcgrad", gradient_level="layers")
+    with pytest.raises(ValueError, match="gradient_kwargs"):
+        TrainConfig(gradient_kwargs={"c": 0.5})
+    with pytest.raises(ValueError, match="gradient_kwargs"):
+        TrainConfig(gradient_method="cagrad", gradient_kwargs={"bogus": 1})
+    with pytest.raises(ValueError, match="gradient_method"):
+        TrainConfig(gradient_method="pcgrad", scheme="gradnorm")
+    with pytest.raises(ValueError, match="model"):
+        TrainConfig(model="transformer")
+    with pytest.raises(ValueError, match="vocab_size"):
+        TrainConfig(model="embedding_bag", vocab_size=0)
+    cfg = TrainConfig(gradient_method="cagrad", gradient_kwargs={"c": 0.5})
+    assert cfg.gradient_kwargs == (("c", 0.5),) and hash(cfg) == hash(TrainConfig(gradient_method="cagrad",
+                                                                                 gradient_kwargs=[("c", 0.5)]))

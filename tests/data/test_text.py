@@ -309,17 +309,16 @@ def test_embedding_bag_trains_with_the_training_step(bag):
 
 
 def test_train_runs_on_the_text_task():
-    """training.train end to end: the ``"mlp"`` model on term frequencies (accepted by TrainConfig today),
-    and the ``"embedding_bag"`` model on token ids once TrainConfig accepts its name."""
+    """training.train end to end: the ``"mlp"`` model on term frequencies and the ``"embedding_bag"`` model
+    (``vocab_size`` / ``embed_dim`` from the config) on token ids."""
     cfg = training.TrainConfig(model="mlp", hidden=(16,), steps=4, batch_size=32, learning_rate=1e-2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", training.DivergenceWarning)
         res = training.train(cfg, small(representation="bow"))
     assert res.history.task_losses.shape == (4, 4)
     assert np.isfinite(np.asarray(res.history.task_losses)).all() and int(res.diverged_at) == -1
-    try:
-        cfg = training.TrainConfig(model="embedding_bag", hidden=(16,), steps=4, batch_size=32)
-    except ValueError as e:
-        pytest.skip(f"training.TrainConfig does not accept model 'embedding_bag' yet ({e})")
-    res = training.train(cfg, small(num_buckets=2**14))
+    cfg = training.TrainConfig(model="embedding_bag", hidden=(16,), embed_dim=8, vocab_size=2**10, steps=4,
+                               batch_size=32)
+    res = training.train(cfg, small(num_buckets=2**10))
     assert np.isfinite(np.asarray(res.history.task_losses)).all() and int(res.diverged_at) == -1
+    assert res.state.params["shared_embed"]["embedding"].shape == (2**10 + 1, 8)
