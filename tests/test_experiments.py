@@ -9,7 +9,7 @@ import pytest
 
 from mtl_jax import cli
 from mtl_jax.data.deep import school_multihead
-from mtl_jax.runner import store
+from mtl_jax.runner import configs, store
 from mtl_jax.training import TrainConfig, train_seeds
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -32,9 +32,9 @@ def task_weighting():
 @pytest.fixture(scope="module")
 def quick_run(task_weighting, tmp_path_factory):
     out = tmp_path_factory.mktemp("task_weighting")
-    argv = ["--quick", "--out", str(out), "--schemes", "equal,dwa", "--datasets", "school_multihead",
+    argv = ["--quick", "--out", str(out), "--methods", "equal,dwa", "--datasets", "school_multihead",
             "--no-compile-cache"]
-    first = task_weighting.main(argv, log=lambda _: None)
+    first = task_weighting.main(argv)   # --quick: the quick preset (configs.script_main)
     return out, argv, first
 
 
@@ -42,13 +42,14 @@ def test_quick_run_writes_tables_json_figure_and_cells(quick_run):
     out, _, first = quick_run
     for name in ("results.md", "results.json", "school_multihead_curves.png"):
         assert (out / name).stat().st_size > 0
-    assert sorted(first["computed"]) == [("school_multihead", s) for s in ("dwa", "equal", "single_task")]
+    assert sorted(first["computed"]) == [("school_multihead", s, 1.0) for s in ("dwa", "equal", "single_task")]
     table = (out / "results.md").read_text()
     assert "### school_multihead" in table and "| dwa |" in table and "| single_task |" in table
     results = json.loads((out / "results.json").read_text())
     runs = results["datasets"]["school_multihead"]["runs"]
     assert set(runs) == {"single_task", "equal", "dwa"}
     assert np.asarray(runs["dwa"]["per_seed"]).shape == (2, 3)  # 2 seeds, 3 heads
+    assert runs["dwa"]["lr_factor"] == 1.0 and runs["equal"]["cost_ratio"] == 1.0 and runs["dwa"]["cost_ratio"] > 0
 
 
 def test_delta_m_of_equal_against_itself_is_zero(quick_run):
@@ -59,9 +60,9 @@ def test_delta_m_of_equal_against_itself_is_zero(quick_run):
 
 def test_rerun_skips_finished_cells(quick_run, task_weighting):
     out, argv, _ = quick_run
-    cell = out / "cells" / "school_multihead" / "dwa" / store.MANIFEST
+    cell = out / "cells" / "school_multihead" / "dwa" / "lr1" / store.MANIFEST
     before = cell.stat().st_mtime_ns
-    again = task_weighting.main(argv, log=lambda _: None)
+    again = task_weighting.main(argv)
     assert again["computed"] == []
     assert len(again["skipped"]) == 3
     assert cell.stat().st_mtime_ns == before
@@ -72,8 +73,8 @@ def test_cells_are_weighting_runs_whose_history_is_the_stored_curves(quick_run):
     out, _, _ = quick_run
     paths = store.find_runs(out)
     assert sorted(os.path.relpath(p, out) for p in paths) == [
-        os.path.join("cells", "school_multihead", s) for s in ("dwa", "equal", "single_task")]
-    run = store.read_run(out / "cells" / "school_multihead" / "dwa")
+        os.path.join("cells", "school_multihead", s, "lr1") for s in ("dwa", "equal", "single_task")]
+    run = store.read_run(out / "cells" / "school_multihead" / "dwa" / "lr1")
     assert run.kind == "weighting" and run.config["scheme"] == "dwa" and run.config["seeds"] == [0, 1]
     curves = store.weighting_curves(run)
     np.testing.assert_array_equal(curves["task_losses"], run.arrays["task_losses"])
@@ -117,10 +118,18 @@ def test_delta_m_signs_and_values(task_weighting):
 
 
 def test_bad_arguments_raise_value_error(task_weighting, tmp_path):
-    with pytest.raises(ValueError, match="--schemes"):
-        task_weighting.main(["--quick", "--out", str(tmp_path), "--schemes", "pcgrad"])
-    with pytest.raises(ValueError, match="--seeds"):
-        task_weighting.main(["--quick", "--out", str(tmp_path), "--seeds", "0"])
+    def config(**values):
+        return configs.make_config(task_weighting.Config, "quick", task_weighting.PRESETS, out=str(tmp_path), **values)
+
+    with pytest.raises(ValueError, match="methods"):
+        task_weighting.run(config(methods="equal,nope"))
+    with pytest.raises(ValueError, match="seeds"):
+        task_weighting.run(config(seeds=0))
+    with pytest.raises(ValueError, match="lr_factors"):
+        task_weighting.run(config(lr_factors="1,-2"))
+    with pytest.raises(ValueError, match="size"):
+        task_weighting.run(config(size="huge"))
+    assert "task_weighting" in configs.EXPERIMENTS
 
 
 def test_fixed_ones_runs_match_train_seeds_equal(task_weighting):

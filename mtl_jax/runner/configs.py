@@ -34,7 +34,7 @@ def field(default, help: str):
 
 
 #: The experiments ``mtl-jax run`` knows, by name (the module ``mtl_jax.experiments.<name>``).
-EXPERIMENTS = ("school_convergence", "dmtrl_convergence", "dmtrl_accuracy")
+EXPERIMENTS = ("school_convergence", "dmtrl_convergence", "dmtrl_accuracy", "task_weighting")
 
 
 def load(name: str):
