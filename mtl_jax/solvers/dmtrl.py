@@ -597,22 +597,25 @@ class RunOutput(NamedTuple):
     converged: jax.Array
 
 
-register_exportable(Systems, Params, DMTRLState, RoundStats, RunOutput)
+register_exportable(Systems, Params, DMTRLState, RoundStats, RunOutput, BlockedRows)
 
 
 @partial(jax.jit, static_argnames=("loss", "scheme", "q_rule", "order", "history_size", "mesh"))
-def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems, max_rounds, fixed_omega, *,
-               loss: str, scheme: str, q_rule: str, order: str, history_size: int, mesh=None) -> RunOutput:
+def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems, max_rounds, fixed_omega,
+               rows: BlockedRows | None = None, *, loss: str, scheme: str, q_rule: str, order: str,
+               history_size: int, mesh=None) -> RunOutput:
     """Rounds from ``state`` until the certificate reaches ``tol`` or ``max_rounds`` (traced) more are done.
 
-    One ``lax.while_loop``: a chunk of rounds is one compiled program, whatever its length.
+    One ``lax.while_loop``: a chunk of rounds is one compiled program, whatever its length. ``rows``: the
+    data in the local pass's layout (:func:`sites_rows`, :data:`layout_program`), made once per solve by the
+    driver (default: made here, once per call).
     """
     dtype = sites.X.dtype
     nan = jnp.full((history_size,), jnp.nan, dtype)
     empty = RoundStats(nan, nan, nan, nan, nan, jnp.zeros((history_size,), jnp.int32), nan,
                        jnp.zeros((history_size,), bool), nan)
 
-    rows = sites_rows(sites, mesh)  # once for all the rounds
+    rows = sites_rows(sites, mesh) if rows is None else rows  # once for all the rounds
 
     def cond(carry):
         s, _, k = carry
@@ -630,6 +633,9 @@ def run_rounds(state: DMTRLState, sites: Sites, params: Params, systems: Systems
 
 
 init_program = jax.jit(init_state, static_argnames=("loss", "scheme", "q_rule"))
+#: :func:`sites_rows` compiled: the driver lays the data out once per solve (a copy of X; at 10^5 sites about
+#: as long as two rounds), not once per chunk of rounds.
+layout_program = jax.jit(sites_rows, static_argnames=("mesh",))
 
 
 # --- the host-side driver ----------------------------------------------------------------------------------
@@ -802,13 +808,16 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
         state, history = load_checkpoint(path, state, fingerprint)
     itemsize = np.dtype(dtype).itemsize
     fixed = jnp.asarray(fixed)
-    c_run = solve_seconds = 0.0
+    layout, c_run = compiled(layout_program, (sites,), dict(mesh=mesh))
+    t0 = time.perf_counter()
+    rows = jax.block_until_ready(layout(sites))
+    solve_seconds = time.perf_counter() - t0
     done = False
     while True:
         remaining = max_rounds - (len(history) - 1)
         if remaining <= 0 or done:
             break
-        args = (state, sites, params, systems, jnp.asarray(min(chunk, remaining), jnp.int32), fixed)
+        args = (state, sites, params, systems, jnp.asarray(min(chunk, remaining), jnp.int32), fixed, rows)
         program, c = compiled(run_rounds, args, dict(static, order=o["order"], mesh=mesh,
                                                      history_size=history_capacity(chunk if chunked else max_rounds)))
         c_run += c
