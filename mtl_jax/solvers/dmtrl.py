@@ -72,6 +72,7 @@ from mtl_jax.mtrl import (
 from mtl_jax.solvers.base import (
     RoundRecord,
     SolveOutput,
+    check_checkpoint,
     check_options,
     compiled,
     history_capacity,
@@ -697,15 +698,8 @@ def check_dmtrl_options(options: dict, m: int) -> dict:
     if devices is not None and not (isinstance(devices, (int, np.integer)) and not isinstance(devices, bool)):
         raise ValueError(f"devices: must be None (all local devices) or a number of devices, got {devices!r}")
     o["mesh"] = distributed.site_mesh(devices)
-    path = o.setdefault("checkpoint", None)
-    if path is not None:
-        if not isinstance(path, (str, os.PathLike)):
-            raise ValueError(f"checkpoint: must be a file path (str or os.PathLike), got {path!r}")
-        folder = os.path.dirname(os.path.abspath(path))
-        if not os.path.isdir(folder):
-            raise ValueError(f"checkpoint: the folder {folder} does not exist")
-    o["checkpoint_every"] = check_int("checkpoint_every", o.setdefault("checkpoint_every", 100), low=1,
-                                      high=_NEVER)
+    o["checkpoint"], o["checkpoint_every"] = check_checkpoint(o.get("checkpoint"), o.get("checkpoint_every"),
+                                                              default=100)
     return o
 
 
