@@ -154,7 +154,7 @@ def test_fit_passes_checkpoint_and_progress_to_the_centralized_solver(tmp_path):
     np.testing.assert_array_equal(one.W, resumed.W)
     np.testing.assert_array_equal(one.alpha, resumed.alpha)
     assert (one.objective, one.gap, one.iterations) == (resumed.objective, resumed.gap, resumed.iterations)
-    assert resumed.config["checkpoint"] == path
+    assert "checkpoint" not in resumed.config and resumed.config == one.config   # where it is saved is not the problem
     with pytest.raises(ValueError, match="^checkpoint_every"):
         mtl_jax.fit(X, y, task, **kw, checkpoint=path, checkpoint_every=0)
     with pytest.raises(ValueError, match="^checkpoint: the folder"):
