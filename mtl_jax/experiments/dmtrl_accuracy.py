@@ -49,7 +49,6 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -314,14 +313,12 @@ def main(argv=None):
 
 def run(args: Config, log=print) -> int:
     """Run the experiment with ``args`` (a :class:`Config`); everything goes under ``args.out``."""
-    jax.config.update("jax_enable_x64", True)
+    configs.prepare(args)
     grids = (QUICK_LAM1_GRID, QUICK_LAM2_GRID) if args.small_grid else (LAM1_GRID, LAM2_GRID)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = sorted(set(names) - set(DATASETS))
     if unknown:
         raise ValueError(f"datasets: unknown {unknown}; choose from {DATASETS}")
-    if args.compile_cache:
-        mtl_jax.enable_compilation_cache()
     os.makedirs(args.out, exist_ok=True)
     started, env, t0 = store.now(), store.environment(), time.perf_counter()
     seeds = list(range(args.seeds))

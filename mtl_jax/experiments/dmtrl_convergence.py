@@ -269,9 +269,7 @@ def main(argv=None):
 
 def run(args: Config) -> int:
     """Run the experiment with ``args`` (a :class:`Config`); everything goes under ``args.out``."""
-    jax.config.update("jax_enable_x64", True)
-    if args.compile_cache:
-        mtl_jax.enable_compilation_cache()
+    configs.prepare(args)
     names = [n.strip() for n in args.datasets.split(",") if n.strip()]
     unknown = set(names) - set(DATASETS)
     if unknown:

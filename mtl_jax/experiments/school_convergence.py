@@ -18,7 +18,6 @@ import dataclasses
 import os
 import sys
 
-import jax
 import numpy as np
 
 import mtl_jax
@@ -63,9 +62,7 @@ def main(argv=None):
 
 def run(args: Config) -> int:
     """Run the experiment with ``args`` (a :class:`Config`); everything goes under ``args.out``."""
-    jax.config.update("jax_enable_x64", True)
-    if args.compile_cache:
-        mtl_jax.enable_compilation_cache()
+    configs.prepare(args)
     os.makedirs(args.out, exist_ok=True)
     started = store.now()
     env = store.environment()

@@ -25,7 +25,7 @@ import importlib
 import typing
 from typing import Any, Sequence
 
-__all__ = ["field", "EXPERIMENTS", "load", "describe", "make_config", "parse_overrides", "config_help", "script_main",
+__all__ = ["field", "prepare", "EXPERIMENTS", "load", "describe", "make_config", "parse_overrides", "config_help", "script_main",
            "to_dict"]
 
 def field(default, help: str):
@@ -129,6 +129,17 @@ def parse_overrides(cls, items: Sequence[str]) -> dict[str, Any]:
             raise ValueError(f"{key}: unknown key of {cls.__name__}; keys: {', '.join(types)}")
         out[key] = _convert(key, value, types[key])
     return out
+
+
+def prepare(config) -> None:
+    """What every experiment's ``run`` does first: float64 (its certificates are compared with references) and
+    the persistent compilation cache, unless the config's ``compile_cache`` is off."""
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    if getattr(config, "compile_cache", True):
+        from mtl_jax.compilation import enable_compilation_cache
+        enable_compilation_cache()
 
 
 def to_dict(config) -> dict[str, Any]:
