@@ -27,6 +27,7 @@ number, an output that exists without ``--resume``/``--overwrite``), reported on
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import sys
@@ -476,15 +477,14 @@ def cmd_fit(args) -> int:
     if exact and not (args.resume or args.overwrite):
         raise CLIError(f"--out {out} holds the checkpoint of a run ({CHECKPOINT}); pass --resume to "
                        "continue it exactly or --overwrite to start afresh")
-    if exact and args.resume and existing and _changed_problem(out, args):
-        # the result and its checkpoint are of another problem (lam, loss, data, ...): warm-start from its W
+    changed = exact and args.resume and existing and _changed_problem(out, args)
+    if changed:  # the result and its checkpoint are of another problem (lam, loss, data, ...)
         print(f"note: --resume: {out} holds a run of another problem; warm-starting from its W (the history "
               "restarts)", file=sys.stderr)
-        args.overwrite = True
-    # --overwrite: the new run checkpoints beside the old one, which it replaces only with its result (a failed
-    # or killed overwrite leaves the previous run, checkpoint included, as it was)
-    replacing = exact and args.overwrite
-    exact = exact and not args.overwrite
+    # --overwrite (or a changed problem): the new run checkpoints beside the old one, which it replaces only with
+    # its result (a failed or killed run leaves the previous one, checkpoint included, as it was)
+    replacing = exact and (args.overwrite or changed)
+    exact = exact and not replacing
     if exact:  # --resume: the checkpoint continues the run exactly (no warm start from the saved W)
         resumed_from = {"dir": os.path.abspath(out), "checkpoint": CHECKPOINT}
     elif args.resume:
@@ -581,10 +581,11 @@ _PROBLEM_ARGUMENTS = ("data", "task_column", "target_column", "intercept", "cent
 
 
 def _changed_problem(out, args) -> bool:
-    """Whether the run in ``out`` was made with other problem-defining arguments than ``args``."""
+    """Whether the run in ``out`` was made with other problem-defining arguments than ``args`` (its manifest only)."""
     try:
-        before = store.read_run(out).config.get("arguments", {})
-    except ValueError:
+        with open(os.path.join(out, store.MANIFEST)) as f:
+            before = json.load(f).get("config", {}).get("arguments", {})
+    except (OSError, ValueError, AttributeError):
         return False
     now = dict(vars(args))
     if now.get("solver") == "centralized" and now.get("method") is None:
