@@ -170,7 +170,11 @@ def map_blocks(fn, mesh: Mesh | None, num_batched: int):
         batched, rest = args[:num_batched], args[num_batched:]
         in_specs = tuple(jax.tree_util.tree_map(lambda a: block_spec(jnp.ndim(a)), a) for a in batched) + tuple(
             PartitionSpec() for _ in rest)
-        out_shapes = jax.eval_shape(fn, *args)
+        # The outputs' ranks from one device's share: ``fn`` may only make sense on a shard (the local pass's
+        # tiles are laid out per device, so the global tile count need not match the global block count).
+        n = mesh.devices.size
+        shard = lambda a: jax.ShapeDtypeStruct((a.shape[0] // n,) + tuple(a.shape[1:]), a.dtype)
+        out_shapes = jax.eval_shape(fn, *(jax.tree_util.tree_map(shard, a) for a in batched), *rest)
         out_specs = jax.tree_util.tree_map(lambda s: block_spec(len(s.shape)), out_shapes)
         return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(*args)
 

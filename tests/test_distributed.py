@@ -19,6 +19,15 @@ SCRIPT = textwrap.dedent('''
     from mtl_jax.data.synthetic import make_clustered_tasks
     from mtl_jax.solvers import base
     out = {"devices": len(jax.devices())}
+    # Many sites per device: each device lays out its share in several tiles of the local pass (410 sites per
+    # device, 409 per tile at d = 20 in float64), which is not the tile count of all the sites in one layout.
+    Xb, yb, taskb, _ = make_clustered_tasks(1640, 20, samples_per_task=(2, 4), seed=5)
+    runs = {}
+    for devices in (1, None):
+        res = mtl_jax.fit(Xb, yb, taskb, lam1=0.1, lam2=1.0, solver="dmtrl", tol=0.0, max_iter=4, devices=devices)
+        runs[devices] = dict(W=res.W.tolist(), J=res.objective, rounds=res.iterations, used=res.config["devices"],
+                             bytes=res.history[-1].bytes, participants=[r.participants for r in res.history])
+    out["many_tiles"] = {"one": runs[1], "all": runs[None]}
     X, y, task, _ = make_clustered_tasks(37, 5, samples_per_task=(6, 30), loss="hinge", seed=3)
     for name, kw in [("joint", {}), ("alternating", dict(scheme="alternating", q="factored")),
                      ("systems", dict(dropout_prob=0.3, straggler_prob=0.5, min_effort=0.5, seed=7)),
@@ -71,6 +80,18 @@ def test_four_devices_give_the_one_device_answer_with_37_sites(four_devices, cas
     assert spread["participants"] == one["participants"] and spread["bytes"] == one["bytes"]
     if one["used"] is not None:
         assert (one["used"], spread["used"]) == (1, 4)
+
+
+@pytest.mark.slow
+def test_four_devices_with_several_tiles_per_device(four_devices):
+    # Regression: the per-device layout has more tiles than one layout of all the sites would (8 vs 5); the
+    # sharded pass used to fail while tracing (its output shapes were taken from the global arrays).
+    one, spread = four_devices["many_tiles"]["one"], four_devices["many_tiles"]["all"]
+    W1, W4 = np.array(one["W"]), np.array(spread["W"])
+    assert W1.shape == W4.shape == (1640, 20)
+    assert np.linalg.norm(W4 - W1) <= 1e-6 * np.linalg.norm(W1)
+    assert (one["rounds"], spread["rounds"]) == (4, 4) and (one["used"], spread["used"]) == (1, 4)
+    assert spread["participants"] == one["participants"] and spread["bytes"] == one["bytes"]
 
 
 @pytest.mark.slow
