@@ -251,11 +251,13 @@ def local_sdca(rows: BlockedRows, alpha, w, q, budget, stream, *, loss: Loss, cy
     (:func:`block_rows`). Each block's order is still a fresh random permutation in every pass, which is
     what SDCA's analysis needs of a block; the blocks' subproblems are independent of one another.
 
-    How it is laid out: the tiles go one after another (a ``lax.map``) so that a tile's model and pending
-    change stay in cache through the n sequential steps of a pass (a ``lax.scan``). A coordinate is visited
-    once per pass, so a step reads its old dual from the pass's start and emits its change as a scan output,
-    and the changes are added after the pass: the duals are never carried through the steps (carrying them
-    made XLA copy the whole dual array at every step).
+    How it is laid out: the tiles go one after another (a ``fori_loop`` that indexes the laid-out rows in place:
+    slicing a tile out first copied it) so that a tile's model and pending change stay in cache through the n
+    sequential steps of a pass (a ``lax.scan``). A coordinate is visited once per pass, so a step reads its old
+    dual from the pass's start and emits its change as a scan output, and the changes are added after the pass:
+    the duals are never carried through the steps (carrying them made XLA copy the whole dual array at every
+    step). The margin's sum over the d features is written out as d vector multiply-adds over the tile's blocks
+    (XLA:CPU's reduction over the short leading axis was slower); the steps taken are counted once per pass.
 
     Args:
       rows: the blocks' rows, :func:`block_rows` of X (K, n, d) and y, c, mask, sq (K, n).
@@ -265,38 +267,44 @@ def local_sdca(rows: BlockedRows, alpha, w, q, budget, stream, *, loss: Loss, cy
     Returns a :class:`LocalUpdate` of (K, ...) arrays.
     """
     K = alpha.shape[0]
-    tile = rows.X.shape[-1]
-    args = (rows.X, rows.y, rows.c, rows.mask, rows.sq) + tuple(_to_tiles(a, tile) for a in (alpha, w, q, budget))
-    one = partial(_local_tile, stream=stream, loss=loss, cyclic=cyclic)
-    if rows.X.shape[0] == 1:
-        out = jax.tree_util.tree_map(lambda a: a[None], one(tuple(a[0] for a in args)))
-    else:
-        out = jax.lax.map(one, args)
+    T, n, d, tile = rows.X.shape
+    alpha_t, w_t, q_t, budget_t = (_to_tiles(a, tile) for a in (alpha, w, q, budget))
+
+    def one_tile(t, out):
+        alpha_out, dv_out, steps_out = out
+        part = LocalUpdate(*_local_tile(rows, t, alpha_t[t], w_t[t], q_t[t], budget_t[t], stream=stream, loss=loss,
+                                        cyclic=cyclic))
+        return (alpha_out.at[t].set(part.alpha), dv_out.at[t].set(part.dv), steps_out.at[t].set(part.steps))
+
+    out = (alpha_t, jnp.zeros_like(w_t), jnp.zeros(budget_t.shape, jnp.int32))
+    out = one_tile(0, out) if T == 1 else jax.lax.fori_loop(0, T, one_tile, out)
     return LocalUpdate(*(_from_tiles(a, K) for a in out))
 
 
-def _local_tile(args, *, stream, loss: Loss, cyclic: bool) -> LocalUpdate:
-    """:func:`local_sdca` on one tile: X (n, d, t); y, c, mask, sq, alpha (n, t); w (d, t); q, budget (t,)."""
-    X, y, c, mask, sq, alpha, w, q, budget = args
-    n = X.shape[0]
+def _local_tile(rows: BlockedRows, t, alpha, w, q, budget, *, stream, loss: Loss, cyclic: bool) -> LocalUpdate:
+    """:func:`local_sdca` on tile ``t`` of ``rows``: alpha (n, tile); w (d, tile); q, budget (tile,)."""
+    _, n, d, _ = rows.X.shape
     passes = jnp.max((budget + n - 1) // n)
 
     def one_pass(p, carry):
         alpha, dv, steps = carry
         order = jnp.arange(n) if cyclic else visiting_order(stream, p, n)
 
-        def step(carry, s):
-            dv, steps = carry
+        def step(dv, s):
             i = order[s]
-            x, ai = X[i], alpha[i]
-            a = jnp.sum((w + q * dv) * x, axis=0)
-            new = loss.dual_step(ai, y[i], c[i], a, q * sq[i])
-            live = (p * n + s < budget) & (mask[i] > 0)
+            x, ai = rows.X[t, i], alpha[i]
+            u = w + q * dv
+            a = u[0] * x[0]
+            for k in range(1, d):
+                a = a + u[k] * x[k]
+            new = loss.dual_step(ai, rows.y[t, i], rows.c[t, i], a, q * rows.sq[t, i])
+            live = (p * n + s < budget) & (rows.mask[t, i] > 0)
             delta = jnp.where(live, new - ai, 0.0)
-            return (dv + delta * x, steps + live.astype(steps.dtype)), delta
+            return dv + delta * x, delta
 
-        (dv, steps), deltas = jax.lax.scan(step, (dv, steps), jnp.arange(n))
-        return alpha.at[order].add(deltas), dv, steps
+        dv, deltas = jax.lax.scan(step, dv, jnp.arange(n))
+        live = (p * n + jnp.arange(n)[:, None] < budget) & (rows.mask[t][order] > 0)
+        return alpha.at[order].add(deltas), dv, steps + jnp.sum(live, axis=0, dtype=jnp.int32)
 
     carry = (alpha, jnp.zeros_like(w), jnp.zeros(budget.shape, jnp.int32))
     return LocalUpdate(*jax.lax.fori_loop(0, passes, one_pass, carry))
