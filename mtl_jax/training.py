@@ -6,7 +6,10 @@ heads, :mod:`mtl_jax.models`), an optax update, and the scheme's state update. E
 lives in one pytree, :class:`TrainState`. One pure function, built by :func:`make_run`, is the whole run
 (initial state, a ``lax.scan`` of the step, test metrics); :func:`train` jits it and :func:`train_seeds`
 ``vmap``s it over seeds, so S seeds train as one compiled program (the weight init is compiled
-separately, once per model, and shared by all schemes). Scripts that need a variant -- another scheme,
+separately, once per model, and shared by all schemes); :func:`train_grid` ``vmap``s it over a grid of
+learning rates (and scheme hyper-parameters such as dwa's temperature) and seeds, so a whole sweep is one
+compiled program -- the model's learning rate is injected into the optimizer state
+(``optax.inject_hyperparams``), so it can be traced. Scripts that need a variant -- another scheme,
 constant weights vmapped over rows, an ahead-of-time compiled benchmark -- build it with :func:`make_run`.
 
 Typical use (what an experiment or benchmark script needs)::
@@ -21,6 +24,9 @@ Typical use (what an experiment or benchmark script needs)::
     res.history.weights       # (S, T, K) the weights the scheme gave at each step
     res.test.accuracy         # (S, K) per-task test accuracy (NaN for regression tasks)
     res.diverged_at           # (S,) first non-finite step of each seed, -1 if none (then warned)
+    grid = train_grid(cfg, data, seeds=range(5), learning_rates=[3e-4, 1e-3, 3e-3],
+                      scheme_values={"temperature": [1.0, 2.0]})   # 6 points x 5 seeds, one program
+    grid.result.test.accuracy # (G, S, K) = (6, 5, K); grid.learning_rates, grid.scheme_values (G,)
 
 Losses: softmax cross-entropy for a classification task, mean squared error (averaged over the task's
 outputs) for a regression task. A task's batch loss is the mean over the batch samples that its mask
@@ -85,7 +91,8 @@ class TrainState(NamedTuple):
     """Everything that changes during training, as one pytree (scan carry, vmapped over seeds).
 
     params: flax params of the model (the inner ``variables["params"]`` dict)
-    opt_state: optax state of the model optimizer
+    opt_state: optax state of the model optimizer (its learning rate injected:
+        ``opt_state.hyperparams["learning_rate"]``, in the last element of a chain with clipping)
     scheme_state: the weighting scheme's state (its NamedTuple)
     omega: (K, K) task-relationship matrix of the MTRL heads, or None without MTRL heads
     step: () int32, optimiser steps taken so far
@@ -725,24 +732,43 @@ class TrainConfig:
         """The :class:`~mtl_jax.models.MTRLCoupling` of this config (``self.mtrl``), or None without MTRL heads."""
         return self.mtrl
 
-    def make_scheme(self, spec: TaskSpec | None = None) -> weighting_lib.Weighting:
+    def make_scheme(self, spec: TaskSpec | None = None, *, learning_rate: Any = None,
+                    overrides: dict[str, Any] | None = None) -> weighting_lib.Weighting:
         """The config's weighting scheme; ``spec``: the data's :class:`~mtl_jax.data.deep.TaskSpec`, which
-        gives ``"uncertainty"`` its per-task ``kinds`` (None: the scheme's default, all regression)."""
-        kwargs = dict(self.scheme_kwargs)
+        gives ``"uncertainty"`` its per-task ``kinds`` (None: the scheme's default, all regression).
+
+        ``learning_rate``: the model's rate to use instead of ``self.learning_rate`` (a () array, possibly
+        traced: :func:`train_grid`), which ``"uncertainty"`` also steps its log-variances with unless its
+        ``scheme_kwargs`` give ``learning_rate`` or ``optimizer``. ``overrides``: keyword arguments of the
+        scheme that replace ``scheme_kwargs`` (possibly traced; :data:`SCHEME_GRID_PARAMETERS`)."""
+        kwargs = {**dict(self.scheme_kwargs), **dict(overrides or {})}
         if self.scheme == "uncertainty":
             if "optimizer" not in kwargs:
-                kwargs["optimizer"] = self._base_optimizer(kwargs.pop("learning_rate", self.learning_rate))
+                rate = self.learning_rate if learning_rate is None else learning_rate
+                kwargs["optimizer"] = self._base_optimizer(kwargs.pop("learning_rate", rate), None)
             if spec is not None and "kinds" not in kwargs:
                 kwargs["kinds"] = tuple(spec.kinds)
         return weighting_lib.get(self.scheme, **kwargs)
 
-    def _base_optimizer(self, learning_rate: float) -> optax.GradientTransformation:
-        check_real("learning_rate", learning_rate, low=0.0, strict=True)
-        return optax.adam(learning_rate) if self.optimizer == "adam" else optax.sgd(learning_rate)
+    def _base_optimizer(self, learning_rate: Any, dtype) -> optax.GradientTransformation:
+        """``optimizer`` with its rate injected (``optax.inject_hyperparams``): the rate is a () array in
+        the optimizer's state, ``opt_state.hyperparams["learning_rate"]``, so a traced rate (a grid under
+        ``vmap``) runs the same program. ``dtype``: the rate's dtype (None: that of the parameters, as
+        optax does); a traced rate is cast to it, so it rounds as a Python float would."""
+        check_real("learning_rate", learning_rate, low=0.0, strict=True, allow_traced=True)
+        if isinstance(learning_rate, (jax.Array, np.ndarray)):
+            learning_rate = jnp.asarray(learning_rate).astype(dtype or jnp.result_type(float))
+        factory = optax.adam if self.optimizer == "adam" else optax.sgd
+        return optax.inject_hyperparams(factory, hyperparam_dtype=dtype)(learning_rate=learning_rate)
 
-    def make_optimizer(self) -> optax.GradientTransformation:
-        """The model's optimizer: ``optimizer`` with ``learning_rate``, after clipping by ``max_grad_norm``."""
-        base = self._base_optimizer(self.learning_rate)
+    def make_optimizer(self, learning_rate: Any = None) -> optax.GradientTransformation:
+        """The model's optimizer: ``optimizer`` with ``learning_rate``, after clipping by ``max_grad_norm``.
+
+        The rate is injected (``optax.inject_hyperparams``, in the config's ``dtype``): it lives in the
+        optimizer state. ``learning_rate``: a rate to use instead of ``self.learning_rate`` (a () array,
+        possibly traced: :func:`train_grid`)."""
+        rate = self.learning_rate if learning_rate is None else learning_rate
+        base = self._base_optimizer(rate, jnp.dtype(self.dtype))
         if self.max_grad_norm is None:
             return base
         return optax.chain(optax.clip_by_global_norm(self.max_grad_norm), base)
@@ -768,11 +794,14 @@ class Components(NamedTuple):
     method: gradient_lib.GradientMethod | None = None
 
 
-def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None) -> Components:
+def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None,
+                    learning_rate: Any = None) -> Components:
     """Model, scheme, optimizer, MTRL coupling and jitted step exactly as :func:`make_run` uses them.
 
     ``scheme``: a :class:`~mtl_jax.weighting.Weighting` used instead of the config's ``scheme`` and
-    ``scheme_kwargs`` (None: ``config.make_scheme(spec)``). With
+    ``scheme_kwargs`` (None: ``config.make_scheme(spec, learning_rate=learning_rate)``).
+    ``learning_rate``: the model's rate instead of ``config.learning_rate`` (a () array, possibly traced;
+    it only enters the optimizer's initial state, :meth:`TrainConfig.make_optimizer`). With
     ``data = to_device(dataset.train, spec, config.dtype)`` and
     ``state = init_state(c.model, c.scheme, c.optimizer, jax.random.key(seed), data.x[:1], mtrl=c.mtrl)``,
     ``c.step(state, data)`` is one training step of the run with that seed."""
@@ -783,8 +812,9 @@ def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.W
                        head_hidden=config.head_hidden, param_dtype=jnp.dtype(config.dtype),
                        vocab_size=config.vocab_size, embed_dim=config.embed_dim)
     if scheme is None:
-        scheme = config.make_scheme(spec)
-    optimizer, mtrl, method = config.make_optimizer(), config.coupling(), config.make_gradient_method()
+        scheme = config.make_scheme(spec, learning_rate=learning_rate)
+    optimizer = config.make_optimizer(learning_rate)
+    mtrl, method = config.coupling(), config.make_gradient_method()
     step = make_train_step(model, scheme, optimizer, spec.kinds, batch_size=config.batch_size,
                            stratify=config.stratify, mtrl=mtrl, steps_per_epoch=config.steps_per_epoch,
                            gradient_method=method, gradient_level=config.gradient_level,
@@ -793,7 +823,8 @@ def make_components(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.W
 
 
 def make_run(
-    config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None
+    config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None,
+    learning_rate: Any = None,
 ) -> Callable[[jax.Array, Any, Split, Split], TrainResult]:
     """The whole training run of ``config`` as one pure function ``run(seed, params, train, test)``.
 
@@ -811,9 +842,11 @@ def make_run(
     ``jax.jit(jax.vmap(run, in_axes=(0, 0, None, None)))`` is :func:`train_seeds`'. ``scheme``
     replaces the config's scheme; since the scheme is built before ``run`` is traced, a scheme with
     traced arrays inside works too, e.g. ``make_run(config, spec, weighting.fixed(w))(seed, None, tr, te)``
-    inside a ``vmap`` over weight rows ``w``. Inputs are not checked here (:func:`train` does that)."""
+    inside a ``vmap`` over weight rows ``w``. ``learning_rate``: the model's rate instead of
+    ``config.learning_rate``, possibly traced (:func:`make_grid_run`; it is injected into the optimizer's
+    state, :meth:`TrainConfig.make_optimizer`). Inputs are not checked here (:func:`train` does that)."""
     spec = validate_spec(spec)
-    model, scheme, optimizer, mtrl, step, method = make_components(config, spec, scheme)
+    model, scheme, optimizer, mtrl, step, method = make_components(config, spec, scheme, learning_rate)
 
     def run(seed, params, train_split: Split, test_split: Split) -> TrainResult:
         key = jax.random.key(seed)
@@ -871,12 +904,15 @@ def _prepare(config: TrainConfig, data: MultiTaskDataset):
     return init_fns, run_fns, to_device(data.train, spec, dtype), to_device(data.test, spec, dtype)
 
 
-def _warn_if_diverged(result: TrainResult, seeds: Sequence[int]) -> None:
+def _warn_if_diverged(result: TrainResult, seeds: Sequence[int], labels: Sequence[str] | None = None) -> None:
     """Warn (:class:`DivergenceWarning`) naming each diverged seed and its step, and each seed whose test
     loss is not finite although training never was (parameters grown so large that evaluating them
-    overflows); waits for the run."""
+    overflows); waits for the run. ``labels``: one name per run (flattened leading axes) instead of
+    ``"seed s"``."""
     steps = np.asarray(result.diverged_at).reshape(-1)
-    bad = [f"seed {int(s)} at step {int(t)}" for s, t in zip(seeds, steps) if t >= 0]
+    if labels is None:
+        labels = [f"seed {int(s)}" for s in seeds]
+    bad = [f"{label} at step {int(t)}" for label, t in zip(labels, steps) if t >= 0]
     if bad:
         warnings.warn(
             f"training diverged (non-finite loss or update) for {len(bad)} of {len(steps)} run(s): "
@@ -885,12 +921,20 @@ def _warn_if_diverged(result: TrainResult, seeds: Sequence[int]) -> None:
             f"(TrainResult.diverged_at; -1 for the runs that did not diverge).",
             DivergenceWarning, stacklevel=3)
     test_loss = np.asarray(result.test.task_loss).reshape(len(steps), -1)
-    overflow = [int(s) for s, t, row in zip(seeds, steps, test_loss) if t < 0 and not np.all(np.isfinite(row))]
+    overflow = [label for label, t, row in zip(labels, steps, test_loss) if t < 0 and not np.all(np.isfinite(row))]
     if overflow:
         warnings.warn(
-            f"the test loss is not finite for seed(s) {overflow}, although every training loss and update "
+            f"the test loss is not finite for {', '.join(overflow)}, although every training loss and update "
             "was: the parameters grew until evaluating them overflowed "
             "(the learning rate is probably too large for this model).", DivergenceWarning, stacklevel=3)
+
+
+def _check_seeds(seeds) -> list[int]:
+    """``seeds`` as a list of ints in [0, 2^31) (ValueError naming ``seeds``)."""
+    arr = np.asarray(list(seeds) if isinstance(seeds, range) else seeds)
+    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
+        raise ValueError(f"seeds: must be a non-empty 1-D sequence of integers, got {seeds!r}")
+    return [check_int("seeds", int(s), low=0, high=_SEED_LIMIT) for s in arr]
 
 
 def train(config: TrainConfig, data: MultiTaskDataset) -> TrainResult:
@@ -920,12 +964,171 @@ def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int
     names every diverged seed and its step. The result is returned in full, so one diverged seed does
     not end a sweep; this waits for the runs to finish.
     """
-    arr = np.asarray(list(seeds) if isinstance(seeds, range) else seeds)
-    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iu":
-        raise ValueError(f"seeds: must be a non-empty 1-D sequence of integers, got {seeds!r}")
-    seeds = [check_int("seeds", int(s), low=0, high=_SEED_LIMIT) for s in arr]
+    seeds = _check_seeds(seeds)
     (_, init_many), (_, run_many), train_split, test_split = _prepare(config, data)
     seed_array = jnp.asarray(seeds, jnp.int32)
     result = run_many(seed_array, init_many(seed_array, train_split.x[:1]), train_split, test_split)
     _warn_if_diverged(result, seeds)
     return result
+
+
+# ----------------------------------------------------------------------------- hyper-parameter grids
+
+#: The numeric hyper-parameters of each scheme that :func:`train_grid` can put on a grid: its factory
+#: (:mod:`mtl_jax.weighting`) accepts them as traced values, so every value runs in the same program.
+#: ``uncertainty``'s ``learning_rate`` is the log-variances' own rate (by default they follow the model's).
+SCHEME_GRID_PARAMETERS: dict[str, tuple[str, ...]] = {
+    "equal": (),
+    "huq_pervin": ("temperature", "beta"),
+    "dwa": ("temperature",),
+    "uncertainty": ("learning_rate", "initial"),
+    "rlw": ("std",),
+    "famo": ("learning_rate", "weight_decay"),
+    "gradnorm": ("alpha", "learning_rate", "floor"),
+}
+assert set(SCHEME_GRID_PARAMETERS) == set(weighting_lib.SCHEMES), "a scheme is missing from SCHEME_GRID_PARAMETERS"
+
+
+class GridResult(NamedTuple):
+    """Output of :func:`train_grid`: G grid points x S seeds, trained as one program.
+
+    result: a :class:`TrainResult` whose every leaf has leading axes (G, S): ``history.task_losses``
+        (G, S, T, K), ``test.accuracy`` (G, S, K), ``diverged_at`` (G, S), the final ``state`` per run;
+    learning_rates: (G,) the model's learning rate of each grid point;
+    scheme_values: ``{name: (G,)}``, each gridded scheme hyper-parameter's value at each grid point;
+    seeds: (S,) the seeds;
+    shape: ``(L, V_1, ..., V_n)``, the grid before flattening: L learning rates (slowest), then the
+        scheme hyper-parameters in the order of ``scheme_values`` -- ``G = prod(shape)``, point ``g`` is
+        ``np.unravel_index(g, shape)``, so ``result.test.mse.reshape(shape + (S, K))`` restores the axes;
+    config: the base configuration (:meth:`point_config` gives each point's).
+    """
+
+    result: TrainResult
+    learning_rates: np.ndarray
+    scheme_values: dict
+    seeds: np.ndarray
+    shape: tuple
+    config: "TrainConfig"
+
+    def point_config(self, g: int) -> TrainConfig:
+        """The configuration of grid point ``g``: :func:`train_seeds` with it (and ``seeds``) gives the
+        numbers of ``result[g]`` (to floating-point reassociation)."""
+        return _point_config(self.config, self.learning_rates[g],
+                             {name: values[g] for name, values in self.scheme_values.items()})
+
+
+def _point_config(config: TrainConfig, learning_rate, values: dict) -> TrainConfig:
+    kwargs = {**dict(config.scheme_kwargs), **{name: float(v) for name, v in values.items()}}
+    return dataclasses.replace(config, learning_rate=float(learning_rate), scheme_kwargs=kwargs)
+
+
+def _grid_axis(name: str, values, positive: bool) -> np.ndarray:
+    """A grid axis: a non-empty 1-D sequence of finite real numbers (> 0 with ``positive``), as float64."""
+    arr = np.asarray(list(values) if isinstance(values, (range, tuple, list)) else values)
+    if arr.ndim != 1 or arr.size == 0 or arr.dtype.kind not in "iuf":
+        raise ValueError(f"{name}: must be a non-empty 1-D sequence of real numbers, got {values!r}")
+    arr = arr.astype(np.float64)
+    if not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
+        raise ValueError(f"{name}: must be finite{' and > 0' if positive else ''}, got {values!r}")
+    return arr
+
+
+def make_grid_run(config: TrainConfig, spec: TaskSpec, names: Sequence[str] = ()) -> Callable[..., TrainResult]:
+    """:func:`make_run`'s run with the learning rate and scheme hyper-parameters as arguments:
+    ``run(learning_rate, values, seed, params, train, test) -> TrainResult``.
+
+      learning_rate: () float, the model's rate (injected into the optimizer's state,
+          :meth:`TrainConfig.make_optimizer`; ``"uncertainty"`` steps its log-variances with it too
+          unless its ``scheme_kwargs`` say otherwise, as :meth:`TrainConfig.make_scheme`);
+      values: ``{name: () float}`` for every name of ``names`` (a subset of
+          :data:`SCHEME_GRID_PARAMETERS` ``[config.scheme]``), replacing those ``scheme_kwargs``;
+      seed, params, train, test: as :func:`make_run`'s.
+
+    All of them may be traced: the scheme and optimizer are built inside ``run`` from the values, so
+    ``jax.vmap`` over ``learning_rate`` and ``values`` runs a grid as one program (:func:`train_grid`:
+    ``jit(vmap(vmap(run, seeds), grid points))``). ``config.learning_rate`` is not used."""
+    spec = validate_spec(spec)
+    names = tuple(names)
+
+    def run(learning_rate, values, seed, params, train_split: Split, test_split: Split) -> TrainResult:
+        overrides = {name: values[name] for name in names}
+        scheme = config.make_scheme(spec, learning_rate=learning_rate, overrides=overrides)
+        return make_run(config, spec, scheme, learning_rate)(seed, params, train_split, test_split)
+
+    return run
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_grid(config: TrainConfig, spec: TaskSpec, names: tuple[str, ...]):
+    """:func:`make_grid_run`'s run, vmapped over seeds (with their params) inside a vmap over grid
+    points, jitted. Cached on (config without its seed, learning rate and gridded scheme arguments,
+    spec, names): any grid of the same size reuses one compiled program."""
+    run = make_grid_run(config, spec, names)
+    over_seeds = jax.vmap(run, in_axes=(None, None, 0, 0, None, None))
+    return jax.jit(jax.vmap(over_seeds, in_axes=(0, 0, None, None, None, None)))
+
+
+def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int],
+               learning_rates: Sequence[float] | None = None,
+               scheme_values: dict[str, Sequence[float]] | None = None) -> GridResult:
+    """Train every point of a hyper-parameter grid for every seed, as ONE compiled program.
+
+    The grid is the Cartesian product of ``learning_rates`` (L values; None: ``(config.learning_rate,)``)
+    and, for each ``name: values`` of ``scheme_values`` (None: no scheme axis), the values of that
+    numeric hyper-parameter of ``config.scheme`` (:data:`SCHEME_GRID_PARAMETERS`: dwa's or huq_pervin's
+    ``temperature``, ...); G = L x V_1 x ... x V_n points, flattened in C order (learning rate slowest;
+    :class:`GridResult` ``shape``). Point g with seed s gives the numbers of
+    ``train(dataclasses.replace(config, learning_rate=lr_g, scheme_kwargs={..., name: v_g}, seed=s))``
+    (:meth:`GridResult.point_config`; to floating-point reassociation), including ``"uncertainty"``'s
+    log-variances, stepped with the point's rate as :meth:`TrainConfig.make_scheme` does.
+
+    How: the model's learning rate is injected into the optimizer's state
+    (``optax.inject_hyperparams``), the scheme is built from traced values (:func:`make_grid_run`), and
+    the run is ``jax.jit(jax.vmap(jax.vmap(run, seeds), grid points))``: the weight init is compiled
+    once per model and vmapped over the seeds (shared by every grid point), the training loop once per
+    grid size. Another grid of the same size, or another base rate, reuses the compiled program.
+
+    Returns a :class:`GridResult`; its ``result`` leaves have leading axes (G, S). Diverged runs stop on
+    their own, as in :func:`train_seeds`, and one :class:`DivergenceWarning` names each (rate, values,
+    seed) and step. ``config.seed`` is ignored. Raises ValueError naming the argument: ``seeds`` (empty,
+    not integers), ``learning_rates`` (empty, not finite and > 0), ``scheme_values`` (not a dict, a name
+    that is not a gridded hyper-parameter of the scheme, empty or non-finite values, a value the scheme
+    rejects, e.g. a temperature <= 0).
+    """
+    seeds = _check_seeds(seeds)
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config: must be a TrainConfig, got {type(config).__name__}")
+    rates = _grid_axis("learning_rates", (config.learning_rate,) if learning_rates is None else learning_rates,
+                       positive=True)
+    if scheme_values is None:
+        scheme_values = {}
+    if not isinstance(scheme_values, dict):
+        raise ValueError(f"scheme_values: must be a dict of hyper-parameter name -> values, got {scheme_values!r}")
+    allowed = SCHEME_GRID_PARAMETERS[config.scheme]
+    axes = {}
+    for name, values in scheme_values.items():
+        if name not in allowed:
+            raise ValueError(f"scheme_values: {name!r} is not a hyper-parameter of scheme {config.scheme!r} that "
+                             f"can be on a grid (those: {allowed})")
+        axes[name] = _grid_axis(f"scheme_values[{name!r}]", values, positive=False)
+        for v in axes[name]:  # the factory checks the range (e.g. temperature > 0), naming the argument
+            try:
+                _point_config(config, config.learning_rate, {name: v})
+            except ValueError as e:
+                raise ValueError(f"scheme_values: {name}={v:g} is not valid for scheme {config.scheme!r}: {e}") from None
+    shape = (len(rates),) + tuple(len(v) for v in axes.values())
+    mesh = [m.reshape(-1) for m in np.meshgrid(rates, *axes.values(), indexing="ij")]
+    grid_rates, grid_values = mesh[0], dict(zip(axes, mesh[1:]))
+
+    (_, init_many), _, train_split, test_split = _prepare(config, data)
+    key = dataclasses.replace(config, seed=0, learning_rate=1.0,  # traced in the program, not part of it
+                              scheme_kwargs=[(k, v) for k, v in config.scheme_kwargs if k not in axes])
+    program = _compiled_grid(key, validate_spec(data.spec), tuple(axes))
+    seed_array = jnp.asarray(seeds, jnp.int32)
+    float_dtype = jnp.result_type(float)  # cast to each optimizer's dtype inside, as a Python float would be
+    result = program(jnp.asarray(grid_rates, float_dtype), {n: jnp.asarray(v, float_dtype) for n, v in grid_values.items()},
+                     seed_array, init_many(seed_array, train_split.x[:1]), train_split, test_split)
+    labels = [", ".join([f"learning_rate {grid_rates[g]:g}"] + [f"{n} {v[g]:g}" for n, v in grid_values.items()]
+                        + [f"seed {s}"]) for g in range(len(grid_rates)) for s in seeds]
+    _warn_if_diverged(result, seeds, labels)
+    return GridResult(result, grid_rates, grid_values, np.asarray(seeds), shape, config)

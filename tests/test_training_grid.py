@@ -1,0 +1,193 @@
+"""train_grid: a grid of learning rates (and scheme hyper-parameters) x seeds as one compiled program.
+
+The reference for every grid point is the separate run of that point's configuration
+(``train_seeds`` / ``train`` with ``dataclasses.replace(config, learning_rate=lr, scheme_kwargs=...)``),
+compiled on its own with the rate as a constant."""
+import collections
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from mtl_jax.data.deep import MultiTaskDataset, Split, TaskSpec
+from mtl_jax.training import SCHEME_GRID_PARAMETERS, TrainConfig, train, train_grid, train_seeds
+from mtl_jax import weighting
+
+jax.config.update("jax_enable_x64", True)
+
+SPEC = TaskSpec(kinds=("classification", "regression", "regression"), out_dims=(2, 2, 2),
+                names=("cls", "reg", "reg_half"))
+SEEDS = [0, 3]
+
+
+def _split(rng, n):
+    """A tiny mixed dataset: one 2-class task, two 2-output regressions, the last on half the samples."""
+    x = rng.normal(size=(n, 6))
+    labels = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
+    reg = np.stack([np.sin(x[:, 2]), x[:, 3] * x[:, 4]], axis=1)
+    reg_half = 3.0 * np.stack([x[:, 5], x[:, 0] - x[:, 2]], axis=1)
+    mask = np.ones((n, 3), dtype=bool)
+    mask[::2, 2] = False
+    return Split(x=x, y=(labels, reg, reg_half), mask=mask)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(7)
+    return MultiTaskDataset(train=_split(rng, 48), test=_split(rng, 20), spec=SPEC)
+
+
+BASE = TrainConfig(model="mlp", hidden=(8,), steps=8, batch_size=16, learning_rate=1e-2, dtype="float64",
+                   steps_per_epoch=2)
+
+# (config, learning_rates, scheme_values): equal with clipping (the injected rate inside optax.chain),
+# dwa with its temperature on the grid too, uncertainty (its log-variances follow the model's rate).
+CASES = {
+    "equal": (dataclasses.replace(BASE, scheme="equal", max_grad_norm=1.0), [3e-3, 3e-2], None),
+    "dwa": (dataclasses.replace(BASE, scheme="dwa"), [1e-2, 3e-2], {"temperature": [0.5, 2.0]}),
+    "uncertainty": (dataclasses.replace(BASE, scheme="uncertainty"), [1e-2, 1e-1], None),
+}
+
+
+def _assert_same_run(got, want, what):
+    """Every recorded number of two TrainResults (history, test metrics, final params, divergence) to 1e-6."""
+    for field in ("task_losses", "weights", "total_loss", "regulariser"):
+        np.testing.assert_allclose(getattr(got.history, field), getattr(want.history, field), rtol=1e-6, atol=1e-9,
+                                   err_msg=f"{what}: history.{field}")
+    np.testing.assert_array_equal(got.history.present, want.history.present)
+    for field in got.test._fields:  # NaN where a metric does not apply: equal NaNs compare equal
+        np.testing.assert_allclose(getattr(got.test, field), getattr(want.test, field), rtol=1e-6, atol=1e-9,
+                                   err_msg=f"{what}: test.{field}")
+    for g, w in zip(jax.tree.leaves(got.state.params), jax.tree.leaves(want.state.params)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9, err_msg=f"{what}: final params")
+    np.testing.assert_array_equal(got.diverged_at, want.diverged_at)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_every_grid_point_equals_the_separate_run_of_its_config(data, case):
+    config, rates, values = CASES[case]
+    grid = train_grid(config, data, SEEDS, learning_rates=rates, scheme_values=values)
+    n_values = 1 if values is None else int(np.prod([len(v) for v in values.values()]))
+    G, S, T, K = len(rates) * n_values, len(SEEDS), config.steps, len(SPEC.kinds)
+    assert grid.result.history.task_losses.shape == (G, S, T, K)
+    assert grid.result.test.mse.shape == (G, S, K) and grid.result.diverged_at.shape == (G, S)
+    assert grid.shape == (len(rates),) + tuple(len(v) for v in (values or {}).values())
+    np.testing.assert_array_equal(grid.learning_rates, np.repeat(rates, n_values))  # the rate varies slowest
+    for g in range(G):
+        point = grid.point_config(g)
+        assert point.learning_rate == grid.learning_rates[g]
+        for name, v in (values or {}).items():
+            assert dict(point.scheme_kwargs)[name] == grid.scheme_values[name][g]
+        reference = train_seeds(point, data, SEEDS)
+        _assert_same_run(jax.tree.map(lambda a: a[g], grid.result), reference, f"{case} point {g}")
+        # the injected rate is the point's, in the model's optimizer state (after the clipping, if any)
+        opt_state = grid.result.state.opt_state
+        inject = opt_state if hasattr(opt_state, "hyperparams") else opt_state[-1]  # optax.chain: a tuple
+        np.testing.assert_allclose(inject.hyperparams["learning_rate"][g], grid.learning_rates[g], rtol=1e-15)
+    if case == "equal":  # one point against train() for a single seed as well
+        single = train(dataclasses.replace(grid.point_config(G - 1), seed=SEEDS[1]), data)
+        _assert_same_run(jax.tree.map(lambda a: a[G - 1, 1], grid.result), single, f"{case} last point, train()")
+    if case == "uncertainty":  # its log-variances' Adam runs at each point's rate (TrainConfig.make_scheme)
+        inner = grid.result.state.scheme_state.opt_state.hyperparams["learning_rate"]
+        np.testing.assert_allclose(inner, np.repeat(np.asarray(rates)[:, None], S, 1), rtol=1e-15)
+    # the grid is not degenerate: the points train differently
+    losses = np.asarray(grid.result.history.task_losses)
+    assert all(not np.allclose(losses[0], losses[g]) for g in range(1, G))
+
+
+def test_uncertainty_with_its_own_rate_keeps_it_at_every_point(data):
+    """An explicit rate of the log-variances (scheme_kwargs) is kept whatever the model's rate."""
+    config, rates, _ = CASES["uncertainty"]
+    grid = train_grid(dataclasses.replace(config, scheme_kwargs={"learning_rate": 0.05}), data, SEEDS,
+                      learning_rates=rates)
+    np.testing.assert_allclose(grid.result.state.scheme_state.opt_state.hyperparams["learning_rate"], 0.05,
+                               rtol=1e-15)
+    assert dict(grid.point_config(1).scheme_kwargs) == {"learning_rate": 0.05}
+    _assert_same_run(jax.tree.map(lambda a: a[1], grid.result), train_seeds(grid.point_config(1), data, SEEDS),
+                     "uncertainty with its own rate, point 1")
+
+
+class _TraceCounter:
+    """Counts jaxpr traces (one per jitted function traced: a new program, whether or not its
+    compiled code then comes from the persistent cache)."""
+
+    def __init__(self):
+        self.counts = collections.Counter()
+        jax.monitoring.register_event_duration_secs_listener(self._listen)
+
+    def _listen(self, name, duration, **kwargs):
+        self.counts[name] += 1
+
+    @property
+    def traces(self) -> int:
+        return self.counts["/jax/core/compile/jaxpr_trace_duration"]
+
+
+TRACES = _TraceCounter()
+
+
+def test_the_grid_compiles_once_whatever_its_size_and_values(data):
+    # fresh configs (widths used nowhere else), so nothing is cached yet
+    one = dataclasses.replace(BASE, hidden=(5, 3), steps=4, scheme="dwa")
+    four = dataclasses.replace(one, hidden=(7, 3))
+    before = TRACES.traces
+    train_grid(one, data, SEEDS, learning_rates=[1e-2])
+    traced_one = TRACES.traces - before
+    before = TRACES.traces
+    train_grid(four, data, SEEDS, learning_rates=[1e-3, 1e-2], scheme_values={"temperature": [1.0, 3.0]})
+    traced_four = TRACES.traces - before
+    assert traced_one >= 2                      # the weight init and the run at least
+    assert traced_four == traced_one            # 4 grid points: the same programs, not 4 of them
+    before = TRACES.traces                      # other rates, temperatures and base rate: nothing new
+    train_grid(dataclasses.replace(four, learning_rate=0.3), data, SEEDS, learning_rates=[2e-2, 5e-2],
+               scheme_values={"temperature": [0.7, 2.0]})
+    assert TRACES.traces == before
+    # the counter does see per-config programs: train_seeds at a new rate traces a new run
+    before = TRACES.traces
+    train_seeds(dataclasses.replace(four, learning_rate=2e-2), data, SEEDS)
+    assert TRACES.traces - before >= 1
+
+
+def test_grid_of_a_diverging_rate_warns_naming_the_point(data):
+    from mtl_jax.training import DivergenceWarning
+    config = dataclasses.replace(BASE, steps=4, scheme="equal", optimizer="sgd")
+    with pytest.warns(DivergenceWarning, match=r"learning_rate 1e\+08, seed 0 at step \d"):
+        grid = train_grid(config, data, SEEDS, learning_rates=[1e-2, 1e8])
+    assert np.all(np.asarray(grid.result.diverged_at[0]) == -1)
+    assert np.all(np.asarray(grid.result.diverged_at[1]) >= 0)
+
+
+def test_every_scheme_has_grid_parameters_its_factory_accepts_traced():
+    assert set(SCHEME_GRID_PARAMETERS) == set(weighting.SCHEMES)
+    for scheme, names in SCHEME_GRID_PARAMETERS.items():
+        for name in names:
+            def build(v, scheme=scheme, name=name):
+                w = weighting.get(scheme, **{name: v})
+                return w.init(3, jax.random.key(0))
+            jax.jit(build)(0.5)  # traced value accepted by the factory and its init
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(learning_rates=[]), "learning_rates"),
+    (dict(learning_rates=[1e-2, -1e-3]), "learning_rates"),
+    (dict(learning_rates=[float("nan")]), "learning_rates"),
+    (dict(learning_rates=[[1e-2]]), "learning_rates"),
+    (dict(scheme_values={"gamma": [1.0]}), "scheme_values.*gamma"),
+    (dict(scheme_values={"temperature": []}), "scheme_values"),
+    (dict(scheme_values={"temperature": [1.0, 0.0]}), "scheme_values.*temperature"),
+    (dict(scheme_values=[("temperature", [1.0])]), "scheme_values"),
+    (dict(seeds=[]), "seeds"),
+    (dict(seeds=[0.5]), "seeds"),
+])
+def test_bad_arguments_raise_value_error_naming_them(data, kwargs, match):
+    arguments = {**dict(seeds=SEEDS, learning_rates=[1e-2], scheme_values=None), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        train_grid(dataclasses.replace(BASE, scheme="dwa"), data, **arguments)
+
+
+def test_equal_weighting_has_no_grid_parameter(data):
+    with pytest.raises(ValueError, match="scheme_values.*temperature.*'equal'"):
+        train_grid(BASE, data, SEEDS, scheme_values={"temperature": [1.0]})
+    with pytest.raises(ValueError, match="config"):
+        train_grid("not a config", data, SEEDS)
