@@ -191,3 +191,46 @@ def test_equal_weighting_has_no_grid_parameter(data):
         train_grid(BASE, data, SEEDS, scheme_values={"temperature": [1.0]})
     with pytest.raises(ValueError, match="config"):
         train_grid("not a config", data, SEEDS)
+
+
+# ----------------------------------------------------------------------------- the task-weighting experiment
+
+
+def test_task_weighting_cells_of_one_program_equal_the_per_rate_cells(data):
+    """run_cells trains all the rates of a run as one program; each rate's cell is the one run_cell
+    (a program of its own, the rate a constant) gives."""
+    from mtl_jax.experiments import task_weighting
+
+    config = dataclasses.replace(BASE, scheme="dwa")
+    fit, val = task_weighting.holdout(data, 0.25)
+    rates = [1e-2, 4e-2]
+    cells = task_weighting.run_cells(config, SPEC, fit, val, data.test, SEEDS, rates)
+    assert len(cells) == 2
+    for rate, cell in zip(rates, cells):
+        want = task_weighting.run_cell(dataclasses.replace(config, learning_rate=rate), SPEC, fit, val, data.test, SEEDS)
+        assert set(cell) == set(want)
+        for key in ("metric", "metric_val", "task_losses", "weights", "curve_x"):
+            np.testing.assert_allclose(cell[key], want[key], rtol=1e-6, atol=1e-9, err_msg=key)
+        np.testing.assert_array_equal(cell["diverged"], want["diverged"])
+    assert not np.allclose(cells[0]["task_losses"], cells[1]["task_losses"])
+
+
+def test_task_weighting_tunes_equal_on_the_same_grid_and_resumes_a_partial_grid(tmp_path):
+    from mtl_jax.experiments import task_weighting
+
+    argv = ["--quick", "--out", str(tmp_path), "--methods", "dwa", "--datasets", "school_multihead",
+            "--lr-factors", "0.5,2", "--no-compile-cache"]
+    first = task_weighting.main(argv)
+    factors = (0.5, 2.0)
+    assert sorted(first["computed"]) == sorted([("school_multihead", n, f) for n in ("equal", "dwa") for f in factors]
+                                               + [("school_multihead", "single_task", 1.0)])
+    runs = first["results"]["school_multihead"]["runs"]
+    for name in ("equal", "dwa"):  # the baseline is tuned over the same rates as every other run
+        assert sorted(runs[name]["validation"]) == list(factors) and runs[name]["lr_factor"] in factors
+    # resume: one rate of dwa removed -> only that rate is trained again, the others are read back
+    import shutil
+    shutil.rmtree(task_weighting.cell_path(str(tmp_path), "school_multihead", "dwa", 2.0))
+    again = task_weighting.main(argv)
+    assert again["computed"] == [("school_multihead", "dwa", 2.0)] and len(again["skipped"]) == 4
+    np.testing.assert_allclose(again["results"]["school_multihead"]["runs"]["dwa"]["per_seed"],
+                               runs["dwa"]["per_seed"], rtol=1e-6)

@@ -21,15 +21,17 @@ trunk's output (``TrainConfig.gradient_level="features"``); and ``single_task``,
 
 Protocol (the same for every run, equal weighting included): a validation split (``val_fraction`` of the
 training rows, drawn once with seed 0) is held out; every run trains on the rest at every learning rate of
-the grid ``lr_factors`` x the problem's base rate, for ``seeds`` seeds (one vmapped program per cell). Per
+the grid ``lr_factors`` x the problem's base rate, for ``seeds`` seeds (all the rates and seeds of one run
+as one compiled program: the learning rate is injected into the optimizer state and vmapped,
+:func:`run_cells`, :func:`mtl_jax.training.train_grid`). Per
 run, the rate with the best median validation Delta m (against equal weighting at the base rate, the same
 reference for all) is selected; the test numbers are those of the selected rate. Delta m on the test split
 is then reported against the *tuned* equal weighting (equal at its own selected rate) and against the
 single-task baselines (base rate): median, and mean +- std over the seeds that did not diverge
 (:func:`mtl_jax.metrics.summarise_delta_m`); diverged seeds (non-finite or exploding loss,
 :func:`mtl_jax.metrics.diverged_seeds`) are counted, not averaged in. Per-step cost: the execution time of a
-cell's compiled program (compilation excluded) per step, relative to equal weighting's at the same rate,
-median over the grid.
+run's compiled program (compilation excluded; each rate's share when several rates train together) per
+step, relative to equal weighting's at the same rate, median over the grid.
 
 Delta m (Maninis et al. CVPR 2019; Liu et al. CVPR 2019), higher is better::
 
@@ -66,9 +68,10 @@ from mtl_jax.data.io import atomic_write
 from mtl_jax.metrics import delta_m as delta_m  # re-exported: Delta m of a (..., K) metric against (K,)
 from mtl_jax.metrics import diverged_seeds, summarise_delta_m
 from mtl_jax.runner import configs, progress, store
-from mtl_jax.training import TrainConfig, evaluate, make_components, make_run, to_device
+from mtl_jax.training import TrainConfig, evaluate, make_components, make_grid_run, make_run, to_device
 
-FORMAT = 4            # bump when a cell's content or meaning changes (old cells are then recomputed)
+FORMAT = 5            # bump when a cell's content or meaning changes (old cells are then recomputed)
+# 5: the rates of a (dataset, run) train as one program; a cell's compile/run seconds are its share
 BASELINE = "equal"
 SINGLE_TASK = "single_task"
 CURVE_BINS = 100      # training curves are stored as means over this many windows of steps
@@ -242,35 +245,59 @@ def train_fixed_weights(config: TrainConfig, data: deep.MultiTaskDataset, seeds,
 # ----------------------------------------------------------------------------- one cell
 
 
-def run_cell(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds) -> dict[str, np.ndarray]:
-    """Train ``config`` for every seed on ``fit`` (one vmapped, ahead-of-time compiled program); the
-    arrays stored in the cell: ``metric_val`` / ``metric`` (S, K) validation / test metric of the final
-    parameters, ``task_losses`` / ``weights`` (S, B, K) binned curves and ``curve_x`` (B,), ``diverged``
-    (S,) bool (:func:`mtl_jax.metrics.diverged_seeds`), ``compile_seconds`` and ``run_seconds`` (the
-    execution of the compiled program alone: its per-step time is ``run_seconds / steps``)."""
+def run_cells(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds, learning_rates) -> list[dict]:
+    """Train ``config`` at every rate of ``learning_rates`` (L rates) for every seed (S) on ``fit``, as ONE
+    vmapped, ahead-of-time compiled program: :func:`mtl_jax.training.make_grid_run` (the rate injected
+    into the optimizer's state, traced) under ``jit(vmap(vmap(run, seeds), rates))``, so all the rates of
+    a (dataset, run) cost one compilation; ``config.learning_rate`` is not used. Rate ``l`` with seed ``s``
+    gives the numbers of ``train(dataclasses.replace(config, learning_rate=learning_rates[l], seed=s))``
+    on ``fit`` (to floating-point reassociation).
+
+    Returns one cell per rate, the arrays stored in it: ``metric_val`` / ``metric`` (S, K) validation /
+    test metric of the final parameters, ``task_losses`` / ``weights`` (S, B, K) binned curves and
+    ``curve_x`` (B,), ``diverged`` (S,) bool (:func:`mtl_jax.metrics.diverged_seeds`), ``compile_seconds``
+    and ``run_seconds``: the program's compilation and execution (compilation excluded) divided by L, each
+    rate's share (the per-step time of a rate is ``run_seconds / steps``)."""
     dtype = jnp.dtype(config.dtype)
     tr, va, te = (to_device(s, spec, dtype) for s in (fit, val, test))
     model = make_components(config, spec).model
-    run = make_run(config, spec)
+    run = make_grid_run(config, spec)
 
-    def one(seed, tr, va, te):
-        result = run(seed, None, tr, va)
+    def one(learning_rate, seed, tr, va, te):
+        # params=None: drawn from the seed inside the run; they depend on the seed alone, so the vmap
+        # over rates computes them once per seed.
+        result = run(learning_rate, {}, seed, None, tr, va)
         return result.history, result.test, evaluate(model, result.state.params, te, spec.kinds), result.diverged_at
 
+    over_seeds = jax.vmap(one, in_axes=(None, 0, None, None, None))
+    program = jax.jit(jax.vmap(over_seeds, in_axes=(0, None, None, None, None)))
+    rates = jnp.asarray(np.asarray(learning_rates, float).reshape(-1), jnp.result_type(float))
     seed_array = jnp.asarray(list(seeds), jnp.int32)
     t0 = time.perf_counter()
-    compiled = jax.jit(jax.vmap(one, in_axes=(0, None, None, None))).lower(seed_array, tr, va, te).compile()
+    compiled = program.lower(rates, seed_array, tr, va, te).compile()
     t1 = time.perf_counter()
-    history, val_metrics, test_metrics, diverged_at = jax.block_until_ready(compiled(seed_array, tr, va, te))
+    history, val_metrics, test_metrics, diverged_at = jax.block_until_ready(compiled(rates, seed_array, tr, va, te))
     t2 = time.perf_counter()
-    metric = task_metric(test_metrics, spec.kinds)
-    losses, weights = np.asarray(history.task_losses), np.asarray(history.weights)
-    diverged = diverged_seeds(losses, diverged_at=diverged_at, test_metric=metric, present=history.present)
-    losses, curve_x = bin_curve(losses)
-    weights, _ = bin_curve(weights)
-    return dict(metric=metric, metric_val=task_metric(val_metrics, spec.kinds), task_losses=losses,
-                weights=weights, curve_x=curve_x, diverged=diverged, compile_seconds=np.float64(t1 - t0),
-                run_seconds=np.float64(t2 - t1))
+    share = float(rates.shape[0])
+    metric_all = task_metric(test_metrics, spec.kinds)                        # (L, S, K)
+    metric_val_all = task_metric(val_metrics, spec.kinds)
+    losses_all, weights_all = np.asarray(history.task_losses), np.asarray(history.weights)  # (L, S, T, K)
+    present_all, diverged_at = np.asarray(history.present), np.asarray(diverged_at)
+    cells = []
+    for i in range(rates.shape[0]):
+        diverged = diverged_seeds(losses_all[i], diverged_at=diverged_at[i], test_metric=metric_all[i],
+                                  present=present_all[i])
+        losses, curve_x = bin_curve(losses_all[i])
+        weights, _ = bin_curve(weights_all[i])
+        cells.append(dict(metric=metric_all[i], metric_val=metric_val_all[i], task_losses=losses, weights=weights,
+                          curve_x=curve_x, diverged=diverged, compile_seconds=np.float64((t1 - t0) / share),
+                          run_seconds=np.float64((t2 - t1) / share)))
+    return cells
+
+
+def run_cell(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds) -> dict[str, np.ndarray]:
+    """One cell at ``config.learning_rate``: :func:`run_cells` with that single rate."""
+    return run_cells(config, spec, fit, val, test, seeds, [config.learning_rate])[0]
 
 
 def run_single_task(config: TrainConfig, spec: deep.TaskSpec, fit, test, seeds) -> dict[str, np.ndarray]:
@@ -523,29 +550,39 @@ def run(config: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
             data = setup.make(**setup.data_kwargs)
             fit, val = holdout(data, config.val_fraction)
             cells = {}
-            jobs = [(SINGLE_TASK, 1.0)] + [(m, f) for m in methods for f in factors]
-            for name, factor in jobs:
+            # Every run, equal weighting (the baseline) included, on the same grid of rates; the rates of
+            # one run that are not stored yet train as one program (run_cells).
+            for name in (SINGLE_TASK,) + methods:
                 base = setup.config if name == SINGLE_TASK else RUNS[name].apply(setup.config)
-                cfg = dataclasses.replace(base, learning_rate=base.learning_rate * factor)
-                path = cell_path(config.out, dataset, name, factor)
-                expected = fingerprint(dataset, setup, cfg, name, seeds, config.val_fraction)
-                cell = None if config.overwrite else load_cell(path, expected)
-                if cell is not None:
+                todo = []
+                for factor in (1.0,) if name == SINGLE_TASK else factors:
+                    cfg = dataclasses.replace(base, learning_rate=base.learning_rate * factor)
+                    path = cell_path(config.out, dataset, name, factor)
+                    expected = fingerprint(dataset, setup, cfg, name, seeds, config.val_fraction)
+                    cell = None if config.overwrite else load_cell(path, expected)
+                    if cell is None:
+                        todo.append((factor, cfg, path, expected))
+                        continue
+                    cells[(name, factor)] = cell
                     skipped.append((dataset, name, factor))
                     log(f"  {dataset:22s} {name:24s} {lr_label(factor):8s} done (stored)")
+                    update(len(computed) + len(skipped), data=dataset, run=name)
+                if not todo:
+                    continue
+                started = store.now()
+                if name == SINGLE_TASK:
+                    new = [run_single_task(todo[0][1], data.spec, fit, data.test, seeds)]
                 else:
-                    started = store.now()
-                    if name == SINGLE_TASK:
-                        cell = run_single_task(cfg, data.spec, fit, data.test, seeds)
-                    else:
-                        cell = run_cell(cfg, data.spec, fit, val, data.test, seeds)
+                    new = run_cells(base, data.spec, fit, val, data.test, seeds, [t[1].learning_rate for t in todo])
+                for (factor, cfg, path, expected), cell in zip(todo, new):
                     save_cell(path, cell, dataset=dataset, name=name, factor=factor, expected=expected,
                               spec=data.spec, seeds=seeds, started=started, learning_rate=cfg.learning_rate)
+                    cells[(name, factor)] = cell
                     computed.append((dataset, name, factor))
-                    log(f"  {dataset:22s} {name:24s} {lr_label(factor):8s} compile {float(cell['compile_seconds']):5.1f} s,"
-                        f" run {float(cell['run_seconds']):6.2f} s")
-                cells[(name, factor)] = cell
-                update(len(computed) + len(skipped), data=dataset, run=name)
+                    update(len(computed) + len(skipped), data=dataset, run=name)
+                labels = ",".join(lr_label(t[0]) for t in todo)
+                log(f"  {dataset:22s} {name:24s} {labels:8s} compile {float(cell['compile_seconds']) * len(new):5.1f} s,"
+                    f" run {float(cell['run_seconds']) * len(new):6.2f} s ({len(new)} rate(s), one program)")
             results[dataset] = summarise(cells, data.spec, factors)
             results[dataset]["config"] = dict(data_kwargs=setup.data_kwargs, train=dataclasses.asdict(setup.config))
             sections.append(markdown_table(dataset, results[dataset], setup, seeds, factors))
