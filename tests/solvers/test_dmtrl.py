@@ -653,7 +653,8 @@ def test_alternating_on_exam_is_certified(capsys):
 
 
 def test_tiled_local_pass_equals_all_blocks_at_once():
-    """Many sites go through local_sdca in tiles (a lax.map); the result is that of all blocks at once."""
+    """Many sites go through local_sdca in tiles; the result is that of all blocks at once (the last tile overlaps
+    the one before it when the tile size does not divide the number of blocks)."""
     from mtl_jax.losses import get_loss
     rng = np.random.default_rng(11)
     K, n, d = 37, 6, 3
@@ -665,10 +666,15 @@ def test_tiled_local_pass_equals_all_blocks_at_once():
     args = (jnp.zeros((K, n)), jnp.asarray(rng.normal(size=(K, d))), jnp.asarray(rng.uniform(0.5, 2, K)),
             jnp.asarray(rng.integers(0, 3 * n, K), jnp.int32), jnp.uint32(7))
     whole = dmtrl.local_sdca(dmtrl.block_rows(*data, tile=K), *args, loss=get_loss("hinge"), cyclic=False)
-    rows = dmtrl.block_rows(*data, tile=8)   # tiles of 8 blocks: 5 tiles, the last one padded
+    rows = dmtrl.block_rows(*data, tile=8)   # tiles of 8 blocks: 5 tiles, the last one (blocks 29-36) overlaps
     assert rows.X.shape == (5, n, d, 8)
+    np.testing.assert_array_equal(np.asarray(dmtrl.tile_starts(K, 8)), [0, 8, 16, 24, 29])
+    np.testing.assert_array_equal(np.asarray(rows.X[4, :, :, 0]), X[29])
     tiled = dmtrl.local_sdca(rows, *args, loss=get_loss("hinge"), cyclic=False)
     for a, b in zip(whole, tiled):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-14)
+    even = dmtrl.local_sdca(dmtrl.block_rows(*data, tile=37 // 2 + 1), *args, loss=get_loss("hinge"), cyclic=False)
+    for a, b in zip(whole, even):   # 2 tiles of 19 overlapping by one block
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-12, atol=1e-14)
     # against NumPy: each block's SDCA, the pass's shared order, the budget cut mid-pass, masked slots skipped
     alpha, w, q, budget = (np.asarray(a) for a in args[:4])
