@@ -411,8 +411,13 @@ def _fit_and_write(args, X, y, task, *, W0, alpha0, own_rows, options, means, pr
     try:
         if own_rows:  # each process reads only its own sites' rows (mtl_jax.distributed.process_sites)
             from mtl_jax import distributed
-            sites, _ = distributed.process_sites(X, y, task, distributed.site_mesh(), loss=args.loss,
+            mesh = distributed.site_mesh()
+            sites, _ = distributed.process_sites(X, y, task, mesh, loss=args.loss,
                                                  dtype=np.float32 if args.float32 else np.float64)
+            if isinstance(X, _CenteredRows):  # each process centred its own sites; every site's means to all
+                from mtl_jax.data import TaskMeans
+                means = TaskMeans(X=distributed.gather_sites(X.means, m, mesh),
+                                  y=distributed.gather_sites(y.means, m, mesh))
             res = mtl_jax.api.fit_sites(sites, m, lam1=args.lam1, lam2=args.lam2, loss=args.loss, tol=args.tol,
                                         max_iter=args.max_iter, **options)
         else:
@@ -515,6 +520,8 @@ def cmd_fit(args) -> int:
     means = None
     if args.intercept:
         X = _WithIntercept(X) if own_rows else add_intercept(X)
+    elif args.center and own_rows:  # each process its own sites' rows; the means are gathered after the read
+        X, y = _CenteredRows(X, task), _CenteredRows(y, task, dtype=_data_dtype(X))
     elif args.center:
         X, y, means = center_by_task(X, y, task)
     if not own_rows:
@@ -596,12 +603,17 @@ def _changed_problem(out, args) -> bool:
 
 
 def _reads_own_rows(args, W0) -> bool:
-    """Whether this fit is a launched multi-process DMTRL run that can read only its own sites' rows:
-    ``.npz`` data, no ``--center`` (its means span the data) and no warm start."""
+    """Whether this fit is a launched multi-process DMTRL run that reads only its own sites' rows (``.npz`` data).
+
+    ``--intercept`` appends its column to the rows as they are read (:class:`_WithIntercept`); ``--center``
+    removes each task's means from its rows as they are read (:class:`_CenteredRows`: a task's rows all belong to
+    one site, so its process has them all), and the per-site means, small vectors like ``W``, are gathered for
+    the saved ``center_X``, ``center_y``. A warm start (``--resume`` of a run of another problem) still reads the
+    whole file: ``dmtrl.solve`` does not take one for sites placed by ``process_sites`` yet."""
     import jax
 
     return (jax.process_count() > 1 and args.solver == "dmtrl" and args.data.lower().endswith(".npz")
-            and not args.center and W0 is None)
+            and W0 is None)
 
 
 def _lazy_npz(path):
@@ -619,6 +631,42 @@ def _lazy_npz(path):
     if task.dtype.kind not in "iu" or task.min() < 0:
         raise CLIError(f"--data {path}: task must hold integer ids >= 0")
     return X, y, task.astype(np.int64)
+
+
+def _data_dtype(X):
+    """The dtype ``load`` (``validate_dataset``) gives features of ``X``'s dtype: float32 and float64 kept, else float64."""
+    return X.dtype if X.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+class _CenteredRows:
+    """Rows of ``a`` (``X`` (N, d) or ``y`` (N,)) with their task's mean removed, read on demand (``a[rows]``):
+    the rows asked for must hold whole tasks, and each task's mean comes from its own rows, as
+    :func:`mtl_jax.data.center_by_task` computes it (the same sums in the same order: the same numbers). After a
+    read, ``sites`` are the tasks read (increasing) and ``means`` their means, one row each."""
+
+    def __init__(self, a, task, dtype=None):
+        self.a, self.task = a, np.asarray(task)
+        self.counts = np.bincount(self.task)
+        self.dtype = _data_dtype(a) if dtype is None else np.dtype(dtype)
+        self.shape = a.shape
+        self.sites, self.means = None, None
+
+    def __getitem__(self, rows):
+        rows = np.asarray(rows)
+        block = np.asarray(self.a[rows]).astype(self.dtype, copy=False)
+        t = self.task[rows]
+        sites, local = np.unique(t, return_inverse=True)
+        counts = np.bincount(local, minlength=sites.size)
+        if np.any(counts != self.counts[sites]):
+            raise ValueError("rows: centring by task needs every row of each task read")
+        if block.ndim == 2:
+            sums = np.zeros((sites.size, block.shape[1]), self.dtype)
+            np.add.at(sums, local, block)
+            means = sums / counts.astype(self.dtype)[:, None]
+        else:
+            means = np.bincount(local, weights=block, minlength=sites.size).astype(self.dtype) / counts.astype(self.dtype)
+        self.sites, self.means = sites, means
+        return block - means[local]
 
 
 class _WithIntercept:

@@ -117,13 +117,9 @@ def process_sites(X, y, task, mesh: Mesh, *, num_tasks=None, loss=None, dtype=No
     counts = np.bincount(task, minlength=m)
     if np.any(counts == 0):
         raise ValueError(f"task: every task needs at least one sample; none for {np.flatnonzero(counts == 0)[:5]}")
-    D = mesh.devices.size
-    m_pad = -(-m // D) * D
+    m_pad = _padded(m, mesh)
     n_max, d = int(counts.max()), int(X.shape[1])
-    sharding = NamedSharding(mesh, block_spec(3))
-    index_map = sharding.addressable_devices_indices_map((m_pad, n_max, d))
-    spans = sorted({(sl[0].start or 0, m_pad if sl[0].stop is None else sl[0].stop) for sl in index_map.values()})
-    mine = np.concatenate([np.arange(lo, hi) for lo, hi in spans])
+    mine = process_site_ids(m, mesh)
     real = mine[mine < m]
     order = np.argsort(task, kind="stable")
     starts = np.concatenate([[0], np.cumsum(counts)])
@@ -150,6 +146,55 @@ def process_sites(X, y, task, mesh: Mesh, *, num_tasks=None, loss=None, dtype=No
     all_counts = np.concatenate([counts, np.zeros(m_pad - m, counts.dtype)])
     counts_g = jax.device_put(all_counts.astype(np.asarray(local.counts).dtype), NamedSharding(mesh, PartitionSpec()))
     return Sites(X_g, y_g, mask_g, counts_g, index_g), m
+
+
+def _padded(m: int, mesh: Mesh) -> int:
+    """``m`` sites completed with empty ones to a multiple of the mesh size."""
+    D = mesh.devices.size
+    return -(-int(m) // D) * D
+
+
+def process_site_ids(m: int, mesh: Mesh) -> np.ndarray:
+    """The blocks that this process's devices hold when ``m`` sites lie over ``mesh`` as :func:`process_sites`
+    places them: site ids in increasing order, those ``>= m`` being the empty sites of the padding."""
+    m_pad = _padded(m, mesh)
+    index_map = NamedSharding(mesh, block_spec(1)).addressable_devices_indices_map((m_pad,))
+    spans = sorted({(sl[0].start or 0, m_pad if sl[0].stop is None else sl[0].stop) for sl in index_map.values()})
+    return np.concatenate([np.arange(lo, hi) for lo, hi in spans]) if spans else np.zeros(0, np.int64)
+
+
+def gather_sites(values, m: int, mesh: Mesh) -> np.ndarray:
+    """Per-site values computed where the sites are -> every site's, on every process (a collective: every process
+    calls it). ``values`` (r, ...): one row for each real site this process holds
+    (``process_site_ids(m, mesh)`` below ``m``, in that order), e.g. the task means of ``mtl-jax fit --center``
+    from its own rows. Returns an (m, ...) NumPy array, site t in row t. Small vectors only (like ``W``)."""
+    mine = process_site_ids(m, mesh)
+    r = int(np.sum(mine < m))
+    values = np.asarray(values)
+    if values.ndim < 1 or values.shape[0] != r:
+        raise ValueError(f"values: need one row for each of this process's {r} sites, got shape {values.shape}")
+    local = np.zeros((mine.size,) + values.shape[1:], values.dtype)
+    local[:r] = values  # the real sites come first (ids in increasing order)
+    shape = (_padded(m, mesh),) + values.shape[1:]
+    spread = jax.make_array_from_process_local_data(NamedSharding(mesh, block_spec(len(shape))), local, shape)
+    return to_host(spread)[:m]
+
+
+def process_rows(values, sites: Sites) -> jax.Array:
+    """Per-row values (N,) in the input row order -> laid out like ``sites.y`` (zero at padding), each process
+    reading only the rows of the sites it holds (``values`` may be a memory map): e.g. a dual warm start for sites
+    placed by :func:`process_sites` (``sites.index`` holds the global row ids)."""
+    index = sites.index
+    shards = []
+    for shard in index.addressable_shards:
+        ids = np.asarray(shard.data)
+        rows = ids[ids >= 0]
+        ordered = np.sort(rows)  # read in increasing row order (a memory map's best)
+        read = np.asarray(values[ordered])
+        local = np.zeros(ids.shape, read.dtype)
+        local[ids >= 0] = read[np.searchsorted(ordered, rows)]
+        shards.append(jax.device_put(local, shard.device))
+    return jax.make_array_from_single_device_arrays(index.shape, index.sharding, shards)
 
 
 def is_spread(sites: Sites, mesh: Mesh) -> bool:

@@ -13,6 +13,17 @@ from mtl_jax.data.synthetic import make_clustered_tasks
 from mtl_jax.runner import store
 
 
+def launch_fit(*arguments, processes=2):
+    """``mtl-jax launch --processes N -- fit ARGUMENTS`` in a subprocess; fails the test on a non-zero exit."""
+    env = dict(os.environ, MTL_JAX_NO_COMPILE_CACHE="1")
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "mtl_jax", "launch", "--processes", str(processes), "--timeout",
+                           "600", "--", "fit", *map(str, arguments)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return proc
+
+
 @pytest.mark.slow
 def test_two_launched_processes_write_the_single_process_result(tmp_path):
     X, y, task, _ = make_clustered_tasks(37, 5, samples_per_task=(6, 30), loss="hinge", seed=3)
@@ -90,6 +101,65 @@ def test_each_process_reads_only_its_own_sites_rows_and_the_result_is_the_single
     assert sorted(rows) == [0, 1] and sum(rows.values()) == len(y) and all(0 < r < len(y) for r in rows.values())
     assert result["m"] == 37 and result["bytes"] == expected.history[-1].bytes
     np.testing.assert_allclose(np.array(result["W"]), expected.W, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.slow
+def test_two_launched_processes_with_center_write_the_single_process_result(tmp_path):
+    from mtl_jax.data import center_by_task
+    X, y, task, _ = make_clustered_tasks(11, 4, samples_per_task=(5, 20), loss="squared", seed=5)
+    X = X + np.arange(11)[task, None] * 0.5                    # task means worth removing
+    y = y + 2.0 * task
+    data = tmp_path / "d.npz"
+    save_npz(data, X=X, y=y, task=task)
+    Xc, yc, means = center_by_task(X, y, task)                 # what the single-process `fit --center` fits
+    expected = mtl_jax.fit(Xc, yc, task, lam1=0.1, lam2=1.0, solver="dmtrl", devices=1, tol=1e-8, seed=2)
+    launch_fit("--data", data, "--center", "--lam1", "0.1", "--lam2", "1", "--solver", "dmtrl", "--tol", "1e-8",
+               "--seed", "2", "--quiet", "--out", tmp_path / "two")
+    run = store.read_run(tmp_path / "two")
+    assert run.config["data"]["rows_read"] == "own sites per process"   # centred where the rows are
+    assert run.config["data"]["preprocessing"] == "center" and run.config["fit"]["devices"] == 2
+    np.testing.assert_array_equal(run.arrays["center_X"], means.X)      # every site's means, gathered
+    np.testing.assert_array_equal(run.arrays["center_y"], means.y)
+    np.testing.assert_allclose(run.arrays["W"], expected.W, rtol=1e-6, atol=1e-9)
+    assert run.summary["iterations"] == expected.iterations
+
+
+class Reads:
+    """``a[rows]`` recording the rows read."""
+
+    def __init__(self, a):
+        self.a, self.rows = a, []
+
+    def __getitem__(self, rows):
+        self.rows.extend(np.asarray(rows).tolist())
+        return self.a[rows]
+
+    @property
+    def shape(self):
+        return self.a.shape
+
+    @property
+    def dtype(self):
+        return self.a.dtype
+
+
+def test_centred_rows_read_only_the_rows_asked_for_and_equal_center_by_task(tmp_path, rng):
+    from mtl_jax.data import center_by_task
+    from mtl_jax.data.io import npz_member_rows
+    X, y, task = rng.normal(size=(30, 3)), rng.normal(size=30), rng.integers(0, 4, 30)
+    save_npz(tmp_path / "d.npz", X=X, y=y, task=task)
+    Xc, yc, means = center_by_task(X, y, task)
+    mapped = Reads(npz_member_rows(tmp_path / "d.npz", "X"))
+    lazy, lazy_y = cli._CenteredRows(mapped, task), cli._CenteredRows(Reads(y), task)
+    rows = np.flatnonzero((task == 1) | (task == 3))            # two whole tasks
+    np.testing.assert_array_equal(lazy[rows], Xc[rows])
+    np.testing.assert_array_equal(lazy_y[rows], yc[rows])
+    assert sorted(mapped.rows) == rows.tolist()                  # no other row of the file was read
+    np.testing.assert_array_equal(lazy.sites, [1, 3])
+    np.testing.assert_array_equal(lazy.means, means.X[[1, 3]])
+    np.testing.assert_array_equal(lazy_y.means, means.y[[1, 3]])
+    with pytest.raises(ValueError, match="every row of each task"):
+        lazy[rows[1:]]                                           # part of a task: its mean is unknown
 
 
 def test_npz_member_rows_maps_stored_arrays_and_reads_compressed_ones(tmp_path, rng):
