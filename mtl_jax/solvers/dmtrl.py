@@ -173,6 +173,7 @@ class LocalUpdate(NamedTuple):
     alpha: jax.Array  # (n_max,) its new dual variables (stay at the site)
     dv: jax.Array     # (d,)
     steps: jax.Array  # () coordinate steps made on real samples
+    conj: jax.Array   # () its part of the dual's loss terms at the new duals, sum_i -c loss*(-alpha_i / c)
 
 
 # --- the site's part ---------------------------------------------------------------------------------
@@ -283,13 +284,14 @@ def local_sdca(rows: BlockedRows, alpha, w, q, budget, stream, *, loss: Loss, cy
     cut = lambda a, t: jax.lax.dynamic_slice_in_dim(a, starts[t], tile, 0)
 
     def one_tile(t, out):
-        alpha_out, dv_out, steps_out = out
+        alpha_out, dv_out, steps_out, conj_out = out
         part = _local_tile(rows, t, cut(alpha, t).T, cut(w, t).T, cut(q, t), cut(budget, t),
                            stream=stream, loss=loss, cyclic=cyclic)
         put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(a, v, starts[t], 0)
-        return put(alpha_out, part.alpha.T), put(dv_out, part.dv.T), put(steps_out, part.steps)
+        return (put(alpha_out, part.alpha.T), put(dv_out, part.dv.T), put(steps_out, part.steps),
+                put(conj_out, part.conj))
 
-    out = (alpha, jnp.zeros_like(w), jnp.zeros(budget.shape, jnp.int32))
+    out = (alpha, jnp.zeros_like(w), jnp.zeros(budget.shape, jnp.int32), jnp.zeros(budget.shape, alpha.dtype))
     return LocalUpdate(*(one_tile(0, out) if T == 1 else jax.lax.fori_loop(0, T, one_tile, out)))
 
 
@@ -319,7 +321,11 @@ def _local_tile(rows: BlockedRows, t, alpha, w, q, budget, *, stream, loss: Loss
         return alpha.at[order].add(deltas), dv, steps + jnp.sum(live, axis=0, dtype=jnp.int32)
 
     carry = (alpha, jnp.zeros_like(w), jnp.zeros(budget.shape, jnp.int32))
-    return LocalUpdate(*jax.lax.fori_loop(0, passes, one_pass, carry))
+    alpha, dv, steps = jax.lax.fori_loop(0, passes, one_pass, carry)
+    # The certificate's dual loss terms, here where the tile's duals and rows are at hand (a separate sum over all
+    # the duals after the pass read them again).
+    conj = jnp.sum(jnp.where(rows.mask[t] > 0, loss.dual_term(alpha, rows.y[t], rows.c[t]), 0.0), axis=0)
+    return LocalUpdate(alpha, dv, steps, conj)
 
 
 #: Block sizes up to which a pass's order is a random affine permutation (``a i + b mod n``, 32-bit exact);
@@ -450,13 +456,14 @@ def server_map(V, omega, params: Params, *, scheme: str):
     return SigmaQuadratic(omega, params.lam1, params.lam2).conjugate(V)
 
 
-def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Loss, scheme: str):
+def certify(alpha, V, W, reg_conj, reg_at_W, sites, params: Params, *, loss: Loss, scheme: str, conj=None):
     """(J(W), gap of J, the scheme's primal, dual, W-problem gap). The sites' two scalars are the sums here.
 
     The dual point ``alpha`` is feasible for J's dual in both schemes, so ``J(W) - D_J(alpha)`` bounds
-    ``J(W) - min J`` whatever Omega the alternating scheme is at.
+    ``J(W) - min J`` whatever Omega the alternating scheme is at. ``conj``: ``dual_terms(alpha, sites, loss)``
+    when the caller has it (the local pass sums it per block).
     """
-    conj = dual_terms(alpha, sites, loss)
+    conj = dual_terms(alpha, sites, loss) if conj is None else conj
     emp = empirical_loss(W, sites, loss)
     primal = emp + reg_at_W
     dual = conj - reg_conj
@@ -574,17 +581,18 @@ def round_step(state: DMTRLState, sites: Sites, params: Params, systems: Systems
     def local_part(rows, alpha, w, q, budget, stream):
         return local_sdca(rows, alpha, w, q, budget, stream, loss=loss_, cyclic=order == "cyclic")
 
+    # A site that sits the round out gets no budget: its duals stay as they were and its change is exactly 0.
+    budget_live = jnp.where(participates, budget_site, 0)
     local = distributed.map_blocks(local_part, mesh, 5)(
-        rows, state.alpha, per_block(W, sites), per_block(q * chunks, sites), per_block(budget_site, sites), k_order)
-    live_block = per_block(participates, sites)
-    alpha = jnp.where(live_block[:, None], local.alpha, state.alpha)
-    dV = site_sums(jnp.where(live_block[:, None], local.dv, 0.0), sites)
-    V = state.V + dV
+        rows, state.alpha, per_block(W, sites), per_block(q * chunks, sites), per_block(budget_live, sites), k_order)
+    alpha = local.alpha
+    V = state.V + site_sums(local.dv, sites)
     W_new, reg_conj, reg_at_W = server_map(V, omega, params, scheme=scheme)
     # The certificate's margins from the (K, n, d) rows: XLA:CPU's batched dot reads them ~6x faster than the
-    # pass's layout does (measured 2026-12-01, 50,000 sites: 0.06 s vs 0.36 s).
+    # pass's layout does (measured 2026-12-01, 50,000 sites: 0.06 s vs 0.36 s). Its dual loss terms come from the
+    # pass (LocalUpdate.conj).
     J, gap, primal, dual, gap_w = certify(alpha, V, W_new, reg_conj, reg_at_W, sites, params, loss=loss_,
-                                          scheme=scheme)
+                                          scheme=scheme, conj=jnp.sum(local.conj))
 
     steps = site_sums(local.steps.astype(dtype), sites)
     participates = participates & real_sites(sites)

@@ -694,3 +694,7 @@ def test_tiled_local_pass_equals_all_blocks_at_once():
     np.testing.assert_allclose(np.asarray(tiled.alpha), new_alpha, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(np.asarray(tiled.dv), dv, rtol=1e-10, atol=1e-12)
     np.testing.assert_array_equal(np.asarray(tiled.steps), steps)
+    # each block's dual loss terms at its new duals (the certificate's part the pass computes)
+    c = np.where(mask > 0, 1.0 / n, 1.0)
+    conj = np.where(mask > 0, np.asarray(loss.dual_term(jnp.asarray(new_alpha), jnp.asarray(y), jnp.asarray(c))), 0)
+    np.testing.assert_allclose(np.asarray(tiled.conj), conj.sum(axis=1), rtol=1e-10, atol=1e-12)
