@@ -43,7 +43,7 @@ rates), and one results-store run folder per cell, ``cells/<dataset>/<run>/lr<fa
 --results OUT`` draws them). A rerun skips every finished cell whose configuration is unchanged (same
 numbers; ``overwrite=true`` recomputes).
 
-    mtl-jax run task_weighting --out runs/task_weighting                 # default: ~1-2 min on 2 CPU cores
+    mtl-jax run task_weighting --out runs/task_weighting                 # default (5 seeds): ~1 min on 2 CPU cores
     mtl-jax run task_weighting --out runs/task_weighting --preset full   # every run, 4 problems, 5 seeds
     python experiments/task_weighting.py --quick --out /tmp/tw_quick     # seconds
 """
@@ -483,7 +483,7 @@ class Config:
     datasets: str = configs.field("school_multihead", f"comma list of {', '.join(DATASETS)}")
     methods: str = configs.field("equal,dwa,pcgrad",
                                  "comma list of runs, or 'all' (equal is always run: the baseline)")
-    seeds: int = configs.field(2, "seeds 0..seeds-1")
+    seeds: int = configs.field(5, "seeds 0..seeds-1")
     lr_factors: str = configs.field("0.3,1,3", "learning-rate grid: factors of each problem's base rate")
     size: str = configs.field("default", f"problem sizes and steps: one of {', '.join(SIZES)}")
     val_fraction: float = configs.field(0.2, "share of the training rows held out for choosing the rate")
