@@ -235,23 +235,33 @@ def _progress(progress, description: str):
         raise ValueError(f"progress: must be None, a bool or a callable(record, max_rounds), got {progress!r}")
 
 
-def fit_sites(sites, num_tasks: int, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, eps=DEFAULT_EPS,
-              progress=None, **options) -> FitResult:
+def fit_sites(sites, num_tasks: int, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, W0=None, alpha0=None,
+              eps=DEFAULT_EPS, progress=None, **options) -> FitResult:
     """DMTRL on sites already laid out over the devices (``mtl_jax.distributed.process_sites``): a :class:`FitResult`.
 
     For multi-process runs in which each process read only its own sites' rows (``fit`` needs the whole
     data in every process). ``num_tasks`` is the real number of sites (``process_sites`` returns it);
     ``lam1``, ``lam2``, ``tol``, ``max_iter``, ``eps`` and the DMTRL options as for :func:`fit`. Every process
-    calls it and gets the same result (``W``, ``alpha`` in the input row order, gathered).
+    calls it and gets the same result (``W``, ``alpha`` in the input row order, gathered). Warm starts as for
+    :func:`fit`, the same in every process: ``W0`` (m, d) whole (small), ``alpha0`` (N,) in the input row order,
+    of which each process reads only its own sites' rows (it may be a memory map).
     """
-    from mtl_jax.distributed import site_mesh, to_host
+    from mtl_jax.distributed import process_rows, site_mesh, to_host
     lam1, lam2 = validate_lams(lam1, lam2, scalar=True)
     tol = check_real("tol", tol)
     if max_iter is not None:
         max_iter = check_int("max_iter", max_iter, low=1, high=2**31)
+    dtype = sites.X.dtype
+    if W0 is not None:
+        W0 = check_array("W0", W0, (int(num_tasks), int(sites.dim)), dtype)
+    if alpha0 is not None:
+        n = int(np.sum(to_host(sites.counts)))
+        if tuple(np.shape(alpha0)) != (n,):
+            raise ValueError(f"alpha0: must have shape {(n,)}, got {tuple(np.shape(alpha0))}")
+        alpha0 = _placed_dual_start(process_rows(alpha0, sites).astype(dtype), sites, loss)
     with _progress(progress, "dmtrl rounds") as report:
-        out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, eps=eps,
-                          progress=report, **options)
+        out = dmtrl.solve(sites, lam1=lam1, lam2=lam2, loss=loss, tol=tol, max_iter=max_iter, W0=W0,
+                          alpha0=alpha0, eps=eps, progress=report, **options)
     index = to_host(sites.index)[:out.alpha.shape[0]]
     alpha = np.zeros(int(np.sum(index >= 0)), dtype=out.alpha.dtype)
     alpha[index[index >= 0]] = out.alpha[index >= 0]
@@ -307,6 +317,22 @@ def _dual_start(alpha0, y, task, loss, index):
     padded = np.zeros(index.shape, dtype=alpha0.dtype)
     padded[index >= 0] = alpha0[index[index >= 0]]
     return padded
+
+
+def _placed_dual_start(alpha0, sites, loss):
+    """:func:`_dual_start` on sites placed by ``process_sites``: ``alpha0`` laid out like ``sites.y``, each process
+    checking and clipping its own sites' duals (the same arithmetic)."""
+    from mtl_jax.data.sites import sample_weights
+    real = sites.mask > 0
+    if not bool(jnp.all(jnp.isfinite(alpha0))):
+        raise ValueError("alpha0: contains NaN or Inf")
+    if loss in ("hinge", "logistic"):
+        c = jnp.where(real, sample_weights(sites), 1.0)
+        scaled = jnp.where(real, sites.y * alpha0 / c, 0.0)
+        if bool(jnp.any(scaled < -1e-9) | jnp.any(scaled > 1 + 1e-9)):
+            raise ValueError("alpha0: not dual feasible: need 0 <= y * alpha0 <= 1 / n_t for every sample")
+        alpha0 = jnp.where(real, sites.y * c * jnp.clip(scaled, 0.0, 1.0), 0.0)
+    return alpha0
 
 
 def objective(W, X, y, task, *, lam1, lam2, loss="squared"):

@@ -419,7 +419,7 @@ def _fit_and_write(args, X, y, task, *, W0, alpha0, own_rows, options, means, pr
                 means = TaskMeans(X=distributed.gather_sites(X.means, m, mesh),
                                   y=distributed.gather_sites(y.means, m, mesh))
             res = mtl_jax.api.fit_sites(sites, m, lam1=args.lam1, lam2=args.lam2, loss=args.loss, tol=args.tol,
-                                        max_iter=args.max_iter, **options)
+                                        max_iter=args.max_iter, W0=W0, alpha0=alpha0, **options)
         else:
             res = mtl_jax.fit(X, y, task, lam1=args.lam1, lam2=args.lam2, loss=args.loss, solver=args.solver,
                               method=args.method, tol=args.tol, max_iter=args.max_iter, W0=W0, alpha0=alpha0,
@@ -511,7 +511,7 @@ def cmd_fit(args) -> int:
 
     if not os.path.isfile(args.data):
         raise CLIError(f"--data {args.data}: " + ("is a directory" if os.path.isdir(args.data) else "no such file"))
-    own_rows = _reads_own_rows(args, W0)
+    own_rows = _reads_own_rows(args)
     try:
         X, y, task = _lazy_npz(args.data) if own_rows else load(args.data, task_column=args.task_column,
                                                                  target_column=args.target_column)
@@ -542,7 +542,7 @@ def cmd_fit(args) -> int:
         # the data they were computed for: with another loss (or data) start them fresh, and say so.
         before = previous.config.get("fit", {}).get("loss"), previous.config.get("data", {}).get("path")
         if before == (args.loss, os.path.abspath(args.data)):
-            alpha0 = saved["alpha"].astype(X.dtype)
+            alpha0 = saved["alpha"].astype(np.float32 if args.float32 else np.float64)
         else:
             print(f"note: --resume: the saved dual variables are for loss {before[0]!r} on {before[1]}; "
                   f"starting them fresh for loss {args.loss!r} on {os.path.abspath(args.data)} (W is still "
@@ -602,18 +602,18 @@ def _changed_problem(out, args) -> bool:
     return not all(same(k) for k in _PROBLEM_ARGUMENTS + _DMTRL_FLAGS)
 
 
-def _reads_own_rows(args, W0) -> bool:
+def _reads_own_rows(args) -> bool:
     """Whether this fit is a launched multi-process DMTRL run that reads only its own sites' rows (``.npz`` data).
 
     ``--intercept`` appends its column to the rows as they are read (:class:`_WithIntercept`); ``--center``
     removes each task's means from its rows as they are read (:class:`_CenteredRows`: a task's rows all belong to
     one site, so its process has them all), and the per-site means, small vectors like ``W``, are gathered for
-    the saved ``center_X``, ``center_y``. A warm start (``--resume`` of a run of another problem) still reads the
-    whole file: ``dmtrl.solve`` does not take one for sites placed by ``process_sites`` yet."""
+    the saved ``center_X``, ``center_y``. A warm start (``--resume`` of a run of another problem) is no data:
+    every process has the saved ``W`` (m, d) whole and uses only its own sites' rows of the saved duals
+    (``mtl_jax.api.fit_sites``)."""
     import jax
 
-    return (jax.process_count() > 1 and args.solver == "dmtrl" and args.data.lower().endswith(".npz")
-            and W0 is None)
+    return jax.process_count() > 1 and args.solver == "dmtrl" and args.data.lower().endswith(".npz")
 
 
 def _lazy_npz(path):

@@ -54,6 +54,8 @@ from mtl_jax import launch
 launch.initialize()
 import jax
 jax.config.update("jax_enable_x64", True)
+import numpy as np
+import mtl_jax
 from mtl_jax import distributed
 from mtl_jax.data.io import npz_member_rows, read_npz
 from mtl_jax.solvers import dmtrl
@@ -73,9 +75,13 @@ X = Counting(npz_member_rows(path, "X"))
 task = read_npz(path, ["task"])["task"]
 sites, m = distributed.process_sites(X, npz_member_rows(path, "y"), task, distributed.site_mesh(), loss="hinge")
 out = dmtrl.solve(sites, lam1=0.1, lam2=1.0, loss="hinge", tol=1e-8, max_iter=300, dropout_prob=0.2, seed=4)
-print("ROWS " + json.dumps([jax.process_index(), X.rows]), flush=True)
+rows = X.rows
+W0 = np.asarray(out.W) * 0.5                                # a warm start (every process has all of W0)
+warm = mtl_jax.api.fit_sites(sites, m, lam1=0.2, lam2=1.0, loss="hinge", max_iter=20, W0=W0, seed=4)
+print("ROWS " + json.dumps([jax.process_index(), rows]), flush=True)
 if jax.process_index() == 0:
-    print("RESULT " + json.dumps({"W": out.W.tolist(), "m": m, "bytes": out.history[-1].bytes}), flush=True)
+    print("RESULT " + json.dumps({"W": out.W.tolist(), "m": m, "bytes": out.history[-1].bytes,
+                                  "warm": warm.W.tolist()}), flush=True)
 launch.exit_worker(0)
 """
 
@@ -101,6 +107,9 @@ def test_each_process_reads_only_its_own_sites_rows_and_the_result_is_the_single
     assert sorted(rows) == [0, 1] and sum(rows.values()) == len(y) and all(0 < r < len(y) for r in rows.values())
     assert result["m"] == 37 and result["bytes"] == expected.history[-1].bytes
     np.testing.assert_allclose(np.array(result["W"]), expected.W, rtol=1e-6, atol=1e-9)
+    warm = mtl_jax.fit(X, y, task, lam1=0.2, lam2=1.0, loss="hinge", solver="dmtrl", devices=1, max_iter=20,
+                       W0=np.array(result["W"]) * 0.5, seed=4)
+    np.testing.assert_allclose(np.array(result["warm"]), warm.W, rtol=1e-6, atol=1e-9)
 
 
 @pytest.mark.slow
@@ -122,6 +131,27 @@ def test_two_launched_processes_with_center_write_the_single_process_result(tmp_
     np.testing.assert_array_equal(run.arrays["center_y"], means.y)
     np.testing.assert_allclose(run.arrays["W"], expected.W, rtol=1e-6, atol=1e-9)
     assert run.summary["iterations"] == expected.iterations
+
+
+@pytest.mark.slow
+def test_a_launched_warm_start_reads_own_rows_and_equals_the_single_process_one(tmp_path):
+    import shutil
+    X, y, task, _ = make_clustered_tasks(13, 4, samples_per_task=(5, 20), loss="hinge", seed=6)
+    data = tmp_path / "d.npz"
+    save_npz(data, X=X, y=y, task=task)
+    common = ["--data", str(data), "--loss", "hinge", "--solver", "dmtrl", "--lam2", "1", "--seed", "3", "--quiet"]
+    assert cli.main(["fit", *common, "--lam1", "0.1", "--max-iter", "30", "--out", str(tmp_path / "one")]) == 0
+    shutil.copytree(tmp_path / "one", tmp_path / "two")
+    # lam1 changed: a warm start from the saved W and duals (the same loss and data), the history restarts
+    warm = [*common, "--lam1", "0.2", "--max-iter", "40", "--resume"]
+    assert cli.main(["fit", *warm, "--out", str(tmp_path / "one")]) == 0
+    launch_fit(*warm, "--out", tmp_path / "two")
+    one, two = store.read_run(tmp_path / "one"), store.read_run(tmp_path / "two")
+    assert two.config["data"]["rows_read"] == "own sites per process" and two.config["fit"]["devices"] == 2
+    assert one.config["resumed_from"]["dir"] == str(tmp_path / "one") and two.config["resumed_from"] is not None
+    np.testing.assert_allclose(two.arrays["W"], one.arrays["W"], rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(two.arrays["alpha"], one.arrays["alpha"], rtol=1e-6, atol=1e-9)
+    assert two.summary["iterations"] == one.summary["iterations"]
 
 
 class Reads:

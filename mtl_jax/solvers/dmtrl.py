@@ -796,25 +796,31 @@ def solve(sites: Sites, *, lam1, lam2, loss="squared", tol=1e-6, max_iter=None, 
                                                              "dropout_prob", "speed", "latency", "bandwidth")))
     mesh = o["mesh"] if o["mesh"].devices.size > 1 else None
     placed = mesh is not None and distributed.is_spread(sites, mesh)  # by the caller (process_sites)
-    if placed and (alpha0 is not None or W0 is not None):
-        raise ValueError("alpha0, W0: warm starts are not supported for sites placed by process_sites yet")
+    if placed and alpha0 is not None and (not isinstance(alpha0, jax.Array) or alpha0.shape != sites.y.shape):
+        raise ValueError("alpha0: for sites placed by process_sites, an array laid out like sites.y "
+                         "(mtl_jax.distributed.process_rows)")
     if alpha0 is not None:
         alpha0 = jnp.asarray(alpha0, dtype)
     elif W0 is not None:
+        if placed:  # every process has all of W0 (small): padded with the empty sites' zero rows, replicated
+            W0 = np.asarray(W0, dtype)
+            if W0.ndim != 2 or W0.shape[0] > sites.num_sites or W0.shape[1] != d:
+                raise ValueError(f"W0: must have shape (m, {d}) for the m real sites, got {W0.shape}")
+            W0 = np.concatenate([W0, np.zeros((sites.num_sites - W0.shape[0],) + W0.shape[1:], dtype)])
+            W0 = jax.device_put(W0, jax.sharding.NamedSharding(o["mesh"], jax.sharding.PartitionSpec()))
         W0 = jnp.asarray(W0, dtype)
         alpha0 = loss_.primal_to_dual(sites.y, margins(W0, sites), sample_weights(sites)) * sites.mask
     else:
-        alpha0 = jnp.zeros(sites.y.shape, dtype)
+        alpha0 = jnp.zeros_like(sites.y) if placed else jnp.zeros(sites.y.shape, dtype)
     omega0 = _as_omega(o["omega0"], m, dtype)
     fixed = scheme == "alternating" and o["omega_every"] == _NEVER and o["omega_tol"] < 0
     seed = jnp.asarray(o["seed"], jnp.uint32)
     K = sites.num_blocks
     path = o["checkpoint"]
     fingerprint = None if path is None else _fingerprint(sites, params, systems, o, loss_.name, q_rule)
-    if placed:  # count the real sites; the duals start at zero where the data are
+    if placed:  # count the real sites
         m = int(np.sum(distributed.to_host(sites.counts) > 0))
         K = m if sites.site is None else K
-        alpha0 = jnp.zeros_like(sites.y)
     elif mesh is not None:  # empty sites for an even split; the per-site arrays grow with them
         sites, systems, alpha0, omega0 = _spread(mesh, sites, systems, alpha0, omega0)
 
