@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="fraction of its passes a straggler makes (default: 0.25)")
     dist.add_argument("--dropout-prob", type=_nonneg_float, default=None, metavar="P",
                       help="probability that a site's update is lost in a round (default: 0)")
+    dist.add_argument("--cpu-devices", type=_positive_int, default=None, metavar="N",
+                      help="split the sites over N CPU devices of this process (JAX's jax_num_cpu_devices; one per "
+                           "core uses all the cores for the sites' passes; default: JAX's, one)")
     model.add_argument("--float32", action="store_true", help="compute in float32 (faster; tolerances below ~1e-5 may not be reachable)")
     out = fit.add_argument_group("output")
     out.add_argument("--out", required=True, metavar="DIR", help="result directory (created if missing)")
@@ -456,6 +459,8 @@ def cmd_fit(args) -> int:
 
     if not args.float32:
         jax.config.update("jax_enable_x64", True)
+    if args.cpu_devices is not None:
+        _use_cpu_devices(args)
     import mtl_jax
 
     if not args.no_compile_cache:
@@ -600,6 +605,20 @@ def _changed_problem(out, args) -> bool:
     same = lambda k: (os.path.abspath(before.get(k)) == os.path.abspath(now[k])) if k == "data" and before.get(k) \
         else before.get(k) == now.get(k)
     return not all(same(k) for k in _PROBLEM_ARGUMENTS + _DMTRL_FLAGS)
+
+
+def _use_cpu_devices(args) -> None:
+    """``--cpu-devices N``: JAX's CPU backend with N devices (set before JAX starts it; dmtrl only)."""
+    import jax
+
+    if args.solver != "dmtrl":
+        raise CLIError(f"--cpu-devices: splits the sites of --solver dmtrl over devices (got --solver {args.solver})")
+    try:
+        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
+    except RuntimeError:
+        raise CLIError("--cpu-devices: JAX has already started its CPU backend in this process (with "
+                       f"{jax.local_device_count()} device(s)); the option works when mtl-jax fit starts the "
+                       "process (as the mtl-jax command does)") from None
 
 
 def _reads_own_rows(args) -> bool:

@@ -120,6 +120,30 @@ def test_fit_with_the_dmtrl_solver_writes_the_library_result_and_round_records(t
     assert run.config["fit"]["local_passes"] == 2 and run.config["fit"]["dropout_prob"] == 0.2
 
 
+def test_fit_cpu_devices_splits_the_sites_and_gives_the_one_device_answer(tmp_path, data_file, dataset):
+    # a fresh process: JAX's CPU device count is fixed when its backend starts
+    X, y, task, _ = dataset
+    expected = mtl_jax.fit(X, y, task, lam1=0.1, lam2=1.0, solver="dmtrl", seed=3, dropout_prob=0.2)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "mtl_jax", "fit", "--data", data_file, *LAMS, "--out", str(out),
+                           "--solver", "dmtrl", "--seed", "3", "--dropout-prob", "0.2", "--cpu-devices", "4", "--quiet"],
+                          env=env, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    run = store.read_run(out)
+    assert run.config["fit"]["devices"] == 4   # 6 sites over 4 devices: padded with 2 empty sites
+    np.testing.assert_allclose(run.arrays["W"], expected.W, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(run.columns()["participants"], expected.history_arrays()["participants"])
+
+
+def test_fit_cpu_devices_in_a_started_process_or_another_solver_exits_2(tmp_path, data_file, capsys):
+    jax.devices()   # this test process has started JAX's CPU backend
+    assert _fit(data_file, tmp_path / "a", "--solver", "dmtrl", "--cpu-devices", "2") == 2
+    assert "--cpu-devices: JAX has already started its CPU backend" in capsys.readouterr().err
+    assert _fit(data_file, tmp_path / "b", "--cpu-devices", "2") == 2
+    assert "--cpu-devices: splits the sites of --solver dmtrl" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--q", "factored"], "--q: only for --solver dmtrl"),
     (["--solver", "dmtrl", "--method", "apg"], "--method:"),
