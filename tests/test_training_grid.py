@@ -74,13 +74,18 @@ def test_every_grid_point_equals_the_separate_run_of_its_config(data, case):
     assert grid.result.test.mse.shape == (G, S, K) and grid.result.diverged_at.shape == (G, S)
     assert grid.shape == (len(rates),) + tuple(len(v) for v in (values or {}).values())
     np.testing.assert_array_equal(grid.learning_rates, np.repeat(rates, n_values))  # the rate varies slowest
+    # Every point's config is checked; the numbers of two points that differ in every gridded value against their
+    # separate runs (each reference is a compilation of its own, this file's main cost): the first and the last,
+    # or, on a 2 x 2 grid, the two mixed points (which a mix-up of the axes would exchange).
+    checked = (1, 2) if G == 4 else (0, G - 1)
     for g in range(G):
         point = grid.point_config(g)
         assert point.learning_rate == grid.learning_rates[g]
         for name, v in (values or {}).items():
             assert dict(point.scheme_kwargs)[name] == grid.scheme_values[name][g]
-        reference = train_seeds(point, data, SEEDS)
-        _assert_same_run(jax.tree.map(lambda a: a[g], grid.result), reference, f"{case} point {g}")
+        if g in checked:
+            reference = train_seeds(point, data, SEEDS)
+            _assert_same_run(jax.tree.map(lambda a: a[g], grid.result), reference, f"{case} point {g}")
         # the injected rate is the point's, in the model's optimizer state (after the clipping, if any)
         opt_state = grid.result.state.opt_state
         inject = opt_state if hasattr(opt_state, "hyperparams") else opt_state[-1]  # optax.chain: a tuple
