@@ -266,7 +266,8 @@ def local_sdca(rows: BlockedRows, alpha, w, q, budget, stream, *, loss: Loss, cy
     dual from the pass's start and emits its change as a scan output, and the changes are added after the pass:
     the duals are never carried through the steps (carrying them made XLA copy the whole dual array at every
     step). The margin's sum over the d features is written out as d vector multiply-adds over the tile's blocks
-    (XLA:CPU's reduction over the short leading axis was slower); the steps taken are counted once per pass.
+    (XLA:CPU's reduction over the short leading axis was slower), as ``<w, x_i> + q <dv, x_i>`` so that no
+    ``w + q dv`` is written out at every step; the steps taken are counted once per pass.
 
     Args:
       rows: the blocks' rows, :func:`block_rows` of X (K, n, d) and y, c, mask, sq (K, n).
@@ -307,10 +308,10 @@ def _local_tile(rows: BlockedRows, t, alpha, w, q, budget, *, stream, loss: Loss
         def step(dv, s):
             i = order[s]
             x, ai = rows.X[t, i], alpha[i]
-            u = w + q * dv
-            a = u[0] * x[0]
+            a_w, a_dv = w[0] * x[0], dv[0] * x[0]
             for k in range(1, d):
-                a = a + u[k] * x[k]
+                a_w, a_dv = a_w + w[k] * x[k], a_dv + dv[k] * x[k]
+            a = a_w + q * a_dv
             new = loss.dual_step(ai, rows.y[t, i], rows.c[t, i], a, q * rows.sq[t, i])
             live = (p * n + s < budget) & (rows.mask[t, i] > 0)
             delta = jnp.where(live, new - ai, 0.0)
