@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -563,10 +564,45 @@ def plot_task_curves(curves, *, x=None, task_names=None, log_loss=True, axes=Non
             ax.grid(True, alpha=0.3)
         axes[0, j].set_title(label)
         axes[1, j].set_xlabel("step")
+    _fit_titles(axes[0])
     axes[0, 0].set_ylabel("task loss (batch)" + (", log" if log_loss else ""))
     axes[1, 0].set_ylabel("task weight")
     axes[0, 0].legend(ncol=1 if k <= 5 else 2)
     return axes
+
+
+def _wrap_label(label: str, width: int) -> str:
+    """``label`` broken after underscores or spaces into lines of at most ``width`` characters where it can be
+    (a single longer word stays whole)."""
+    if len(label) <= width:
+        return label
+    lines, line = [], ""
+    for part in re.split(r"(?<=[_ ])", label):
+        if line and len(line) + len(part) > width:
+            lines.append(line.rstrip())
+            line = part
+        else:
+            line += part
+    return "\n".join(lines + [line.rstrip()])
+
+
+def _fit_titles(row) -> None:
+    """Wrap each title of a row of side-by-side axes to its axes' width, so that long run names
+    (``huq_pervin_proportional``) do not run into their neighbours'."""
+    for ax in row:
+        title = ax.title
+        text = title.get_text()
+        if not text:
+            continue
+        width_in = ax.get_position().width * ax.figure.get_size_inches()[0]
+        # an average glyph is about 0.55 em wide; keep a margin between neighbouring titles
+        size = title.get_fontsize()
+        chars = max(4, int(width_in * 72 / (0.58 * size)))
+        wrapped = _wrap_label(text.replace("\n", " "), chars)
+        longest = max(len(line) for line in wrapped.split("\n"))
+        if longest > chars:  # a word wider than the panel: a smaller font rather than a collision
+            title.set_fontsize(max(5.0, size * chars / longest))
+        title.set_text(wrapped)
 
 
 # --- sweep heat maps ------------------------------------------------------------------------------------

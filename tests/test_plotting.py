@@ -322,3 +322,31 @@ def test_save_figure_also_writes_a_pdf_twin(tmp_path):
     with pytest.raises(ValueError, match="also"):
         plotting.save_figure(ax.figure, tmp_path / "p.png", also=("bmpx",))
     assert sorted(os.listdir(tmp_path)) == ["o.pdf", "o.png"]
+
+
+def test_task_curve_titles_of_long_run_names_do_not_overlap(tmp_path):
+    # the task-weighting figure: ten runs side by side, some names much wider than a panel
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    rng = np.random.default_rng(0)
+    names = ["equal", "huq_pervin", "huq_pervin_proportional", "huq_pervin_softmax", "dwa", "uncertainty",
+             "uncertainty_loss", "rlw", "famo", "gradnorm"]
+    curves = {n: dict(task_losses=rng.random((2, 30, 3)) + 0.1, weights=rng.random((2, 30, 3))) for n in names}
+    axes = plotting.plot_task_curves(curves, task_names=["a", "b", "c"])
+    fig = axes[0, 0].figure
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    boxes = [ax.title.get_window_extent(renderer) for ax in axes[0]]
+    for left, right in zip(boxes, boxes[1:]):
+        assert left.x1 <= right.x0, (left, right)
+    # wrapped at underscores, nothing lost
+    assert [ax.title.get_text().replace("\n", "") for ax in axes[0]] == names
+    assert "\n" in axes[0, 2].title.get_text() and axes[0, 0].title.get_text() == "equal"
+    plotting.save_figure(fig, str(tmp_path / "curves.png"))
+
+
+def test_wrap_label_breaks_after_separators_and_keeps_long_words():
+    assert plotting._wrap_label("huq_pervin_proportional", 12) == "huq_pervin_\nproportional"
+    assert plotting._wrap_label("short", 3) == "short"
+    assert plotting._wrap_label("a_b_c_d", 4) == "a_b_\nc_d"
+    assert plotting._wrap_label("one two three", 5) == "one\ntwo\nthree"
