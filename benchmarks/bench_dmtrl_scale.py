@@ -27,6 +27,9 @@ round's time goes at m = 10^5, and 1 vs 2 vs 4 launched processes on this host.
     python benchmarks/bench_dmtrl_scale.py                # everything (~10 minutes on 2 CPU cores)
     python benchmarks/bench_dmtrl_scale.py --quick        # m up to 10^4, small launch: a smoke test
     python benchmarks/bench_dmtrl_scale.py --parts 1,3    # some parts only
+    python benchmarks/bench_dmtrl_scale.py --parts 1 --sizes 65536,262144,1048576   # on a GPU (device_dmtrl.sh)
+
+On a CPU with several cores part 1 also times the largest m with one CPU device per core (``jax_num_cpu_devices``).
 """
 from __future__ import annotations
 
@@ -174,7 +177,7 @@ def part1(sizes, reps):
     for m in sizes:
         rows.append(fresh_process(script, f"round:{m}:{reps}:{int(m == max(sizes))}:1"))
     cores = os.cpu_count() or 1
-    if cores > 1:   # the largest m again with one CPU device per core (jax_num_cpu_devices), sites split over them
+    if cores > 1 and jax.default_backend() == "cpu":   # the largest m again with one CPU device per core (jax_num_cpu_devices), sites split over them
         rows.append(fresh_process(script, f"round:{max(sizes)}:{reps}:0:{cores}"))
     print(f"\n## 1. seconds per round vs m (n = {N_PER_SITE}, d = {DIM}, float32, squared loss, joint scheme, "
           "1 local pass, random order; gap included)\n")
@@ -350,6 +353,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--parts", default="1,2,3")
+    ap.add_argument("--sizes", default=None,
+                    help="comma list of m for parts 1-2 (default 1000,10000,100000; on a GPU e.g. 65536,262144,1048576)")
     ap.add_argument("--child")
     a = ap.parse_args()
     if a.child:
@@ -360,6 +365,8 @@ def main():
     print(f"\nload before: {os.getloadavg()}")
     if parts & {"1", "2"}:
         sizes = (10**3, 10**4) if a.quick else (10**3, 10**4, 10**5)
+        if a.sizes:
+            sizes = tuple(int(x) for x in a.sizes.split(","))
         big = part1(sizes, reps=3)
         if "2" in parts:
             part2(big)
