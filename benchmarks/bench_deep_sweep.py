@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import time
 
 os.environ["MTL_JAX_NO_COMPILE_CACHE"] = "1"
 
@@ -37,7 +36,7 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 
-from common import machine_line, median_time  # noqa: E402
+from common import machine_line, median_time, timed  # noqa: E402
 
 from mtl_jax import compilation, training  # noqa: E402
 from mtl_jax.experiments.task_weighting import setups  # noqa: E402
@@ -60,12 +59,6 @@ def loop(config, data, seeds, rates):
 
 def grid(config, data, seeds, rates):
     return jax.block_until_ready(train_grid(config, data, seeds, learning_rates=rates).result)
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def main(argv=None):

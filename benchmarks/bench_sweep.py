@@ -43,7 +43,7 @@ jax.config.update("jax_enable_x64", True)
 
 import numpy as np  # noqa: E402
 
-from common import machine_line  # noqa: E402
+from common import machine_line, timed  # noqa: E402
 
 import mtl_jax  # noqa: E402
 from mtl_jax import compilation  # noqa: E402
@@ -73,12 +73,6 @@ def fit_loop(X, y, task, train, val, points, tol, *, fresh):
     W = np.stack(Ws)
     v = evaluate(W, X[val], y[val], task[val], "squared")  # inside the timing: the sweep computes it too
     return time.perf_counter() - t0, W, np.array(Js), np.array(comp), v
-
-
-def timed(fn):
-    t0 = time.perf_counter()
-    out = fn()
-    return time.perf_counter() - t0, out
 
 
 def main(argv=None):

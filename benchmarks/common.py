@@ -61,3 +61,12 @@ def median_time(fn, reps: int, *, warm: bool = False) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
+
+
+def timed(fn):
+    """``(wall seconds, result)`` of one call of ``fn``."""
+    import time
+
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out

@@ -26,28 +26,14 @@ from mtl_jax.training import (
     train_seeds,
 )
 
-SPEC = TaskSpec(
-    kinds=("classification", "regression", "regression"),
-    out_dims=(2, 2, 2),
-    names=("cls", "reg", "reg_half"),
-)
+from conftest import MIXED_SPEC, mixed_dataset  # noqa: E402  (the shared tiny problem)
 
-
-def _split(rng, n):
-    """A tiny mixed dataset: one 2-class task, two 2-output regressions, the last on half the samples."""
-    x = rng.normal(size=(n, 6))
-    labels = (x[:, 0] + 0.5 * x[:, 1] > 0).astype(np.int64)
-    reg = np.stack([np.sin(x[:, 2]), x[:, 3] * x[:, 4]], axis=1)
-    reg_half = 3.0 * np.stack([x[:, 5], x[:, 0] - x[:, 2]], axis=1)
-    mask = np.ones((n, 3), dtype=bool)
-    mask[::2, 2] = False
-    return Split(x=x, y=(labels, reg, reg_half), mask=mask)
+SPEC = MIXED_SPEC
 
 
 @pytest.fixture(scope="module")
 def data():
-    rng = np.random.default_rng(42)
-    return MultiTaskDataset(train=_split(rng, 48), test=_split(rng, 20), spec=SPEC)
+    return mixed_dataset(42)
 
 
 BASE = TrainConfig(model="mlp", hidden=(8,), steps=8, batch_size=16, learning_rate=1e-2, dtype="float64")
