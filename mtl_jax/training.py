@@ -73,6 +73,7 @@ from mtl_jax.models import (
     refresh_omega,
     validate_coupling,
 )
+from mtl_jax.solvers.base import check_checkpoint
 from mtl_jax.validation import check_int, check_real
 
 _SUPPORTED_EXTRAS = ("grad_norms", "epoch_end")
@@ -845,17 +846,38 @@ def make_run(
     inside a ``vmap`` over weight rows ``w``. ``learning_rate``: the model's rate instead of
     ``config.learning_rate``, possibly traced (:func:`make_grid_run`; it is injected into the optimizer's
     state, :meth:`TrainConfig.make_optimizer`). Inputs are not checked here (:func:`train` does that)."""
+    start, advance, finish = make_run_parts(config, spec, scheme, learning_rate)
+
+    def run(seed, params, train_split: Split, test_split: Split) -> TrainResult:
+        state, history = advance(start(seed, params, train_split), train_split, config.steps)
+        return finish(state, history, test_split)
+
+    return run
+
+
+def make_run_parts(config: TrainConfig, spec: TaskSpec, scheme: weighting_lib.Weighting | None = None,
+                   learning_rate: Any = None):
+    """:func:`make_run`'s run in three pure pieces, for runs in chunks (:func:`train_seeds` with a checkpoint):
+
+      start(seed, params, train) -> TrainState        the initial state (``params`` as for ``run``)
+      advance(state, train, length) -> (TrainState, StepMetrics)   ``length`` (static) steps in a ``lax.scan``
+      finish(state, history, test) -> TrainResult     the test metrics of the final parameters
+
+    ``run`` is ``finish(*advance(start(seed, params, train), train, config.steps), test)``."""
     spec = validate_spec(spec)
     model, scheme, optimizer, mtrl, step, method = make_components(config, spec, scheme, learning_rate)
 
-    def run(seed, params, train_split: Split, test_split: Split) -> TrainResult:
-        key = jax.random.key(seed)
-        state = init_state(model, scheme, optimizer, key, train_split.x[:1], mtrl=mtrl, params=params,
-                           method=method)
-        state, history = jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=config.steps)
+    def start(seed, params, train_split: Split) -> TrainState:
+        return init_state(model, scheme, optimizer, jax.random.key(seed), train_split.x[:1], mtrl=mtrl,
+                          params=params, method=method)
+
+    def advance(state: TrainState, train_split: Split, length: int):
+        return jax.lax.scan(lambda s, _: step(s, train_split), state, None, length=length)
+
+    def finish(state: TrainState, history: StepMetrics, test_split: Split) -> TrainResult:
         return TrainResult(state, history, evaluate(model, state.params, test_split, spec.kinds), state.diverged_at)
 
-    return run
+    return start, advance, finish
 
 
 @functools.lru_cache(maxsize=64)
@@ -950,7 +972,8 @@ def train(config: TrainConfig, data: MultiTaskDataset) -> TrainResult:
     return result
 
 
-def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]) -> TrainResult:
+def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int], *, checkpoint=None,
+                checkpoint_every: int | None = None) -> TrainResult:
     """Train one model per seed, all seeds at once: the weight init and the whole training loop are
     each ``vmap``ped over the seeds, so S seeds cost one compilation of each, not S runs.
 
@@ -963,13 +986,101 @@ def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int
     on); ``diverged_at`` (S,) gives the step (-1 for the others) and one :class:`DivergenceWarning`
     names every diverged seed and its step. The result is returned in full, so one diverged seed does
     not end a sweep; this waits for the runs to finish.
+
+    ``checkpoint``: a ``.npz`` path. The steps then run in compiled chunks of ``checkpoint_every`` (default
+    :data:`CHECKPOINT_EVERY`) and after each chunk the state of every seed and the history so far are written
+    there atomically (:func:`mtl_jax.solvers.base.write_checkpoint`; arrays only, read back without pickle).
+    Called again with the same config, data and seeds it continues from that file and ends with exactly the
+    numbers of an uninterrupted chunked run (bitwise on the same device; the unchunked run's to floating-point
+    reassociation). A checkpoint of another config, data or seeds is refused (ValueError naming
+    ``checkpoint``). The file is kept after the run (delete it to train afresh).
     """
     seeds = _check_seeds(seeds)
+    path, every = check_checkpoint(checkpoint, checkpoint_every, default=CHECKPOINT_EVERY)
+    if checkpoint_every is not None and path is None:
+        raise ValueError("checkpoint_every: needs a checkpoint path")
     (_, init_many), (_, run_many), train_split, test_split = _prepare(config, data)
     seed_array = jnp.asarray(seeds, jnp.int32)
-    result = run_many(seed_array, init_many(seed_array, train_split.x[:1]), train_split, test_split)
+    params = init_many(seed_array, train_split.x[:1])
+    if path is None:
+        result = run_many(seed_array, params, train_split, test_split)
+    else:
+        result = _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_split, path, every)
     _warn_if_diverged(result, seeds)
     return result
+
+
+#: Steps per compiled chunk of a checkpointed :func:`train_seeds`.
+CHECKPOINT_EVERY = 500
+_CHECKPOINT_FORMAT = "mtl_jax.training.train_seeds/1"
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled_parts(config: TrainConfig, spec: TaskSpec):
+    """:func:`make_run_parts` jitted and vmapped over seeds (``advance``'s length static), cached like the run."""
+    start, advance, finish = make_run_parts(config, spec)
+    return (jax.jit(jax.vmap(start, in_axes=(0, 0, None))),
+            jax.jit(jax.vmap(advance, in_axes=(0, None, None)), static_argnums=2),
+            jax.jit(jax.vmap(finish, in_axes=(0, 0, None))))
+
+
+def _host_leaves(tree) -> list[np.ndarray]:
+    """The leaves of ``tree`` as host arrays; PRNG keys as their raw key data."""
+    return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+            for x in jax.tree_util.tree_leaves(tree)]
+
+
+def _like(saved: list[np.ndarray], like, path):
+    """``like``'s structure with the ``saved`` leaves (keys rewrapped), each checked against ``like``'s shape."""
+    leaves, treedef = jax.tree_util.tree_flatten(like)
+    if len(saved) != len(leaves):
+        raise ValueError(f"checkpoint: {path} holds {len(saved)} arrays where {len(leaves)} are expected")
+    out = []
+    for a, leaf in zip(saved, leaves):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            a = jax.random.wrap_key_data(a, impl=jax.random.key_impl(leaf))
+        if a.shape != leaf.shape or a.dtype != leaf.dtype:
+            raise ValueError(f"checkpoint: {path}: an array of shape {a.shape} {a.dtype} where {leaf.shape} "
+                             f"{leaf.dtype} is expected")
+        out.append(jnp.asarray(a))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_split, path, every):
+    """:func:`train_seeds` in chunks of ``every`` steps, checkpointed to ``path`` after each (resumed from it)."""
+    import os
+
+    from mtl_jax.solvers.base import fingerprint, read_checkpoint, write_checkpoint
+
+    spec = validate_spec(data.spec)
+    start, advance, finish = _compiled_parts(dataclasses.replace(config, seed=0), spec)
+    state = start(seed_array, params, train_split)
+    leaves = jax.tree_util.tree_leaves((data.train, data.test))
+    print_ = fingerprint(leaves, (_CHECKPOINT_FORMAT, dataclasses.replace(config, seed=0), tuple(seeds)))
+    done, history = 0, None
+    if os.path.exists(path):
+        saved = read_checkpoint(path, format=_CHECKPOINT_FORMAT, fingerprint=print_, what="a training checkpoint",
+                                differs="the config, data or seeds")
+        n_state = int(saved["num_state"])
+        state = _like([saved[f"state_{i}"] for i in range(n_state)], state, path)
+        done = int(saved["steps_done"])
+        if done:
+            shape = jax.eval_shape(advance, state, train_split, done)[1]
+            history = _like([saved[f"history_{i}"] for i in range(int(saved["num_history"]))], shape, path)
+    while done < config.steps:
+        state, part = advance(state, train_split, min(every, config.steps - done))
+        history = part if history is None else jax.tree_util.tree_map(
+            lambda a, b: jnp.concatenate([a, b], axis=1), history, part)
+        done = min(config.steps, done + every)
+        arrays = {f"state_{i}": a for i, a in enumerate(_host_leaves(state))}
+        hist = _host_leaves(history)
+        arrays.update({f"history_{i}": a for i, a in enumerate(hist)})
+        arrays.update(num_state=np.array(len(arrays) - len(hist)), num_history=np.array(len(hist)),
+                      steps_done=np.array(done))
+        write_checkpoint(path, arrays, [], format=_CHECKPOINT_FORMAT, fingerprint=print_)
+    if history is None:  # a run of zero steps
+        state, history = advance(state, train_split, 0)
+    return finish(state, history, test_split)
 
 
 # ----------------------------------------------------------------------------- hyper-parameter grids
