@@ -1048,39 +1048,49 @@ def _like(saved: list[np.ndarray], like, path):
 
 def _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_split, path, every):
     """:func:`train_seeds` in chunks of ``every`` steps, checkpointed to ``path`` after each (resumed from it)."""
-    import os
-
-    from mtl_jax.solvers.base import fingerprint, read_checkpoint, write_checkpoint
-
     spec = validate_spec(data.spec)
     start, advance, finish = _compiled_parts(dataclasses.replace(config, seed=0), spec)
-    state = start(seed_array, params, train_split)
+    return _run_chunked(lambda: start(seed_array, params, train_split),
+                        lambda state, n: advance(state, train_split, n),
+                        lambda state, history: finish(state, history, test_split),
+                        steps=config.steps, axis=1, path=path, every=every,
+                        identity=(data, dataclasses.replace(config, seed=0), tuple(seeds)))
+
+
+def _run_chunked(start, advance, finish, *, steps, axis, path, every, identity):
+    """The driver of a checkpointed run: ``start() -> state``; ``advance(state, n) -> (state, history of n
+    steps)``, the step axis of the history's leaves at ``axis``; ``finish(state, history) -> TrainResult``.
+    After each chunk of ``every`` steps the state and the history so far go to ``path`` (atomically); a run
+    finds its chunks there again when ``identity`` (a dataset, then anything with a stable ``repr``) matches."""
+    import os
+
+    from mtl_jax.solvers import base
+
+    data, *rest = identity
     leaves = jax.tree_util.tree_leaves((data.train, data.test))
-    print_ = fingerprint(leaves, (_CHECKPOINT_FORMAT, dataclasses.replace(config, seed=0), tuple(seeds)))
+    print_ = base.fingerprint(leaves, (_CHECKPOINT_FORMAT, *rest))
+    state = start()
     done, history = 0, None
     if os.path.exists(path):
-        saved = read_checkpoint(path, format=_CHECKPOINT_FORMAT, fingerprint=print_, what="a training checkpoint",
-                                differs="the config, data or seeds")
-        n_state = int(saved["num_state"])
-        state = _like([saved[f"state_{i}"] for i in range(n_state)], state, path)
+        saved = base.read_checkpoint(path, format=_CHECKPOINT_FORMAT, fingerprint=print_,
+                                     what="a training checkpoint", differs="the config, data, seeds or grid")
+        state = _like([saved[f"state_{i}"] for i in range(int(saved["num_state"]))], state, path)
         done = int(saved["steps_done"])
         if done:
-            shape = jax.eval_shape(advance, state, train_split, done)[1]
+            shape = jax.eval_shape(lambda st: advance(st, done), state)[1]
             history = _like([saved[f"history_{i}"] for i in range(int(saved["num_history"]))], shape, path)
-    while done < config.steps:
-        state, part = advance(state, train_split, min(every, config.steps - done))
+    while done < steps:
+        state, part = advance(state, min(every, steps - done))
         history = part if history is None else jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([a, b], axis=1), history, part)
-        done = min(config.steps, done + every)
+            lambda a, b: jnp.concatenate([a, b], axis=axis), history, part)
+        done = min(steps, done + every)
         arrays = {f"state_{i}": a for i, a in enumerate(_host_leaves(state))}
         hist = _host_leaves(history)
         arrays.update({f"history_{i}": a for i, a in enumerate(hist)})
         arrays.update(num_state=np.array(len(arrays) - len(hist)), num_history=np.array(len(hist)),
                       steps_done=np.array(done))
-        write_checkpoint(path, arrays, [], format=_CHECKPOINT_FORMAT, fingerprint=print_)
-    if history is None:  # a run of zero steps
-        state, history = advance(state, train_split, 0)
-    return finish(state, history, test_split)
+        base.write_checkpoint(path, arrays, [], format=_CHECKPOINT_FORMAT, fingerprint=print_)
+    return finish(state, history)
 
 
 # ----------------------------------------------------------------------------- hyper-parameter grids
@@ -1179,9 +1189,37 @@ def _compiled_grid(config: TrainConfig, spec: TaskSpec, names: tuple[str, ...]):
     return jax.jit(jax.vmap(over_seeds, in_axes=(0, 0, None, None, None, None)))
 
 
+@functools.lru_cache(maxsize=32)
+def _compiled_grid_parts(config: TrainConfig, spec: TaskSpec, names: tuple[str, ...]):
+    """:func:`make_run_parts` of a grid point (the scheme and optimizer built from the traced rate and values,
+    as :func:`make_grid_run`), vmapped over seeds inside a vmap over grid points, jitted: (start, advance, finish)."""
+    spec = validate_spec(spec)
+
+    def parts(learning_rate, values):
+        scheme = config.make_scheme(spec, learning_rate=learning_rate, overrides={n: values[n] for n in names})
+        return make_run_parts(config, spec, scheme, learning_rate)
+
+    def start(lr, values, seed, params, train_split):
+        return parts(lr, values)[0](seed, params, train_split)
+
+    def advance(lr, values, state, train_split, length):
+        return parts(lr, values)[1](state, train_split, length)
+
+    def finish(lr, values, state, history, test_split):
+        return parts(lr, values)[2](state, history, test_split)
+
+    def over(fn, seeds_axes, grid_axes, **jit):
+        return jax.jit(jax.vmap(jax.vmap(fn, in_axes=seeds_axes), in_axes=grid_axes), **jit)
+
+    return (over(start, (None, None, 0, 0, None), (0, 0, None, None, None)),
+            over(advance, (None, None, 0, None, None), (0, 0, 0, None, None), static_argnums=4),
+            over(finish, (None, None, 0, 0, None), (0, 0, 0, 0, None)))
+
+
 def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int],
                learning_rates: Sequence[float] | None = None,
-               scheme_values: dict[str, Sequence[float]] | None = None) -> GridResult:
+               scheme_values: dict[str, Sequence[float]] | None = None, *, checkpoint=None,
+               checkpoint_every: int | None = None) -> GridResult:
     """Train every point of a hyper-parameter grid for every seed, as ONE compiled program.
 
     The grid is the Cartesian product of ``learning_rates`` (L values; None: ``(config.learning_rate,)``)
@@ -1205,8 +1243,14 @@ def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]
     not integers), ``learning_rates`` (empty, not finite and > 0), ``scheme_values`` (not a dict, a name
     that is not a gridded hyper-parameter of the scheme, empty or non-finite values, a value the scheme
     rejects, e.g. a temperature <= 0).
+
+    ``checkpoint``, ``checkpoint_every``: as for :func:`train_seeds`: the grid's steps in compiled chunks, every
+    point's and seed's state checkpointed after each, an interrupted grid continued exactly from the file.
     """
     seeds = _check_seeds(seeds)
+    path, every = check_checkpoint(checkpoint, checkpoint_every, default=CHECKPOINT_EVERY)
+    if checkpoint_every is not None and path is None:
+        raise ValueError("checkpoint_every: needs a checkpoint path")
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config: must be a TrainConfig, got {type(config).__name__}")
     rates = _grid_axis("learning_rates", (config.learning_rate,) if learning_rates is None else learning_rates,
@@ -1234,11 +1278,22 @@ def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]
     (_, init_many), _, train_split, test_split = _prepare(config, data)
     key = dataclasses.replace(config, seed=0, learning_rate=1.0,  # traced in the program, not part of it
                               scheme_kwargs=[(k, v) for k, v in config.scheme_kwargs if k not in axes])
-    program = _compiled_grid(key, validate_spec(data.spec), tuple(axes))
     seed_array = jnp.asarray(seeds, jnp.int32)
     float_dtype = jnp.result_type(float)  # cast to each optimizer's dtype inside, as a Python float would be
-    result = program(jnp.asarray(grid_rates, float_dtype), {n: jnp.asarray(v, float_dtype) for n, v in grid_values.items()},
-                     seed_array, init_many(seed_array, train_split.x[:1]), train_split, test_split)
+    lrs = jnp.asarray(grid_rates, float_dtype)
+    vals = {n: jnp.asarray(v, float_dtype) for n, v in grid_values.items()}
+    params = init_many(seed_array, train_split.x[:1])
+    if path is None:
+        program = _compiled_grid(key, validate_spec(data.spec), tuple(axes))
+        result = program(lrs, vals, seed_array, params, train_split, test_split)
+    else:
+        start, advance, finish = _compiled_grid_parts(key, validate_spec(data.spec), tuple(axes))
+        result = _run_chunked(lambda: start(lrs, vals, seed_array, params, train_split),
+                              lambda state, n: advance(lrs, vals, state, train_split, n),
+                              lambda state, history: finish(lrs, vals, state, history, test_split),
+                              steps=config.steps, axis=2, path=path, every=every,
+                              identity=(data, key, tuple(seeds), tuple(grid_rates.tolist()),
+                                        tuple((n, tuple(v.tolist())) for n, v in grid_values.items())))
     labels = [", ".join([f"learning_rate {grid_rates[g]:g}"] + [f"{n} {v[g]:g}" for n, v in grid_values.items()]
                         + [f"seed {s}"]) for g in range(len(grid_rates)) for s in seeds]
     _warn_if_diverged(result, seeds, labels)

@@ -69,3 +69,30 @@ def test_a_checkpoint_of_another_run_or_bad_options_are_refused(data, tmp_path):
         train_seeds(CONFIG, data, SEEDS, checkpoint=path, checkpoint_every=0)
     with pytest.raises(ValueError, match="checkpoint: the folder"):
         train_seeds(CONFIG, data, SEEDS, checkpoint=str(tmp_path / "missing" / "c.npz"))
+
+
+def test_a_checkpointed_grid_gives_the_one_program_grid_and_resumes(data, tmp_path, monkeypatch):
+    from mtl_jax.training import train_grid
+    rates, values = [1e-2, 3e-2], {"temperature": [0.5, 2.0]}
+    whole = train_grid(CONFIG, data, SEEDS, learning_rates=rates, scheme_values=values)
+    path = str(tmp_path / "grid.npz")
+    real, writes = base.write_checkpoint, []
+
+    def write_then_die(*args, **kwargs):
+        real(*args, **kwargs)
+        writes.append(1)
+        if len(writes) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "write_checkpoint", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train_grid(CONFIG, data, SEEDS, learning_rates=rates, scheme_values=values, checkpoint=path,
+                   checkpoint_every=4)
+    monkeypatch.setattr(base, "write_checkpoint", real)
+    resumed = train_grid(CONFIG, data, SEEDS, learning_rates=rates, scheme_values=values, checkpoint=path,
+                         checkpoint_every=4)
+    assert resumed.result.history.task_losses.shape == (4, 2, 10, 3)
+    for a, b in zip(_leaves(resumed.result), _leaves(whole.result)):
+        np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="checkpoint: .* another problem"):
+        train_grid(CONFIG, data, SEEDS, learning_rates=[1e-2, 4e-2], scheme_values=values, checkpoint=path)
