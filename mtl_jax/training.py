@@ -1054,21 +1054,28 @@ def _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_
                         lambda state, n: advance(state, train_split, n),
                         lambda state, history: finish(state, history, test_split),
                         steps=config.steps, axis=1, path=path, every=every,
-                        identity=(data, dataclasses.replace(config, seed=0), tuple(seeds)))
+                        identity=((data.train, data.test), dataclasses.replace(config, seed=0), tuple(seeds)))
+
+
+def chunks_fingerprint(identity) -> str:
+    """What a checkpoint of chunked training must match: ``identity`` is the data splits, then anything with
+    a stable ``repr`` (config, seeds, grid)."""
+    from mtl_jax.solvers import base
+
+    splits, *rest = identity
+    return base.fingerprint(jax.tree_util.tree_leaves(splits), (_CHECKPOINT_FORMAT, *rest))
 
 
 def _run_chunked(start, advance, finish, *, steps, axis, path, every, identity):
     """The driver of a checkpointed run: ``start() -> state``; ``advance(state, n) -> (state, history of n
     steps)``, the step axis of the history's leaves at ``axis``; ``finish(state, history) -> TrainResult``.
     After each chunk of ``every`` steps the state and the history so far go to ``path`` (atomically); a run
-    finds its chunks there again when ``identity`` (a dataset, then anything with a stable ``repr``) matches."""
+    finds its chunks there again when ``identity`` (the data splits, then anything with a stable ``repr``) matches."""
     import os
 
     from mtl_jax.solvers import base
 
-    data, *rest = identity
-    leaves = jax.tree_util.tree_leaves((data.train, data.test))
-    print_ = base.fingerprint(leaves, (_CHECKPOINT_FORMAT, *rest))
+    print_ = chunks_fingerprint(identity)
     state = start()
     done, history = 0, None
     if os.path.exists(path):
@@ -1292,7 +1299,7 @@ def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]
                               lambda state, n: advance(lrs, vals, state, train_split, n),
                               lambda state, history: finish(lrs, vals, state, history, test_split),
                               steps=config.steps, axis=2, path=path, every=every,
-                              identity=(data, key, tuple(seeds), tuple(grid_rates.tolist()),
+                              identity=((data.train, data.test), key, tuple(seeds), tuple(grid_rates.tolist()),
                                         tuple((n, tuple(v.tolist())) for n, v in grid_values.items())))
     labels = [", ".join([f"learning_rate {grid_rates[g]:g}"] + [f"{n} {v[g]:g}" for n, v in grid_values.items()]
                         + [f"seed {s}"]) for g in range(len(grid_rates)) for s in seeds]

@@ -211,8 +211,9 @@ def test_task_weighting_cells_of_one_program_equal_the_per_rate_cells(data):
 def test_task_weighting_tunes_equal_on_the_same_grid_and_resumes_a_partial_grid(tmp_path):
     from mtl_jax.experiments import task_weighting
 
+    # --checkpoint-every: each run's training in checkpointed chunks (removed once its cells are stored)
     argv = ["--quick", "--out", str(tmp_path), "--methods", "dwa", "--datasets", "school_multihead",
-            "--lr-factors", "0.5,2", "--no-compile-cache"]
+            "--lr-factors", "0.5,2", "--no-compile-cache", "--checkpoint-every", "7"]
     first = task_weighting.main(argv)
     factors = (0.5, 2.0)
     assert sorted(first["computed"]) == sorted([("school_multihead", n, f) for n in ("equal", "dwa") for f in factors]
@@ -220,6 +221,7 @@ def test_task_weighting_tunes_equal_on_the_same_grid_and_resumes_a_partial_grid(
     runs = first["results"]["school_multihead"]["runs"]
     for name in ("equal", "dwa"):  # the baseline is tuned over the same rates as every other run
         assert sorted(runs[name]["validation"]) == list(factors) and runs[name]["lr_factor"] in factors
+    assert not list(tmp_path.rglob("training.npz"))
     # resume: one rate of dwa removed -> only that rate is trained again, the others are read back
     import shutil
     shutil.rmtree(task_weighting.cell_path(str(tmp_path), "school_multihead", "dwa", 2.0))
@@ -227,3 +229,33 @@ def test_task_weighting_tunes_equal_on_the_same_grid_and_resumes_a_partial_grid(
     assert again["computed"] == [("school_multihead", "dwa", 2.0)] and len(again["skipped"]) == 4
     np.testing.assert_allclose(again["results"]["school_multihead"]["runs"]["dwa"]["per_seed"],
                                runs["dwa"]["per_seed"], rtol=1e-6)
+
+
+def test_task_weighting_cells_in_checkpointed_chunks_equal_one_program_and_resume(data, tmp_path, monkeypatch):
+    from mtl_jax.experiments import task_weighting
+    from mtl_jax.solvers import base
+
+    config = dataclasses.replace(BASE, scheme="dwa")
+    fit, val = task_weighting.holdout(data, 0.25)
+    rates = [1e-2, 4e-2]
+    whole = task_weighting.run_cells(config, SPEC, fit, val, data.test, SEEDS, rates)
+    path = str(tmp_path / "training.npz")
+    real, writes = base.write_checkpoint, []
+
+    def write_then_die(*args, **kwargs):   # killed right after the first chunk's checkpoint
+        real(*args, **kwargs)
+        writes.append(1)
+        if len(writes) == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(base, "write_checkpoint", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        task_weighting.run_cells(config, SPEC, fit, val, data.test, SEEDS, rates, checkpoint=path, checkpoint_every=3)
+    monkeypatch.setattr(base, "write_checkpoint", real)
+    chunked = task_weighting.run_cells(config, SPEC, fit, val, data.test, SEEDS, rates, checkpoint=path,
+                                       checkpoint_every=3)
+    for w, c in zip(whole, chunked):
+        for key in ("metric", "metric_val", "task_losses", "weights", "curve_x"):
+            np.testing.assert_allclose(c[key], w[key], rtol=1e-6, atol=1e-9, err_msg=key)
+        np.testing.assert_array_equal(c["diverged"], w["diverged"])
+        assert np.isnan(c["compile_seconds"]) and c["run_seconds"] > 0

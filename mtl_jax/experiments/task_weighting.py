@@ -64,10 +64,12 @@ import numpy as np
 from mtl_jax import plotting, weighting
 from mtl_jax.compilation import enable_compilation_cache
 from mtl_jax.data import deep
+from mtl_jax.data.deep import validate_spec
 from mtl_jax.data.io import atomic_write
 from mtl_jax.metrics import delta_m as delta_m  # re-exported: Delta m of a (..., K) metric against (K,)
 from mtl_jax.metrics import diverged_seeds, summarise_delta_m
 from mtl_jax.runner import configs, progress, store
+from mtl_jax.solvers.base import check_checkpoint
 from mtl_jax.training import TrainConfig, evaluate, make_components, make_grid_run, make_run, to_device
 
 FORMAT = 5            # bump when a cell's content or meaning changes (old cells are then recomputed)
@@ -245,7 +247,8 @@ def train_fixed_weights(config: TrainConfig, data: deep.MultiTaskDataset, seeds,
 # ----------------------------------------------------------------------------- one cell
 
 
-def run_cells(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds, learning_rates) -> list[dict]:
+def run_cells(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds, learning_rates, *,
+              checkpoint=None, checkpoint_every: int | None = None) -> list[dict]:
     """Train ``config`` at every rate of ``learning_rates`` (L rates) for every seed (S) on ``fit``, as ONE
     vmapped, ahead-of-time compiled program: :func:`mtl_jax.training.make_grid_run` (the rate injected
     into the optimizer's state, traced) under ``jit(vmap(vmap(run, seeds), rates))``, so all the rates of
@@ -257,10 +260,17 @@ def run_cells(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds, l
     test metric of the final parameters, ``task_losses`` / ``weights`` (S, B, K) binned curves and
     ``curve_x`` (B,), ``diverged`` (S,) bool (:func:`mtl_jax.metrics.diverged_seeds`), ``compile_seconds``
     and ``run_seconds``: the program's compilation and execution (compilation excluded) divided by L, each
-    rate's share (the per-step time of a rate is ``run_seconds / steps``)."""
+    rate's share (the per-step time of a rate is ``run_seconds / steps``).
+
+    ``checkpoint``: a ``.npz`` path: the steps run in checkpointed chunks of ``checkpoint_every``
+    (:func:`mtl_jax.training.train_grid`'s driver), so a killed run continues from its last chunk; then
+    ``compile_seconds`` is NaN and ``run_seconds`` is the wall time of the chunks, compilation included."""
     dtype = jnp.dtype(config.dtype)
     tr, va, te = (to_device(s, spec, dtype) for s in (fit, val, test))
     model = make_components(config, spec).model
+    if checkpoint is not None:
+        return _chunked_cells(config, spec, (fit, val, test), (tr, va, te), seeds, learning_rates, model,
+                              checkpoint, checkpoint_every)
     run = make_grid_run(config, spec)
 
     def one(learning_rate, seed, tr, va, te):
@@ -283,16 +293,70 @@ def run_cells(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds, l
     metric_val_all = task_metric(val_metrics, spec.kinds)
     losses_all, weights_all = np.asarray(history.task_losses), np.asarray(history.weights)  # (L, S, T, K)
     present_all, diverged_at = np.asarray(history.present), np.asarray(diverged_at)
+    return _cells(metric_all, metric_val_all, losses_all, weights_all, present_all, diverged_at,
+                  (t1 - t0) / share, (t2 - t1) / share)
+
+
+def _cells(metric_all, metric_val_all, losses_all, weights_all, present_all, diverged_at, compile_s, run_s):
+    """One cell per rate from the (L, S, ...) outputs of a run's program."""
     cells = []
-    for i in range(rates.shape[0]):
+    for i in range(len(metric_all)):
         diverged = diverged_seeds(losses_all[i], diverged_at=diverged_at[i], test_metric=metric_all[i],
                                   present=present_all[i])
         losses, curve_x = bin_curve(losses_all[i])
         weights, _ = bin_curve(weights_all[i])
         cells.append(dict(metric=metric_all[i], metric_val=metric_val_all[i], task_losses=losses, weights=weights,
-                          curve_x=curve_x, diverged=diverged, compile_seconds=np.float64((t1 - t0) / share),
-                          run_seconds=np.float64((t2 - t1) / share)))
+                          curve_x=curve_x, diverged=diverged, compile_seconds=np.float64(compile_s),
+                          run_seconds=np.float64(run_s)))
     return cells
+
+
+def _drop_foreign_checkpoint(config, spec, host_splits, seeds, learning_rates, *, checkpoint, checkpoint_every):
+    """Remove a run's training checkpoint that belongs to another set of rates or settings (left by a run that
+    was stopped before it stored its cells, then changed): the run starts afresh instead of failing."""
+    from mtl_jax import training
+    from mtl_jax.solvers import base
+
+    if not os.path.exists(checkpoint):
+        return
+    print_ = training.chunks_fingerprint(_cells_identity(config, host_splits, seeds, learning_rates)[0])
+    try:
+        base.read_checkpoint(checkpoint, format=training._CHECKPOINT_FORMAT, fingerprint=print_, what="", differs="")
+    except ValueError:
+        os.remove(checkpoint)
+
+
+def _cells_identity(config, host_splits, seeds, learning_rates):
+    """``(identity of the run's chunked training, the grid's config, the rates as traced)``."""
+    key = dataclasses.replace(config, seed=0, learning_rate=1.0)
+    rates = jnp.asarray(np.asarray(learning_rates, float).reshape(-1), jnp.result_type(float))
+    return (host_splits, key, tuple(seeds), tuple(np.asarray(rates).tolist())), key, rates
+
+
+def _chunked_cells(config, spec, host_splits, splits, seeds, learning_rates, model, path, every):
+    """:func:`run_cells` with the grid's steps in checkpointed chunks (``mtl_jax.training._run_chunked``)."""
+    from mtl_jax import training
+
+    _, every = check_checkpoint(path, every, default=training.CHECKPOINT_EVERY)
+    tr, va, te = splits
+    identity, key, rates = _cells_identity(config, host_splits, seeds, learning_rates)
+    start, advance, _ = training._compiled_grid_parts(key, validate_spec(spec), ())
+    seed_array = jnp.asarray(list(seeds), jnp.int32)
+    evaluate_all = jax.jit(jax.vmap(jax.vmap(lambda p, s: evaluate(model, p, s, spec.kinds), in_axes=(0, None)),
+                                    in_axes=(0, None)))
+
+    def finish(state, history):
+        return history, evaluate_all(state.params, va), evaluate_all(state.params, te), state.diverged_at
+
+    t0 = time.perf_counter()
+    history, val_metrics, test_metrics, diverged_at = jax.block_until_ready(training._run_chunked(
+        lambda: start(rates, {}, seed_array, None, tr),
+        lambda state, n: advance(rates, {}, state, tr, n),
+        finish, steps=config.steps, axis=2, path=path, every=every, identity=identity))
+    share = float(rates.shape[0])
+    return _cells(task_metric(test_metrics, spec.kinds), task_metric(val_metrics, spec.kinds),
+                  np.asarray(history.task_losses), np.asarray(history.weights), np.asarray(history.present),
+                  np.asarray(diverged_at), np.nan, (time.perf_counter() - t0) / share)
 
 
 def run_cell(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds) -> dict[str, np.ndarray]:
@@ -489,6 +553,8 @@ class Config:
     val_fraction: float = configs.field(0.2, "share of the training rows held out for choosing the rate")
     overwrite: bool = configs.field(False, "recompute finished cells")
     compile_cache: bool = configs.field(True, "use the persistent compilation cache")
+    checkpoint_every: int = configs.field(0, "steps per checkpointed chunk of a run's training, so a killed run "
+                                             "continues within it (0: one program per run, resumed whole)")
 
 
 PRESETS = {
@@ -573,13 +639,23 @@ def run(config: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 if name == SINGLE_TASK:
                     new = [run_single_task(todo[0][1], data.spec, fit, data.test, seeds)]
                 else:
-                    new = run_cells(base, data.spec, fit, val, data.test, seeds, [t[1].learning_rate for t in todo])
+                    rates = [t[1].learning_rate for t in todo]
+                    chunked = {}
+                    if config.checkpoint_every > 0:  # within the run: a checkpoint beside its cells
+                        folder = os.path.join(config.out, "cells", dataset, name)
+                        os.makedirs(folder, exist_ok=True)
+                        chunked = dict(checkpoint=os.path.join(folder, "training.npz"),
+                                       checkpoint_every=config.checkpoint_every)
+                        _drop_foreign_checkpoint(base, data.spec, (fit, val, data.test), seeds, rates, **chunked)
+                    new = run_cells(base, data.spec, fit, val, data.test, seeds, rates, **chunked)
                 for (factor, cfg, path, expected), cell in zip(todo, new):
                     save_cell(path, cell, dataset=dataset, name=name, factor=factor, expected=expected,
                               spec=data.spec, seeds=seeds, started=started, learning_rate=cfg.learning_rate)
                     cells[(name, factor)] = cell
                     computed.append((dataset, name, factor))
                     update(len(computed) + len(skipped), data=dataset, run=name)
+                if name != SINGLE_TASK and config.checkpoint_every > 0:
+                    os.remove(os.path.join(config.out, "cells", dataset, name, "training.npz"))  # cells saved
                 labels = ",".join(lr_label(t[0]) for t in todo)
                 log(f"  {dataset:22s} {name:24s} {labels:8s} compile {float(cell['compile_seconds']) * len(new):5.1f} s,"
                     f" run {float(cell['run_seconds']) * len(new):6.2f} s ({len(new)} rate(s), one program)")
