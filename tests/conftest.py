@@ -41,3 +41,29 @@ def _mixed_spec():
 
 
 MIXED_SPEC = _mixed_spec()
+
+
+@pytest.fixture
+def kill_after_checkpoint(monkeypatch):
+    """``arm(n)``: the next checkpointed run dies (KeyboardInterrupt, as a kill would stop it) right after its
+    n-th checkpoint is written (``mtl_jax.solvers.base.write_checkpoint``); ``disarm()``: writes work again."""
+    from mtl_jax.solvers import base
+
+    real = base.write_checkpoint
+
+    class Kill:
+        def arm(self, n: int):
+            writes = []
+
+            def write_then_die(*args, **kwargs):
+                real(*args, **kwargs)
+                writes.append(1)
+                if len(writes) == n:
+                    raise KeyboardInterrupt
+
+            monkeypatch.setattr(base, "write_checkpoint", write_then_die)
+
+        def disarm(self):
+            monkeypatch.setattr(base, "write_checkpoint", real)
+
+    return Kill()

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from conftest import mixed_dataset  # the shared tiny problem
-from mtl_jax.solvers import base
 from mtl_jax.training import TrainConfig, train_seeds
 
 SEEDS = [1, 4]
@@ -32,21 +31,13 @@ def test_chunks_give_the_one_program_numbers(data, tmp_path):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
 
 
-def test_an_interrupted_run_resumes_to_the_uninterrupted_numbers_bitwise(data, tmp_path, monkeypatch):
+def test_an_interrupted_run_resumes_to_the_uninterrupted_numbers_bitwise(data, tmp_path, kill_after_checkpoint):
     reference = train_seeds(CONFIG, data, SEEDS, checkpoint=str(tmp_path / "ref.npz"), checkpoint_every=3)
     path = str(tmp_path / "run.npz")
-    real, writes = base.write_checkpoint, []
-
-    def write_then_die(*args, **kwargs):   # the process is killed right after the second chunk's checkpoint
-        real(*args, **kwargs)
-        writes.append(1)
-        if len(writes) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(base, "write_checkpoint", write_then_die)
+    kill_after_checkpoint.arm(2)
     with pytest.raises(KeyboardInterrupt):
         train_seeds(CONFIG, data, SEEDS, checkpoint=path, checkpoint_every=3)
-    monkeypatch.setattr(base, "write_checkpoint", real)
+    kill_after_checkpoint.disarm()
     assert int(np.load(path)["steps_done"]) == 6
     resumed = train_seeds(CONFIG, data, SEEDS, checkpoint=path, checkpoint_every=3)
     for a, b in zip(_leaves(resumed), _leaves(reference)):
@@ -71,24 +62,16 @@ def test_a_checkpoint_of_another_run_or_bad_options_are_refused(data, tmp_path):
         train_seeds(CONFIG, data, SEEDS, checkpoint=str(tmp_path / "missing" / "c.npz"))
 
 
-def test_a_checkpointed_grid_gives_the_one_program_grid_and_resumes(data, tmp_path, monkeypatch):
+def test_a_checkpointed_grid_gives_the_one_program_grid_and_resumes(data, tmp_path, kill_after_checkpoint):
     from mtl_jax.training import train_grid
     rates, values = [1e-2, 3e-2], {"temperature": [0.5, 2.0]}
     whole = train_grid(CONFIG, data, SEEDS, learning_rates=rates, scheme_values=values)
     path = str(tmp_path / "grid.npz")
-    real, writes = base.write_checkpoint, []
-
-    def write_then_die(*args, **kwargs):
-        real(*args, **kwargs)
-        writes.append(1)
-        if len(writes) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(base, "write_checkpoint", write_then_die)
+    kill_after_checkpoint.arm(1)
     with pytest.raises(KeyboardInterrupt):
         train_grid(CONFIG, data, SEEDS, learning_rates=rates, scheme_values=values, checkpoint=path,
                    checkpoint_every=4)
-    monkeypatch.setattr(base, "write_checkpoint", real)
+    kill_after_checkpoint.disarm()
     resumed = train_grid(CONFIG, data, SEEDS, learning_rates=rates, scheme_values=values, checkpoint=path,
                          checkpoint_every=4)
     assert resumed.result.history.task_losses.shape == (4, 2, 10, 3)

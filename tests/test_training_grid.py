@@ -231,27 +231,18 @@ def test_task_weighting_tunes_equal_on_the_same_grid_and_resumes_a_partial_grid(
                                runs["dwa"]["per_seed"], rtol=1e-6)
 
 
-def test_task_weighting_cells_in_checkpointed_chunks_equal_one_program_and_resume(data, tmp_path, monkeypatch):
+def test_task_weighting_cells_in_checkpointed_chunks_equal_one_program_and_resume(data, tmp_path, kill_after_checkpoint):
     from mtl_jax.experiments import task_weighting
-    from mtl_jax.solvers import base
 
     config = dataclasses.replace(BASE, scheme="dwa")
     fit, val = task_weighting.holdout(data, 0.25)
     rates = [1e-2, 4e-2]
     whole = task_weighting.run_cells(config, SPEC, fit, val, data.test, SEEDS, rates)
     path = str(tmp_path / "training.npz")
-    real, writes = base.write_checkpoint, []
-
-    def write_then_die(*args, **kwargs):   # killed right after the first chunk's checkpoint
-        real(*args, **kwargs)
-        writes.append(1)
-        if len(writes) == 1:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(base, "write_checkpoint", write_then_die)
+    kill_after_checkpoint.arm(1)
     with pytest.raises(KeyboardInterrupt):
         task_weighting.run_cells(config, SPEC, fit, val, data.test, SEEDS, rates, checkpoint=path, checkpoint_every=3)
-    monkeypatch.setattr(base, "write_checkpoint", real)
+    kill_after_checkpoint.disarm()
     chunked = task_weighting.run_cells(config, SPEC, fit, val, data.test, SEEDS, rates, checkpoint=path,
                                        checkpoint_every=3)
     for w, c in zip(whole, chunked):
