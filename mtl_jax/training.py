@@ -973,7 +973,7 @@ def train(config: TrainConfig, data: MultiTaskDataset) -> TrainResult:
 
 
 def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int], *, checkpoint=None,
-                checkpoint_every: int | None = None) -> TrainResult:
+                checkpoint_every: int | None = None, progress: bool | None = None) -> TrainResult:
     """Train one model per seed, all seeds at once: the weight init and the whole training loop are
     each ``vmap``ped over the seeds, so S seeds cost one compilation of each, not S runs.
 
@@ -993,7 +993,8 @@ def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int
     Called again with the same config, data and seeds it continues from that file and ends with exactly the
     numbers of an uninterrupted chunked run (bitwise on the same device; the unchunked run's to floating-point
     reassociation). A checkpoint of another config, data or seeds is refused (ValueError naming
-    ``checkpoint``). The file is kept after the run (delete it to train afresh).
+    ``checkpoint``). The file is kept after the run (delete it to train afresh). ``progress=True``: a bar per
+    chunk on stderr (step, task losses; ``MTL_JAX_QUIET=1`` silences it).
     """
     seeds = _check_seeds(seeds)
     path, every = check_checkpoint(checkpoint, checkpoint_every, default=CHECKPOINT_EVERY)
@@ -1005,7 +1006,8 @@ def train_seeds(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int
     if path is None:
         result = run_many(seed_array, params, train_split, test_split)
     else:
-        result = _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_split, path, every)
+        result = _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_split, path, every,
+                                  bool(progress))
     _warn_if_diverged(result, seeds)
     return result
 
@@ -1046,7 +1048,7 @@ def _like(saved: list[np.ndarray], like, path):
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_split, path, every):
+def _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_split, path, every, progress):
     """:func:`train_seeds` in chunks of ``every`` steps, checkpointed to ``path`` after each (resumed from it)."""
     spec = validate_spec(data.spec)
     start, advance, finish = _compiled_parts(dataclasses.replace(config, seed=0), spec)
@@ -1054,7 +1056,8 @@ def _train_in_chunks(config, data, seeds, seed_array, params, train_split, test_
                         lambda state, n: advance(state, train_split, n),
                         lambda state, history: finish(state, history, test_split),
                         steps=config.steps, axis=1, path=path, every=every,
-                        identity=((data.train, data.test), dataclasses.replace(config, seed=0), tuple(seeds)))
+                        identity=((data.train, data.test), dataclasses.replace(config, seed=0), tuple(seeds)),
+                        progress=progress)
 
 
 def chunks_fingerprint(identity) -> str:
@@ -1066,11 +1069,12 @@ def chunks_fingerprint(identity) -> str:
     return base.fingerprint(jax.tree_util.tree_leaves(splits), (_CHECKPOINT_FORMAT, *rest))
 
 
-def _run_chunked(start, advance, finish, *, steps, axis, path, every, identity):
+def _run_chunked(start, advance, finish, *, steps, axis, path, every, identity, progress=False):
     """The driver of a checkpointed run: ``start() -> state``; ``advance(state, n) -> (state, history of n
     steps)``, the step axis of the history's leaves at ``axis``; ``finish(state, history) -> TrainResult``.
     After each chunk of ``every`` steps the state and the history so far go to ``path`` (atomically); a run
-    finds its chunks there again when ``identity`` (the data splits, then anything with a stable ``repr``) matches."""
+    finds its chunks there again when ``identity`` (the data splits, then anything with a stable ``repr``) matches.
+    ``progress``: a bar on stderr, per chunk: the step and the last step's task losses (mean over runs)."""
     import os
 
     from mtl_jax.solvers import base
@@ -1086,17 +1090,24 @@ def _run_chunked(start, advance, finish, *, steps, axis, path, every, identity):
         if done:
             shape = jax.eval_shape(lambda st: advance(st, done), state)[1]
             history = _like([saved[f"history_{i}"] for i in range(int(saved["num_history"]))], shape, path)
-    while done < steps:
-        state, part = advance(state, min(every, steps - done))
-        history = part if history is None else jax.tree_util.tree_map(
-            lambda a, b: jnp.concatenate([a, b], axis=axis), history, part)
-        done = min(steps, done + every)
-        arrays = {f"state_{i}": a for i, a in enumerate(_host_leaves(state))}
-        hist = _host_leaves(history)
-        arrays.update({f"history_{i}": a for i, a in enumerate(hist)})
-        arrays.update(num_state=np.array(len(arrays) - len(hist)), num_history=np.array(len(hist)),
-                      steps_done=np.array(done))
-        base.write_checkpoint(path, arrays, [], format=_CHECKPOINT_FORMAT, fingerprint=print_)
+    from mtl_jax.runner.progress import bar
+
+    with bar(steps, "training steps", quiet=None if progress else True) as update:
+        update(done)
+        while done < steps:
+            state, part = advance(state, min(every, steps - done))
+            history = part if history is None else jax.tree_util.tree_map(
+                lambda a, b: jnp.concatenate([a, b], axis=axis), history, part)
+            done = min(steps, done + every)
+            arrays = {f"state_{i}": a for i, a in enumerate(_host_leaves(state))}
+            hist = _host_leaves(history)
+            arrays.update({f"history_{i}": a for i, a in enumerate(hist)})
+            arrays.update(num_state=np.array(len(arrays) - len(hist)), num_history=np.array(len(hist)),
+                          steps_done=np.array(done))
+            base.write_checkpoint(path, arrays, [], format=_CHECKPOINT_FORMAT, fingerprint=print_)
+            # the last step's unweighted task losses, mean over seeds (and grid points)
+            last = np.take(np.asarray(part.task_losses), -1, axis=axis).reshape(-1, part.task_losses.shape[-1])
+            update(done, loss=" ".join(f"{v:.3g}" for v in np.nanmean(last, axis=0)))
     return finish(state, history)
 
 
@@ -1226,7 +1237,7 @@ def _compiled_grid_parts(config: TrainConfig, spec: TaskSpec, names: tuple[str, 
 def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int],
                learning_rates: Sequence[float] | None = None,
                scheme_values: dict[str, Sequence[float]] | None = None, *, checkpoint=None,
-               checkpoint_every: int | None = None) -> GridResult:
+               checkpoint_every: int | None = None, progress: bool | None = None) -> GridResult:
     """Train every point of a hyper-parameter grid for every seed, as ONE compiled program.
 
     The grid is the Cartesian product of ``learning_rates`` (L values; None: ``(config.learning_rate,)``)
@@ -1251,8 +1262,8 @@ def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]
     that is not a gridded hyper-parameter of the scheme, empty or non-finite values, a value the scheme
     rejects, e.g. a temperature <= 0).
 
-    ``checkpoint``, ``checkpoint_every``: as for :func:`train_seeds`: the grid's steps in compiled chunks, every
-    point's and seed's state checkpointed after each, an interrupted grid continued exactly from the file.
+    ``checkpoint``, ``checkpoint_every``, ``progress``: as for :func:`train_seeds`: the grid's steps in compiled
+    chunks, every point's and seed's state checkpointed after each, an interrupted grid continued exactly.
     """
     seeds = _check_seeds(seeds)
     path, every = check_checkpoint(checkpoint, checkpoint_every, default=CHECKPOINT_EVERY)
@@ -1300,7 +1311,8 @@ def train_grid(config: TrainConfig, data: MultiTaskDataset, seeds: Sequence[int]
                               lambda state, history: finish(lrs, vals, state, history, test_split),
                               steps=config.steps, axis=2, path=path, every=every,
                               identity=((data.train, data.test), key, tuple(seeds), tuple(grid_rates.tolist()),
-                                        tuple((n, tuple(v.tolist())) for n, v in grid_values.items())))
+                                        tuple((n, tuple(v.tolist())) for n, v in grid_values.items())),
+                              progress=bool(progress))
     labels = [", ".join([f"learning_rate {grid_rates[g]:g}"] + [f"{n} {v[g]:g}" for n, v in grid_values.items()]
                         + [f"seed {s}"]) for g in range(len(grid_rates)) for s in seeds]
     _warn_if_diverged(result, seeds, labels)

@@ -23,9 +23,13 @@ def _leaves(result):
             for x in jax.tree_util.tree_leaves(result)]
 
 
-def test_chunks_give_the_one_program_numbers(data, tmp_path):
+def test_chunks_give_the_one_program_numbers(data, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MTL_JAX_QUIET", raising=False)
     whole = train_seeds(CONFIG, data, SEEDS)
-    chunked = train_seeds(CONFIG, data, SEEDS, checkpoint=str(tmp_path / "c.npz"), checkpoint_every=4)  # 4 + 4 + 2
+    chunked = train_seeds(CONFIG, data, SEEDS, checkpoint=str(tmp_path / "c.npz"), checkpoint_every=4,  # 4 + 4 + 2
+                          progress=True)
+    err = capsys.readouterr().err   # the bar, per chunk: steps done and the task losses
+    assert "training steps" in err and "10/10" in err and "loss" in err
     assert chunked.history.task_losses.shape == whole.history.task_losses.shape == (2, 10, 3)
     for a, b in zip(_leaves(chunked), _leaves(whole)):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
