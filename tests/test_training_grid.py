@@ -225,8 +225,11 @@ def test_task_weighting_tunes_equal_on_the_same_grid_and_resumes_a_partial_grid(
     # resume: one rate of dwa removed -> only that rate is trained again, the others are read back
     import shutil
     shutil.rmtree(task_weighting.cell_path(str(tmp_path), "school_multihead", "dwa", 2.0))
+    stale = tmp_path / "cells" / "school_multihead" / "dwa" / "training.npz"
+    stale.write_bytes(b"a checkpoint of some other run")   # not this run's: dropped, not trusted, no failure
     again = task_weighting.main(argv)
     assert again["computed"] == [("school_multihead", "dwa", 2.0)] and len(again["skipped"]) == 4
+    assert not stale.exists()
     np.testing.assert_allclose(again["results"]["school_multihead"]["runs"]["dwa"]["per_seed"],
                                runs["dwa"]["per_seed"], rtol=1e-6)
 

@@ -311,7 +311,7 @@ def _cells(metric_all, metric_val_all, losses_all, weights_all, present_all, div
     return cells
 
 
-def _drop_foreign_checkpoint(config, spec, host_splits, seeds, learning_rates, *, checkpoint, checkpoint_every):
+def _drop_foreign_checkpoint(config, host_splits, seeds, learning_rates, checkpoint):
     """Remove a run's training checkpoint that belongs to another set of rates or settings (left by a run that
     was stopped before it stored its cells, then changed): the run starts afresh instead of failing."""
     from mtl_jax import training
@@ -646,7 +646,7 @@ def run(config: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                         os.makedirs(folder, exist_ok=True)
                         chunked = dict(checkpoint=os.path.join(folder, "training.npz"),
                                        checkpoint_every=config.checkpoint_every)
-                        _drop_foreign_checkpoint(base, data.spec, (fit, val, data.test), seeds, rates, **chunked)
+                        _drop_foreign_checkpoint(base, (fit, val, data.test), seeds, rates, chunked["checkpoint"])
                     new = run_cells(base, data.spec, fit, val, data.test, seeds, rates, **chunked)
                 for (factor, cfg, path, expected), cell in zip(todo, new):
                     save_cell(path, cell, dataset=dataset, name=name, factor=factor, expected=expected,
