@@ -1081,26 +1081,24 @@ def _run_chunked(start, advance, finish, *, steps, axis, path, every, identity, 
 
     print_ = chunks_fingerprint(identity)
     state = start()
-    done, history = 0, None
+    done, hist = 0, None   # hist: the history so far as host leaves (each chunk's is fetched once)
     if os.path.exists(path):
         saved = base.read_checkpoint(path, format=_CHECKPOINT_FORMAT, fingerprint=print_,
                                      what="a training checkpoint", differs="the config, data, seeds or grid")
         state = _like([saved[f"state_{i}"] for i in range(int(saved["num_state"]))], state, path)
         done = int(saved["steps_done"])
         if done:
-            shape = jax.eval_shape(lambda st: advance(st, done), state)[1]
-            history = _like([saved[f"history_{i}"] for i in range(int(saved["num_history"]))], shape, path)
+            hist = [saved[f"history_{i}"] for i in range(int(saved["num_history"]))]
     from mtl_jax.runner.progress import bar
 
     with bar(steps, "training steps", quiet=None if progress else True) as update:
         update(done)
         while done < steps:
             state, part = advance(state, min(every, steps - done))
-            history = part if history is None else jax.tree_util.tree_map(
-                lambda a, b: jnp.concatenate([a, b], axis=axis), history, part)
+            new = _host_leaves(part)
+            hist = new if hist is None else [np.concatenate([a, b], axis=axis) for a, b in zip(hist, new)]
             done = min(steps, done + every)
             arrays = {f"state_{i}": a for i, a in enumerate(_host_leaves(state))}
-            hist = _host_leaves(history)
             arrays.update({f"history_{i}": a for i, a in enumerate(hist)})
             arrays.update(num_state=np.array(len(arrays) - len(hist)), num_history=np.array(len(hist)),
                           steps_done=np.array(done))
@@ -1108,7 +1106,7 @@ def _run_chunked(start, advance, finish, *, steps, axis, path, every, identity, 
             # the last step's unweighted task losses, mean over seeds (and grid points)
             last = np.take(np.asarray(part.task_losses), -1, axis=axis).reshape(-1, part.task_losses.shape[-1])
             update(done, loss=" ".join(f"{v:.3g}" for v in np.nanmean(last, axis=0)))
-    return finish(state, history)
+    return finish(state, _like(hist, jax.eval_shape(lambda st: advance(st, steps), state)[1], path))
 
 
 # ----------------------------------------------------------------------------- hyper-parameter grids
@@ -1186,15 +1184,26 @@ def make_grid_run(config: TrainConfig, spec: TaskSpec, names: Sequence[str] = ()
     All of them may be traced: the scheme and optimizer are built inside ``run`` from the values, so
     ``jax.vmap`` over ``learning_rate`` and ``values`` runs a grid as one program (:func:`train_grid`:
     ``jit(vmap(vmap(run, seeds), grid points))``). ``config.learning_rate`` is not used."""
+    parts = _grid_point_parts(config, spec, names)
+
+    def run(learning_rate, values, seed, params, train_split: Split, test_split: Split) -> TrainResult:
+        start, advance, finish = parts(learning_rate, values)
+        return finish(*advance(start(seed, params, train_split), train_split, config.steps), test_split)
+
+    return run
+
+
+def _grid_point_parts(config: TrainConfig, spec: TaskSpec, names: Sequence[str]):
+    """``parts(learning_rate, values) -> (start, advance, finish)`` of one grid point (:func:`make_run_parts`),
+    its scheme and optimizer built from the (possibly traced) rate and values."""
     spec = validate_spec(spec)
     names = tuple(names)
 
-    def run(learning_rate, values, seed, params, train_split: Split, test_split: Split) -> TrainResult:
-        overrides = {name: values[name] for name in names}
-        scheme = config.make_scheme(spec, learning_rate=learning_rate, overrides=overrides)
-        return make_run(config, spec, scheme, learning_rate)(seed, params, train_split, test_split)
+    def parts(learning_rate, values):
+        scheme = config.make_scheme(spec, learning_rate=learning_rate, overrides={n: values[n] for n in names})
+        return make_run_parts(config, spec, scheme, learning_rate)
 
-    return run
+    return parts
 
 
 @functools.lru_cache(maxsize=32)
@@ -1211,11 +1220,7 @@ def _compiled_grid(config: TrainConfig, spec: TaskSpec, names: tuple[str, ...]):
 def _compiled_grid_parts(config: TrainConfig, spec: TaskSpec, names: tuple[str, ...]):
     """:func:`make_run_parts` of a grid point (the scheme and optimizer built from the traced rate and values,
     as :func:`make_grid_run`), vmapped over seeds inside a vmap over grid points, jitted: (start, advance, finish)."""
-    spec = validate_spec(spec)
-
-    def parts(learning_rate, values):
-        scheme = config.make_scheme(spec, learning_rate=learning_rate, overrides={n: values[n] for n in names})
-        return make_run_parts(config, spec, scheme, learning_rate)
+    parts = _grid_point_parts(config, spec, names)
 
     def start(lr, values, seed, params, train_split):
         return parts(lr, values)[0](seed, params, train_split)
