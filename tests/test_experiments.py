@@ -117,6 +117,16 @@ def test_delta_m_signs_and_values(task_weighting):
         task_weighting.delta_m(np.ones(3), base, [True, False])
 
 
+def test_log_timing_folds_an_untimed_compilation_into_the_run():
+    from mtl_jax.experiments import task_weighting
+
+    timed = dict(compile_seconds=np.float64(2.0), run_seconds=np.float64(0.5))
+    assert task_weighting._timing(timed, 3) == "compile   6.0 s, run   1.50 s"
+    chunked = dict(compile_seconds=np.float64(np.nan), run_seconds=np.float64(0.5))
+    assert task_weighting._timing(chunked, 3) == "compile + run    1.5 s"
+    assert "nan" not in task_weighting._timing(dict(compile_seconds=np.float64(4.0), run_seconds=np.nan), 1)
+
+
 def test_bad_arguments_raise_value_error(task_weighting, tmp_path):
     def config(**values):
         return configs.make_config(task_weighting.Config, "quick", task_weighting.PRESETS, out=str(tmp_path), **values)

@@ -359,6 +359,15 @@ def _chunked_cells(config, spec, host_splits, splits, seeds, learning_rates, mod
                   np.asarray(diverged_at), np.nan, (time.perf_counter() - t0) / share)
 
 
+def _timing(cell: dict, share: int) -> str:
+    """The log's seconds of a program of ``share`` cells; a NaN part is folded into the other (chunked runs
+    and single-task networks do not time their compilation apart)."""
+    compile_s, run_s = (float(cell[k]) * share for k in CELL_SCALARS)
+    if np.isnan(compile_s) or np.isnan(run_s):
+        return f"compile + run {np.nansum([compile_s, run_s]):6.1f} s"
+    return f"compile {compile_s:5.1f} s, run {run_s:6.2f} s"
+
+
 def run_cell(config: TrainConfig, spec: deep.TaskSpec, fit, val, test, seeds) -> dict[str, np.ndarray]:
     """One cell at ``config.learning_rate``: :func:`run_cells` with that single rate."""
     return run_cells(config, spec, fit, val, test, seeds, [config.learning_rate])[0]
@@ -657,8 +666,7 @@ def run(config: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                 if name != SINGLE_TASK and config.checkpoint_every > 0:
                     os.remove(os.path.join(config.out, "cells", dataset, name, "training.npz"))  # cells saved
                 labels = ",".join(lr_label(t[0]) for t in todo)
-                log(f"  {dataset:22s} {name:24s} {labels:8s} compile {float(cell['compile_seconds']) * len(new):5.1f} s,"
-                    f" run {float(cell['run_seconds']) * len(new):6.2f} s ({len(new)} rate(s), one program)")
+                log(f"  {dataset:22s} {name:24s} {labels:8s} {_timing(cell, len(new))} ({len(new)} rate(s), one program)")
             results[dataset] = summarise(cells, data.spec, factors)
             results[dataset]["config"] = dict(data_kwargs=setup.data_kwargs, train=dataclasses.asdict(setup.config))
             sections.append(markdown_table(dataset, results[dataset], setup, seeds, factors))
