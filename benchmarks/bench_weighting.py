@@ -8,6 +8,13 @@
     sequential :func:`~mtl_jax.training.train` calls (same config), compile-inclusive (first call after
     ``jax.clear_caches()``) and compile-exclusive (medians of repeated calls).
 (c) ``cnn``: steps per second of the CNN on ``multi_digits`` at batch 256, one model and five seeds vmapped.
+(d) ``runs``: per-step time of every run of the task-weighting experiment (``RUNS`` of
+    :mod:`mtl_jax.experiments.task_weighting`: the loss-driven schemes and their variants, the gradient
+    methods) relative to ``equal``, on issue 11's MLP: a 64-256-256 ReLU trunk, 4 regression heads (8 outputs
+    each), batch 256, Adam (lr 1e-3), float32 -- the library's own training step
+    (:func:`~mtl_jax.training.make_run`), timed as in (a). Targets: a loss-only run <= 1.05x; a gradient
+    method <= 2x (FAMO and GradNorm, which do work beyond the losses, are reported). ``--gradient-mode
+    loop`` times the gradient methods with K unrolled backward passes as well (rows ``name [loop]``).
 
 Compilation is timed on its own (ahead-of-time ``lower().compile()`` in (a) and (c)). Nothing here assumes
 a CPU: on a GPU machine ``--only cnn`` runs (c) alone. Run it with the package installed
@@ -15,6 +22,7 @@ a CPU: on a GPU machine ``--only cnn`` runs (c) alone. Run it with the package i
 
     python benchmarks/bench_weighting.py              # everything (~3-4 min on 2 CPU cores)
     python benchmarks/bench_weighting.py --only cnn   # (c) only
+    python benchmarks/bench_weighting.py --only runs --gradient-mode both   # (d), both gradient modes (~4 min)
     python benchmarks/bench_weighting.py --quick      # seconds (smoke test)
 """
 from __future__ import annotations
@@ -35,8 +43,10 @@ from mtl_jax import weighting
 from mtl_jax.data.deep import imbalanced_regression, multi_digits, school_multihead
 from mtl_jax.training import TrainConfig, init_params, make_components, make_run, to_device, train, train_seeds
 
-PARTS = ("schemes", "seeds", "cnn")
+PARTS = ("schemes", "seeds", "cnn", "runs")
 LOSS_ONLY_TARGET = 1.05
+GRADIENT_TARGET = 2.0
+GRADIENT_MODES = ("vmap", "loop", "both")
 SEEDS_TARGET = 3.0
 
 
@@ -202,6 +212,60 @@ def bench_cnn(quick: bool, reps: int, scan: int, n_seeds: int = 5) -> dict:
     return rows
 
 
+# ----------------------------------------------------------------------------- (d) the experiment's runs
+
+
+def issue_mlp(quick: bool):
+    """(data, config) of issue 11's benchmark MLP (quick: a tiny one)."""
+    if quick:
+        return (imbalanced_regression(256, 32, num_tasks=4, in_dim=8, out_dim=4, seed=0),
+                TrainConfig(model="mlp", hidden=(16, 16), batch_size=32, learning_rate=1e-3))
+    return (imbalanced_regression(4096, 64, num_tasks=4, in_dim=64, out_dim=8, seed=0),
+            TrainConfig(model="mlp", hidden=(256, 256), batch_size=256, learning_rate=1e-3))
+
+
+def run_target(run, ratio: float) -> str:
+    """The issue's target for one run of the experiment and whether ``ratio`` meets it."""
+    if run.gradient_method is not None:
+        limit = GRADIENT_TARGET
+    else:
+        costly = extra_work(weighting.get(run.scheme, **dict(run.scheme_kwargs)))
+        if costly:
+            return f"reported (needs {', '.join(costly)})"
+        limit = LOSS_ONLY_TARGET
+    return f"<= {limit}x: {'met' if ratio <= limit else 'NOT met'}"
+
+
+def bench_runs(quick: bool, reps: int, scan: int, runs: tuple[str, ...] | None = None,
+               gradient_mode: str = "vmap") -> dict:
+    """Per-step time of the experiment's ``runs`` relative to equal weighting on :func:`issue_mlp`."""
+    from mtl_jax.experiments.task_weighting import RUNS
+
+    names = ("equal",) + tuple(n for n in (runs or tuple(RUNS)) if n not in ("equal", "single_task"))
+    modes = ("vmap", "loop") if gradient_mode == "both" else (gradient_mode,)
+    data, base = issue_mlp(quick)
+    contenders = {}
+    for name in names:
+        for mode in modes if RUNS[name].gradient_method is not None else ("vmap",):
+            label = name if len(modes) == 1 or RUNS[name].gradient_method is None else f"{name} [{mode}]"
+            contenders[label] = (RUNS[name], dataclasses.replace(RUNS[name].apply(base), gradient_mode=mode))
+    programs, compile_s = {}, {}
+    for label, (_, config) in contenders.items():
+        compiled, args, compile_s[label] = compiled_run(config, data, scan)
+        programs[label] = (lambda c=compiled, a=args: c(*a))
+    med = round_robin(programs, reps)
+    print(f"\n(d) the task-weighting experiment's runs, per step relative to equal: MLP in {data.train.x.shape[1]} - "
+          f"{' - '.join(map(str, base.hidden))}, K = {len(data.spec.kinds)} regression heads, batch "
+          f"{base.batch_size}, Adam {base.learning_rate:g}, {scan} steps per lax.scan, median of {reps}")
+    print(f"{'run':32s} {'ms/step':>9s} {'ratio':>7s} {'compile s':>10s}  target")
+    rows = {}
+    for label, (run, _) in contenders.items():
+        ratio = med[label] / med["equal"]
+        print(f"{label:32s} {1e3 * med[label] / scan:9.3f} {ratio:7.3f} {compile_s[label]:10.2f}  {run_target(run, ratio)}")
+        rows[label] = dict(ms_per_step=1e3 * med[label] / scan, ratio=ratio, compile_s=compile_s[label])
+    return rows
+
+
 # ----------------------------------------------------------------------------- command line
 
 
@@ -210,6 +274,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts among {', '.join(PARTS)}")
     parser.add_argument("--schemes", default=",".join(weighting.SCHEMES),
                         help="comma-separated schemes timed in (a) (equal is always timed: the reference)")
+    parser.add_argument("--runs", default=None,
+                        help="comma-separated runs of the task-weighting experiment timed in (d) (default: all)")
+    parser.add_argument("--gradient-mode", default="vmap", help=f"(d): one of {', '.join(GRADIENT_MODES)}")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few repetitions (seconds)")
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions (default 7; --quick 2)")
     parser.add_argument("--scan", type=int, default=None, help="steps per lax.scan in (a) (default 50; --quick 5)")
@@ -221,6 +288,15 @@ def main(argv=None) -> dict:
     schemes = tuple(n.strip() for n in args.schemes.split(",") if n.strip())
     if any(n not in weighting.SCHEMES for n in schemes):
         raise ValueError(f"--schemes: choose among {', '.join(weighting.SCHEMES)}, got {args.schemes!r}")
+    runs = None
+    if args.runs is not None:
+        from mtl_jax.experiments.task_weighting import RUNS
+
+        runs = tuple(n.strip() for n in args.runs.split(",") if n.strip())
+        if not runs or any(n not in RUNS for n in runs):
+            raise ValueError(f"--runs: choose among {', '.join(RUNS)}, got {args.runs!r}")
+    if args.gradient_mode not in GRADIENT_MODES:
+        raise ValueError(f"--gradient-mode: choose among {', '.join(GRADIENT_MODES)}, got {args.gradient_mode!r}")
     reps = args.reps if args.reps is not None else (2 if args.quick else 7)
     scan = args.scan if args.scan is not None else (5 if args.quick else 50)
     cnn_steps = args.cnn_steps if args.cnn_steps is not None else (3 if args.quick else 20)
@@ -236,6 +312,8 @@ def main(argv=None) -> dict:
         out["seeds"] = bench_seeds(args.quick, max(1, reps // 2) if not args.quick else 1)
     if "cnn" in parts:
         out["cnn"] = bench_cnn(args.quick, reps, cnn_steps)
+    if "runs" in parts:
+        out["runs"] = bench_runs(args.quick, reps, scan, runs, args.gradient_mode)
     return out
 
 

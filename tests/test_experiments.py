@@ -161,6 +161,13 @@ def test_benchmark_quick_smoke(capsys):
     assert all(np.isfinite(row["ratio"]) for row in out["seeds"].values())
     with pytest.raises(ValueError, match="--only"):
         bench.main(["--only", "gpu"])
+    runs = bench.main(["--quick", "--only", "runs", "--runs", "pcgrad", "--gradient-mode", "both"])["runs"]
+    assert set(runs) == {"equal", "pcgrad [vmap]", "pcgrad [loop]"} and runs["equal"]["ratio"] == 1.0
+    assert "<= 2.0x" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--runs"):
+        bench.main(["--only", "runs", "--runs", "nope"])
+    with pytest.raises(ValueError, match="--gradient-mode"):
+        bench.main(["--only", "runs", "--gradient-mode", "scan"])
 
 
 def test_dmtrl_accuracy_quick_writes_every_run_the_table_and_the_figures(tmp_path):
