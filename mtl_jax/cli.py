@@ -744,7 +744,8 @@ def cmd_run(args) -> int:
     if args.out is not None:
         values["out"] = args.out
     config = configs.make_config(module.Config, args.preset, getattr(module, "PRESETS", {}), **values)
-    return int(module.run(config) or 0)
+    status = module.run(config)   # an exit status, or the experiment's results (a dict): success
+    return status if isinstance(status, int) else 0
 
 
 def cmd_launch(args) -> int:

@@ -69,6 +69,16 @@ def test_rerun_skips_finished_cells(quick_run, task_weighting):
     assert again["results"] == quick_run[2]["results"]
 
 
+def test_cli_run_of_task_weighting_exits_zero(quick_run):
+    # the experiment's run returns its results (a dict); the command line must still exit 0
+    out, _, _ = quick_run
+    cell = out / "cells" / "school_multihead" / "equal" / "lr1" / store.MANIFEST
+    before = cell.stat().st_mtime_ns
+    assert cli.main(["run", "task_weighting", "--preset", "quick", "compile_cache=false", "--out", str(out)]) == 0
+    assert cell.stat().st_mtime_ns == before      # the same config as the script's quick run: its cells reused
+    assert set(json.loads((out / "results.json").read_text())["datasets"]) == set(quick_run[2]["results"])
+
+
 def test_cells_are_weighting_runs_whose_history_is_the_stored_curves(quick_run):
     out, _, _ = quick_run
     paths = store.find_runs(out)
