@@ -540,7 +540,8 @@ def plot_task_curves(curves, *, x=None, task_names=None, log_loss=True, axes=Non
         raise ValueError(f"task_names: need {k} names, got {len(names)}")
     n = len(bands)
     if axes is None:
-        fig = Figure(figsize=(min(PAGE, max(COLUMN, 1.6 * n + 0.6)), 3.6), layout="constrained")
+        # 1.5 in per run: a wide figure for many runs rather than panels too narrow to read
+        fig = Figure(figsize=(max(COLUMN, 1.5 * n + 0.8), 3.6 + 0.2 * -(-k // 5)), layout="constrained")
         axes = fig.subplots(2, n, sharex=True, sharey="row", squeeze=False)
     else:
         axes = np.asarray(axes, dtype=object)
@@ -567,7 +568,9 @@ def plot_task_curves(curves, *, x=None, task_names=None, log_loss=True, axes=Non
     _fit_titles(axes[0])
     axes[0, 0].set_ylabel("task loss (batch)" + (", log" if log_loss else ""))
     axes[1, 0].set_ylabel("task weight")
-    axes[0, 0].legend(ncol=1 if k <= 5 else 2)
+    # one legend for the figure, under the panels (inside the first panel it covered its curves and label)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    axes[0, 0].figure.legend(handles, labels, loc="outside lower center", ncol=min(k, 5), fontsize="small")
     return axes
 
 

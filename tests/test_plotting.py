@@ -339,6 +339,12 @@ def test_task_curve_titles_of_long_run_names_do_not_overlap(tmp_path):
     boxes = [ax.title.get_window_extent(renderer) for ax in axes[0]]
     for left, right in zip(boxes, boxes[1:]):
         assert left.x1 <= right.x0, (left, right)
+    # one figure legend, below every panel and their labels (it once sat over the first panel's y label)
+    (legend,) = fig.legends
+    assert [t.get_text() for t in legend.get_texts()] == ["a", "b", "c"]
+    below = legend.get_window_extent(renderer)
+    for ax in axes.flat:
+        assert below.y1 <= ax.get_tightbbox(renderer).y0 + 1, (below, ax)
     # wrapped at underscores, nothing lost
     assert [ax.title.get_text().replace("\n", "") for ax in axes[0]] == names
     assert "\n" in axes[0, 2].title.get_text() and axes[0, 0].title.get_text() == "equal"
