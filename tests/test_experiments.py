@@ -50,6 +50,11 @@ def test_quick_run_writes_tables_json_figure_and_cells(quick_run):
     assert set(runs) == {"single_task", "equal", "dwa"}
     assert np.asarray(runs["dwa"]["per_seed"]).shape == (2, 3)  # 2 seeds, 3 heads
     assert runs["dwa"]["lr_factor"] == 1.0 and runs["equal"]["cost_ratio"] == 1.0 and runs["dwa"]["cost_ratio"] > 0
+    # ms per step: the cell's execution seconds over its steps (one rate here, so no median to take)
+    cell = store.read_run(out / "cells" / "school_multihead" / "dwa" / "lr1")
+    steps = results["datasets"]["school_multihead"]["config"]["train"]["steps"]
+    assert runs["dwa"]["ms_per_step"] == pytest.approx(1e3 * cell.summary["run_seconds"] / steps)
+    assert f"({runs['dwa']['ms_per_step']:.3g} ms)" in table
 
 
 def test_delta_m_of_equal_against_itself_is_zero(quick_run):

@@ -469,11 +469,12 @@ def select_rates(cells: dict, spec: deep.TaskSpec, factors) -> tuple[dict[str, f
     return selected, validation
 
 
-def summarise(cells: dict, spec: deep.TaskSpec, factors) -> dict[str, Any]:
+def summarise(cells: dict, spec: deep.TaskSpec, factors, steps: int) -> dict[str, Any]:
     """Per run at its selected rate: per-task test metric mean/std over non-diverged seeds, Delta m
     against the tuned equal weighting and the single-task baselines (median; mean, std), the diverged
     count, and the per-step cost relative to equal weighting (median over the grid of the ratio at each
-    rate)."""
+    rate) with ``ms_per_step``, the median over the grid of a cell's time per training step (its seeds
+    vmapped; a cell's ``run_seconds`` cover ``steps`` steps)."""
     metric_names, higher = metric_info(spec.kinds)
     selected, validation = select_rates(cells, spec, factors)
     refs = {"delta_m_equal": cells[(BASELINE, selected[BASELINE])], "delta_m_single_task": cells[(SINGLE_TASK, 1.0)]}
@@ -494,7 +495,7 @@ def summarise(cells: dict, spec: deep.TaskSpec, factors) -> dict[str, Any]:
         if name != SINGLE_TASK:
             ratios = [float(cells[(name, f)]["run_seconds"] / cells[(BASELINE, f)]["run_seconds"]) for f in factors]
             row["cost_ratio"] = float(np.median(ratios))
-            row["ms_per_step"] = float(np.median([cells[(name, f)]["run_seconds"] for f in factors]))
+            row["ms_per_step"] = 1e3 * float(np.median([cells[(name, f)]["run_seconds"] for f in factors])) / steps
         rows[name] = row
     return dict(tasks=list(spec.names), metrics=metric_names, higher_is_better=higher.tolist(), runs=rows)
 
@@ -519,7 +520,9 @@ def markdown_table(dataset: str, summary: dict, setup: Setup, seeds, factors) ->
         f"{c.batch_size}{' (stratified by task)' if c.stratify else ''}; data {setup.data_kwargs}; {len(seeds)} "
         f"seeds. lr: the factor selected on validation. Test metric per task, mean ± std over the seeds that did "
         f"not diverge. Δm % (higher is better) against the tuned equal weighting and against the single-task "
-        f"baselines: median; mean ± std over the non-diverged seeds. Cost: per-step time relative to equal.",
+        f"baselines: median; mean ± std over the non-diverged seeds. Cost: per-step time relative to equal "
+        f"(in parentheses: ms per step of the {len(seeds)} vmapped seeds, compilation excluded; medians over the "
+        f"rates).",
         "",
         "| run | lr | " + " | ".join(f"{t} {m} {a}" for t, m, a in zip(summary["tasks"], summary["metrics"], arrows))
         + " | Δm vs tuned equal % | Δm vs single-task % | diverged | cost |",
@@ -529,7 +532,7 @@ def markdown_table(dataset: str, summary: dict, setup: Setup, seeds, factors) ->
         cells = [_fmt(m, s, metric) for m, s, metric in zip(row["mean"], row["std"], summary["metrics"])]
         dm = [f"{row[k + '_median']:+.2f}; {row[k]:+.2f} ± {row[k + '_std']:.2f}"
               for k in ("delta_m_equal", "delta_m_single_task")]
-        cost = f"{row['cost_ratio']:.2f}x" if "cost_ratio" in row else "–"
+        cost = f"{row['cost_ratio']:.2f}x ({row['ms_per_step']:.3g} ms)" if "cost_ratio" in row else "–"
         lines.append(f"| {name} | {row['lr_factor']:g} | " + " | ".join(cells) + f" | {dm[0]} | {dm[1]}"
                      + f" | {row['n_diverged']}/{len(row['diverged'])} | {cost} |")
     return "\n".join(lines) + "\n"
@@ -667,7 +670,7 @@ def run(config: Config, log: Callable[[str], None] = print) -> dict[str, Any]:
                     os.remove(os.path.join(config.out, "cells", dataset, name, "training.npz"))  # cells saved
                 labels = ",".join(lr_label(t[0]) for t in todo)
                 log(f"  {dataset:22s} {name:24s} {labels:8s} {_timing(cell, len(new))} ({len(new)} rate(s), one program)")
-            results[dataset] = summarise(cells, data.spec, factors)
+            results[dataset] = summarise(cells, data.spec, factors, setup.config.steps)
             results[dataset]["config"] = dict(data_kwargs=setup.data_kwargs, train=dataclasses.asdict(setup.config))
             sections.append(markdown_table(dataset, results[dataset], setup, seeds, factors))
             chosen = {n: cells[(n, results[dataset]["runs"][n]["lr_factor"])] for n in methods if n in LOSS_DRIVEN}
