@@ -560,6 +560,10 @@ def launch(command: Sequence[str], num_processes: int, *, timeout: float | None 
 
         for signum in (signal.SIGTERM, signal.SIGHUP):
             previous[signum] = signal.signal(signum, terminated)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+            # A shell starts background jobs with SIGINT ignored, and Python then installs no Ctrl-C
+            # handler: the launcher would outlive `kill -INT` with its workers running.
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with launcher:
             launcher.start()

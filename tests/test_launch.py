@@ -244,9 +244,11 @@ def test_a_worker_ignoring_sigterm_is_killed_after_the_grace_period():
     assert_all_gone(launcher.pids)
 
 
-def _launcher_in_a_subprocess(join, tmp):
-    """``python -m mtl_jax.launch --processes 2 -- WORKER sleep``, once both workers printed their pids."""
-    proc = subprocess.Popen([PY, "-m", "mtl_jax.launch", "--processes", "2", "--grace", "2", "--"]
+def _launcher_in_a_subprocess(join, tmp, sigint_ignored=False):
+    """``python -m mtl_jax.launch --processes 2 -- WORKER sleep``, once both workers printed their pids
+    (``sigint_ignored``: started as a shell starts a background job, with SIGINT ignored)."""
+    shell = ["sh", "-c", 'trap "" INT; exec "$0" "$@"'] if sigint_ignored else []
+    proc = subprocess.Popen(shell + [PY, "-m", "mtl_jax.launch", "--processes", "2", "--grace", "2", "--"]
                             + worker("sleep", join), env=dict(os.environ, TMPDIR=str(tmp)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines = []
@@ -262,10 +264,12 @@ def _launcher_in_a_subprocess(join, tmp):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("signum, code, message", [(signal.SIGINT, 130, "interrupted"),
-                                                   (signal.SIGTERM, 143, "SIGTERM")])
-def test_ctrl_c_or_sigterm_to_the_launcher_stops_all_workers(signum, code, message, tmp_path):
-    proc, pids = _launcher_in_a_subprocess(signum == signal.SIGINT, tmp_path)
+@pytest.mark.parametrize("signum, code, message, ignored", [(signal.SIGINT, 130, "interrupted", False),
+                                                            (signal.SIGINT, 130, "interrupted", True),
+                                                            (signal.SIGTERM, 143, "SIGTERM", False)])
+def test_ctrl_c_or_sigterm_to_the_launcher_stops_all_workers(signum, code, message, ignored, tmp_path):
+    # ignored: a launcher started in the background by a script (SIGINT ignored) still stops on SIGINT
+    proc, pids = _launcher_in_a_subprocess(signum == signal.SIGINT, tmp_path, sigint_ignored=ignored)
     proc.send_signal(signum)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == code, err
