@@ -215,8 +215,8 @@ def bench_cnn(quick: bool, reps: int, scan: int, n_seeds: int = 5) -> dict:
 # ----------------------------------------------------------------------------- (d) the experiment's runs
 
 
-def issue_mlp(quick: bool):
-    """(data, config) of issue 11's benchmark MLP (quick: a tiny one)."""
+def benchmark_mlp(quick: bool):
+    """(data, config) of the weighting benchmark's MLP, the one issue 11 specifies (quick: a tiny one)."""
     if quick:
         return (imbalanced_regression(256, 32, num_tasks=4, in_dim=8, out_dim=4, seed=0),
                 TrainConfig(model="mlp", hidden=(16, 16), batch_size=32, learning_rate=1e-3))
@@ -238,12 +238,12 @@ def run_target(run, ratio: float) -> str:
 
 def bench_runs(quick: bool, reps: int, scan: int, runs: tuple[str, ...] | None = None,
                gradient_mode: str = "vmap") -> dict:
-    """Per-step time of the experiment's ``runs`` relative to equal weighting on :func:`issue_mlp`."""
+    """Per-step time of the experiment's ``runs`` relative to equal weighting on :func:`benchmark_mlp`."""
     from mtl_jax.experiments.task_weighting import RUNS
 
     names = ("equal",) + tuple(n for n in (runs or tuple(RUNS)) if n not in ("equal", "single_task"))
     modes = ("vmap", "loop") if gradient_mode == "both" else (gradient_mode,)
-    data, base = issue_mlp(quick)
+    data, base = benchmark_mlp(quick)
     contenders = {}
     for name in names:
         for mode in modes if RUNS[name].gradient_method is not None else ("vmap",):
